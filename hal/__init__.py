@@ -1,0 +1,133 @@
+"""onnx-hal: compile an ONNX model once, run it on any registered chip.
+
+    import hal
+    exe = hal.compile("model.onnx").to("ort:cpu")
+    outputs = exe.run({"x": x})
+
+The whole public API is listed in ``__all__``; submodules load on first use so that
+``import hal`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from hal.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "CompileOptions",
+    "CompiledModel",
+    "Device",
+    "DeviceKind",
+    "E8M0Encoding",
+    "Executable",
+    "Health",
+    "Interconnect",
+    "InterconnectKind",
+    "LoweringStep",
+    "Maturity",
+    "Memory",
+    "Model",
+    "NumberFormat",
+    "OpsetRange",
+    "Placement",
+    "PluginInfo",
+    "Requirements",
+    "ScaledFormat",
+    "Stability",
+    "Support",
+    "TensorInfo",
+    "compile",
+    "devices",
+    "errors",
+    "hookimpl",
+    "load",
+    "plugins",
+]
+
+_LAZY = {
+    "Backend": "hal.backend",
+    "CompileOptions": "hal.backend",
+    "Device": "hal.backend",
+    "Capabilities": "hal.capabilities",
+    "DeviceKind": "hal.capabilities",
+    "E8M0Encoding": "hal.capabilities",
+    "Health": "hal.capabilities",
+    "Interconnect": "hal.capabilities",
+    "InterconnectKind": "hal.capabilities",
+    "Maturity": "hal.capabilities",
+    "Memory": "hal.capabilities",
+    "NumberFormat": "hal.capabilities",
+    "OpsetRange": "hal.capabilities",
+    "ScaledFormat": "hal.capabilities",
+    "Stability": "hal.capabilities",
+    "Support": "hal.capabilities",
+    "CompiledModel": "hal.compiled",
+    "compile": "hal.compiled",
+    "Executable": "hal.executable",
+    "LoweringStep": "hal.executable",
+    "Placement": "hal.executable",
+    "Model": "hal.model",
+    "Requirements": "hal.model",
+    "TensorInfo": "hal.model",
+    "load": "hal.model",
+    "PluginInfo": "hal._plugins",
+}
+
+if TYPE_CHECKING:
+    from hal import errors
+    from hal._plugins import PluginInfo
+    from hal.backend import Backend, CompileOptions, Device
+    from hal.capabilities import (
+        Capabilities,
+        DeviceKind,
+        E8M0Encoding,
+        Health,
+        Interconnect,
+        InterconnectKind,
+        Maturity,
+        Memory,
+        NumberFormat,
+        OpsetRange,
+        ScaledFormat,
+        Stability,
+        Support,
+    )
+    from hal.compiled import CompiledModel, compile
+    from hal.executable import Executable, LoweringStep, Placement
+    from hal.model import Model, Requirements, TensorInfo, load
+
+
+def devices(*, refresh: bool = False) -> tuple[Device, ...]:
+    """Every device the registered plugins found, available or not (see ``Device.reason``)."""
+    from hal._plugins import registry
+
+    return registry().devices(refresh=refresh)
+
+
+def plugins() -> tuple[PluginInfo, ...]:
+    """Every plugin the HAL knows of, with its status and, for a broken one, the error."""
+    from hal._plugins import registry
+
+    return registry().plugins()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return import_module("hal.errors")
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'hal' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

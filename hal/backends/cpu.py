@@ -1,0 +1,105 @@
+"""The embedded default backend: onnxruntime's CPU execution provider, device ``ort:cpu``.
+
+It is a plugin like any other (listed in ``hal._plugins.DEFAULT_PLUGINS``), registered through
+``hal_register_backends``; that keeps the contract honest.
+
+The declared format table is what onnxruntime's CPU kernels really do, checked by
+``tests/test_backend_cpu.py``: float16 builds but is computed through inserted float32 casts
+(emulated); bfloat16, FP8 and 4-bit types only cast and (de)quantize (storage); float8_e8m0 and
+2-bit types need opset 25 for Cast; float4_e2m1 and float6 have no kernels at all.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from attrs import evolve
+
+from hal.backend import Device
+from hal.backends.onnxruntime import OrtBackend
+from hal.capabilities import Capabilities, DeviceKind, Memory, OpsetRange, ScaledFormat, Support
+from hal.hookspecs import hookimpl
+
+CPU_CAPABILITIES = Capabilities.from_levels(
+    native=[
+        "float32",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "bool",
+    ],
+    emulated=["float16"],
+    storage=[
+        "string",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0",
+        "int4",
+        "uint4",
+        "int2",
+        "uint2",
+    ],
+    # Blocked Quantize/DequantizeLinear run (opset 21-25), computed in float32.
+    scaled=[
+        ScaledFormat(element, scale, block, Support.EMULATED)
+        for element in ("float8_e4m3fn", "float8_e5m2", "int8", "int4")
+        for scale in ("float32", "float16")
+        for block in ((1, 32), (1, 128), (128, 128))
+    ],
+    opsets=OpsetRange(7, 25),
+)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class CpuBackend(OrtBackend):
+    name = "ort"
+
+    def discover(self) -> list[Device]:
+        caps = CPU_CAPABILITIES
+        memory = _memory_bytes()
+        if memory:
+            caps = evolve(caps, memory=Memory(capacity_bytes=memory))
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return [
+                Device(
+                    "ort:cpu", self.name, "onnxruntime", platform.processor() or platform.machine(), "cpu",
+                    caps, available=False, reason=f"onnxruntime does not import ({exc}); pip install onnxruntime",
+                )
+            ]
+        available = "CPUExecutionProvider" in ort.get_available_providers()
+        return [
+            Device(
+                id="ort:cpu",
+                backend=self.name,
+                vendor="onnxruntime",
+                name=platform.processor() or platform.machine(),
+                kind=DeviceKind.CPU,
+                capabilities=caps,
+                available=available,
+                reason=None if available else "this onnxruntime build has no CPUExecutionProvider",
+                details={"onnxruntime": ort.__version__, "cores": os.cpu_count() or 0},
+            )
+        ]
+
+
+@hookimpl
+def hal_register_backends(register):  # type: ignore[no-untyped-def]
+    register(CpuBackend())

@@ -1,0 +1,178 @@
+"""A base for backends built on an onnxruntime distribution (CPU, CUDA, TensorRT, CANN, ...).
+
+Subclasses say which execution providers to ask for; this module creates the session, refuses a
+session that silently landed on another provider, and moves ml_dtypes tensors (bfloat16, FP8,
+int4, ...) in and out by their raw bits, which onnxruntime's Python API does not accept directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hal.backend import Backend, CompileOptions, Device
+from hal.capabilities import NumberFormat
+from hal.errors import CompileError
+from hal.tensors import bits_view, from_bits, pack
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["OrtBackend", "OrtRunner"]
+
+#: Formats onnxruntime's Python API cannot take or return as numpy arrays.
+RAW_BIT_FORMATS = frozenset(
+    {
+        NumberFormat.BFLOAT16,
+        NumberFormat.FLOAT8_E4M3FN,
+        NumberFormat.FLOAT8_E4M3FNUZ,
+        NumberFormat.FLOAT8_E5M2,
+        NumberFormat.FLOAT8_E5M2FNUZ,
+        NumberFormat.FLOAT8_E8M0,
+        NumberFormat.INT4,
+        NumberFormat.UINT4,
+        NumberFormat.FLOAT4_E2M1,
+        NumberFormat.INT2,
+        NumberFormat.UINT2,
+    }
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _io_formats(model: onnx.ModelProto) -> tuple[dict[str, NumberFormat], dict[str, NumberFormat]]:
+    initializers = {t.name for t in model.graph.initializer}
+    ins = {
+        v.name: NumberFormat.from_onnx(v.type.tensor_type.elem_type)
+        for v in model.graph.input
+        if v.name not in initializers and v.type.HasField("tensor_type")
+    }
+    outs = {
+        v.name: NumberFormat.from_onnx(v.type.tensor_type.elem_type)
+        for v in model.graph.output
+        if v.type.HasField("tensor_type")
+    }
+    return ins, outs
+
+
+class OrtRunner:
+    """Runs one onnxruntime session. Plain numpy feeds take the direct path; ml_dtypes feeds and
+    outputs go through OrtValues holding their raw bits."""
+
+    def __init__(self, session: Any, model: onnx.ModelProto) -> None:
+        import onnxruntime as ort
+
+        self.session = session
+        self._ort = ort
+        ins, outs = _io_formats(model)
+        self._raw_in = {name: fmt for name, fmt in ins.items() if fmt in RAW_BIT_FORMATS}
+        self._raw_out = {name: fmt for name, fmt in outs.items() if fmt in RAW_BIT_FORMATS}
+        self._run_options = ort.RunOptions()
+        # The binding's own run skips InferenceSession.run's Python-side checks, which the core
+        # has already made; about 4 us of the 9 us a one-Add model costs per call here.
+        inner = getattr(session, "_sess", None)
+        self._direct = inner.run if inner is not None and hasattr(inner, "run") else None
+        if self._raw_in or self._raw_out or self._direct is None:
+            self.run = self._run_raw  # type: ignore[method-assign]
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        return self._direct(output_names, feeds, self._run_options)  # type: ignore[misc]
+
+    def _run_raw(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        OrtValue = self._ort.OrtValue
+        values = {}
+        keep = []  # OrtValues made from numpy memory must not outlive it
+        for name, array in feeds.items():
+            fmt = self._raw_in.get(name)
+            if fmt is None:
+                values[name] = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            elif fmt.bits < 8:
+                packed = pack(array, fmt)
+                value = OrtValue.ortvalue_from_shape_and_type(list(array.shape), fmt.onnx_type, "cpu", 0)
+                if packed.size:
+                    ctypes.memmove(value.data_ptr(), packed.ctypes.data, packed.nbytes)
+                values[name] = value
+            else:
+                bits = bits_view(array)
+                keep.append(bits)
+                values[name] = OrtValue.ortvalue_from_numpy_with_onnx_type(bits, fmt.onnx_type)
+        results = self.session.run_with_ort_values(list(output_names), values, self._run_options)
+        outputs = []
+        for name, value in zip(output_names, results):
+            fmt = self._raw_out.get(name)
+            if fmt is None:
+                outputs.append(value.numpy())
+                continue
+            shape = tuple(value.shape())
+            size = value.tensor_size_in_bytes()
+            raw = np.empty(size, np.uint8)
+            if size:
+                ctypes.memmove(raw.ctypes.data, value.data_ptr(), size)
+            outputs.append(from_bits(raw, fmt, shape))
+        return outputs
+
+
+class OrtBackend(Backend):
+    """Base for onnxruntime-based backends. Subclasses implement :meth:`discover` and
+    :meth:`providers`; :meth:`prepare` is shared."""
+
+    #: Name of the onnxruntime distribution this backend needs, for error messages.
+    distribution = "onnxruntime"
+
+    @property
+    def version(self) -> str:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+
+    def providers(self, device: Device, options: CompileOptions) -> list[tuple[str, dict[str, Any]]]:
+        """Execution providers, most preferred first, with their options."""
+        return [("CPUExecutionProvider", {})]
+
+    def session_options(self, device: Device, options: CompileOptions) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # onnxruntime prints warnings to stderr; the HAL logs its own
+        for key, value in dict(options.extra.get("session_config", {})).items():
+            so.add_session_config_entry(str(key), str(value))
+        threads = options.extra.get("intra_op_num_threads")
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+        return so
+
+    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OrtRunner:
+        import onnxruntime as ort
+
+        providers = self.providers(device, options)
+        wanted = providers[0][0]
+        if wanted not in ort.get_available_providers():
+            msg = (
+                f"{wanted} is not in this onnxruntime build ({ort.get_available_providers()}); "
+                f"install {self.distribution} for device {device.id}"
+            )
+            raise CompileError(msg)
+        try:
+            session = ort.InferenceSession(
+                model.SerializeToString(),
+                sess_options=self.session_options(device, options),
+                providers=[name for name, _ in providers],
+                provider_options=[opts for _, opts in providers],
+            )
+        except Exception as exc:
+            msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
+            raise CompileError(msg) from exc
+        used = session.get_providers()
+        if not used or used[0] != wanted:
+            msg = (
+                f"onnxruntime was asked for {wanted} on {device.id} but created a session on {used}; "
+                "refusing to run on a device that was not asked for"
+            )
+            raise CompileError(msg)
+        return OrtRunner(session, model)

@@ -1,0 +1,515 @@
+"""What a device can do, as frozen records that round-trip through JSON.
+
+A plugin describes each device it finds with a :class:`Capabilities`; the core reads it to decide
+whether a model runs as is, runs after lowering, or cannot run. Nothing here imports a runtime:
+numpy and ml_dtypes are imported only when a dtype is asked for.
+
+Figures for real chips and their sources are in ``shared/reference/chips.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from attrs import field, frozen
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "Capabilities",
+    "DeviceKind",
+    "E8M0Encoding",
+    "Health",
+    "Interconnect",
+    "InterconnectKind",
+    "Maturity",
+    "Memory",
+    "NumberFormat",
+    "OpsetRange",
+    "ScaledFormat",
+    "Stability",
+    "Support",
+]
+
+
+class Support(enum.Enum):
+    """How well a device handles one number format, from best to worst.
+
+    ``NATIVE``: compute kernels in the format. ``EMULATED``: runs, computed by up-casting.
+    ``STORAGE``: can hold and convert (Cast, Quantize/DequantizeLinear) but not compute.
+    ``NONE``: the format cannot appear in a model run on the device.
+    """
+
+    NATIVE = "native"
+    EMULATED = "emulated"
+    STORAGE = "storage"
+    NONE = "none"
+
+    @property
+    def rank(self) -> int:
+        """3 for native down to 0 for none, so levels compare with ``a.rank >= b.rank``."""
+        return _SUPPORT_RANK[self]
+
+    def at_least(self, other: Support) -> bool:
+        return self.rank >= other.rank
+
+
+_SUPPORT_RANK = {Support.NATIVE: 3, Support.EMULATED: 2, Support.STORAGE: 1, Support.NONE: 0}
+
+
+class NumberFormat(enum.Enum):
+    """Every ONNX tensor element type, named as numpy/ml_dtypes name them where they can.
+
+    ``NumberFormat.FLOAT8_E4M3FN.onnx_type == 17``; ``NumberFormat.from_onnx(17)``;
+    ``NumberFormat.from_dtype(ml_dtypes.float8_e4m3fn)``; ``fmt.dtype`` gives the numpy dtype.
+    """
+
+    FLOAT32 = "float32"
+    UINT8 = "uint8"
+    INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+    INT32 = "int32"
+    INT64 = "int64"
+    STRING = "string"
+    BOOL = "bool"
+    FLOAT16 = "float16"
+    FLOAT64 = "float64"
+    UINT32 = "uint32"
+    UINT64 = "uint64"
+    COMPLEX64 = "complex64"
+    COMPLEX128 = "complex128"
+    BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3FN = "float8_e4m3fn"
+    FLOAT8_E4M3FNUZ = "float8_e4m3fnuz"
+    FLOAT8_E5M2 = "float8_e5m2"
+    FLOAT8_E5M2FNUZ = "float8_e5m2fnuz"
+    UINT4 = "uint4"
+    INT4 = "int4"
+    FLOAT4_E2M1 = "float4_e2m1"
+    FLOAT8_E8M0 = "float8_e8m0"
+    UINT2 = "uint2"
+    INT2 = "int2"
+    FLOAT6_E2M3 = "float6_e2m3"
+    FLOAT6_E3M2 = "float6_e3m2"
+
+    @property
+    def onnx_type(self) -> int:
+        """The ``onnx.TensorProto.DataType`` code."""
+        return _ONNX_CODE[self]
+
+    @property
+    def bits(self) -> int:
+        """Bits per element in ONNX's packed layout (4 for int4, 0 for string)."""
+        return _BITS[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self in _FLOATS
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in _FP8
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype arrays of this format have (ml_dtypes for bfloat16, FP8, int4, ...).
+
+        Raises :class:`KeyError` for the float6 formats, which no numpy dtype represents yet.
+        """
+        return _dtypes()[self]
+
+    @classmethod
+    def from_onnx(cls, code: int) -> NumberFormat:
+        try:
+            return _FROM_ONNX[code]
+        except KeyError:
+            msg = f"ONNX element type code {code} is not a known tensor element type"
+            raise ValueError(msg) from None
+
+    @classmethod
+    def from_dtype(cls, dtype: Any) -> NumberFormat:
+        import numpy as np
+
+        dt = np.dtype(dtype)
+        for fmt, candidate in _dtypes().items():
+            if candidate == dt and fmt is not NumberFormat.STRING:
+                return fmt
+        if dt.kind in "OUS":
+            return NumberFormat.STRING
+        msg = f"numpy dtype {dt} has no ONNX element type"
+        raise ValueError(msg)
+
+
+_ONNX_CODE = {fmt: code for code, fmt in enumerate(NumberFormat, start=1)}
+_FROM_ONNX = {code: fmt for fmt, code in _ONNX_CODE.items()}
+_FP8 = frozenset(
+    {
+        NumberFormat.FLOAT8_E4M3FN,
+        NumberFormat.FLOAT8_E4M3FNUZ,
+        NumberFormat.FLOAT8_E5M2,
+        NumberFormat.FLOAT8_E5M2FNUZ,
+        NumberFormat.FLOAT8_E8M0,
+    }
+)
+_FLOATS = _FP8 | {
+    NumberFormat.FLOAT32,
+    NumberFormat.FLOAT16,
+    NumberFormat.FLOAT64,
+    NumberFormat.BFLOAT16,
+    NumberFormat.FLOAT4_E2M1,
+    NumberFormat.FLOAT6_E2M3,
+    NumberFormat.FLOAT6_E3M2,
+}
+_BITS = {
+    NumberFormat.FLOAT32: 32,
+    NumberFormat.UINT8: 8,
+    NumberFormat.INT8: 8,
+    NumberFormat.UINT16: 16,
+    NumberFormat.INT16: 16,
+    NumberFormat.INT32: 32,
+    NumberFormat.INT64: 64,
+    NumberFormat.STRING: 0,
+    NumberFormat.BOOL: 8,
+    NumberFormat.FLOAT16: 16,
+    NumberFormat.FLOAT64: 64,
+    NumberFormat.UINT32: 32,
+    NumberFormat.UINT64: 64,
+    NumberFormat.COMPLEX64: 64,
+    NumberFormat.COMPLEX128: 128,
+    NumberFormat.BFLOAT16: 16,
+    NumberFormat.FLOAT8_E4M3FN: 8,
+    NumberFormat.FLOAT8_E4M3FNUZ: 8,
+    NumberFormat.FLOAT8_E5M2: 8,
+    NumberFormat.FLOAT8_E5M2FNUZ: 8,
+    NumberFormat.UINT4: 4,
+    NumberFormat.INT4: 4,
+    NumberFormat.FLOAT4_E2M1: 4,
+    NumberFormat.FLOAT8_E8M0: 8,
+    NumberFormat.UINT2: 2,
+    NumberFormat.INT2: 2,
+    NumberFormat.FLOAT6_E2M3: 6,
+    NumberFormat.FLOAT6_E3M2: 6,
+}
+_DTYPES: dict[NumberFormat, Any] = {}
+
+
+def _dtypes() -> dict[NumberFormat, Any]:
+    if not _DTYPES:
+        import ml_dtypes
+        import numpy as np
+
+        names = {
+            NumberFormat.BFLOAT16: "bfloat16",
+            NumberFormat.FLOAT8_E4M3FN: "float8_e4m3fn",
+            NumberFormat.FLOAT8_E4M3FNUZ: "float8_e4m3fnuz",
+            NumberFormat.FLOAT8_E5M2: "float8_e5m2",
+            NumberFormat.FLOAT8_E5M2FNUZ: "float8_e5m2fnuz",
+            NumberFormat.FLOAT8_E8M0: "float8_e8m0fnu",
+            NumberFormat.FLOAT4_E2M1: "float4_e2m1fn",
+            NumberFormat.INT4: "int4",
+            NumberFormat.UINT4: "uint4",
+            NumberFormat.INT2: "int2",
+            NumberFormat.UINT2: "uint2",
+        }
+        table = {}
+        for fmt in NumberFormat:
+            if fmt in names:
+                if hasattr(ml_dtypes, names[fmt]):
+                    table[fmt] = np.dtype(getattr(ml_dtypes, names[fmt]))
+            elif fmt is NumberFormat.STRING:
+                table[fmt] = np.dtype(object)
+            elif fmt.value.startswith("float6"):
+                continue
+            else:
+                table[fmt] = np.dtype(fmt.value)
+        _DTYPES.update(table)
+    return _DTYPES
+
+
+class DeviceKind(enum.Enum):
+    CPU = "cpu"
+    GPU = "gpu"
+    NPU = "npu"
+    SIMULATED = "simulated"
+
+
+class InterconnectKind(enum.Enum):
+    NVLINK = "nvlink"
+    HCCS = "hccs"
+    PCIE = "pcie"
+    INFINITY_FABRIC = "infinity-fabric"
+    ROCE = "roce"
+    MTLINK = "mtlink"
+    NONE = "none"
+
+
+class E8M0Encoding(enum.Enum):
+    """How a byte of float8_e8m0 (UE8M0) scale is read.
+
+    ``OCP``: OCP MX v1.0 and ONNX; 0x00 is 2^-127, 0xFF is NaN, there is no zero.
+    ``CANN_ZERO``: Huawei CANN's ``float8_e8m0.h``; 0x00 is zero.
+    """
+
+    OCP = "ocp"
+    CANN_ZERO = "cann-zero"
+
+
+class Maturity(enum.Enum):
+    """What the plugin author declares about the software stack for this device."""
+
+    STABLE = "stable"
+    BETA = "beta"
+    EXPERIMENTAL = "experimental"
+    SIMULATED = "simulated"
+
+
+def _fmt(value: NumberFormat | str) -> NumberFormat:
+    return value if isinstance(value, NumberFormat) else NumberFormat(value)
+
+
+def _support(value: Support | str) -> Support:
+    return value if isinstance(value, Support) else Support(value)
+
+
+def _ints(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+def _strs(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+@frozen
+class ScaledFormat:
+    """One block-scaled quantization scheme: element format x scale format x block shape.
+
+    ``ScaledFormat("float8_e4m3fn", "float8_e8m0", (1, 32))`` is MXFP8;
+    ``("float8_e4m3fn", "float32", (128, 128))`` is DeepSeek-V3's weight scaling.
+    """
+
+    element: NumberFormat = field(converter=_fmt)
+    scale: NumberFormat = field(converter=_fmt)
+    block: tuple[int, ...] = field(converter=_ints)
+    support: Support = field(default=Support.NATIVE, converter=_support)
+
+    @block.validator
+    def _check_block(self, _attribute: Any, value: tuple[int, ...]) -> None:
+        if not value or any(v <= 0 for v in value):
+            msg = f"block shape must be positive integers, got {value}"
+            raise ValueError(msg)
+
+
+@frozen
+class Interconnect:
+    """How the device talks to its peers. Bandwidth in GB/s, latency in microseconds."""
+
+    kind: InterconnectKind = field(default=InterconnectKind.NONE, converter=InterconnectKind)
+    bandwidth_gbps: float | None = None
+    links: int | None = None
+    peers: tuple[str, ...] = field(default=(), converter=_strs)
+    latency_us: float | None = None
+
+
+@frozen
+class Health:
+    """Measured health; filled in by probes and by the runtime, never by the plugin's say-so."""
+
+    probes: int = 0
+    failures: int = 0
+    deterministic: bool | None = None
+    latency_jitter: float | None = None  # p90/p50 of probe latencies
+    quarantined: bool = False
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.failures / self.probes if self.probes else None
+
+
+@frozen
+class Stability:
+    """Declared maturity, declared reasons the device may not suit a model, and measured health."""
+
+    maturity: Maturity = field(default=Maturity.STABLE, converter=Maturity)
+    incompatibilities: tuple[str, ...] = field(default=(), converter=_strs)
+    health: Health = field(factory=Health)
+
+
+@frozen
+class Memory:
+    """Device memory: capacity in bytes, bandwidth in GB/s (None where unknown)."""
+
+    capacity_bytes: int | None = None
+    bandwidth_gbps: float | None = None
+
+
+@frozen
+class OpsetRange:
+    """The default-domain ONNX opsets a backend accepts, inclusive."""
+
+    min: int = 7
+    max: int = 25
+
+    def __attrs_post_init__(self) -> None:
+        if self.min > self.max:
+            msg = f"opset range is empty: min {self.min} > max {self.max}"
+            raise ValueError(msg)
+
+    def __contains__(self, opset: object) -> bool:
+        return isinstance(opset, int) and self.min <= opset <= self.max
+
+
+class FormatTable(Mapping[NumberFormat, Support]):
+    """An immutable, hashable map with a :class:`Support` level for every :class:`NumberFormat`."""
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, levels: Mapping[NumberFormat | str, Support | str] | None = None) -> None:
+        table = dict.fromkeys(NumberFormat, Support.NONE)
+        for key, level in (levels or {}).items():
+            table[_fmt(key)] = _support(level)
+        self._levels = tuple(table[fmt] for fmt in NumberFormat)
+
+    def __getitem__(self, key: NumberFormat | str) -> Support:
+        return self._levels[_INDEX[_fmt(key)]]
+
+    def __iter__(self) -> Iterator[NumberFormat]:
+        return iter(NumberFormat)
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+    def __hash__(self) -> int:
+        return hash(self._levels)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FormatTable):
+            return self._levels == other._levels
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __repr__(self) -> str:
+        shown = {f.value: s.value for f, s in self.items() if s is not Support.NONE}
+        return f"FormatTable({shown})"
+
+    def at_least(self, level: Support) -> tuple[NumberFormat, ...]:
+        return tuple(f for f, s in self.items() if s.at_least(level))
+
+
+_INDEX = {fmt: i for i, fmt in enumerate(NumberFormat)}
+
+
+def _format_table(value: Any) -> FormatTable:
+    return value if isinstance(value, FormatTable) else FormatTable(value)
+
+
+def _peaks(value: Mapping[NumberFormat | str, float]) -> tuple[tuple[NumberFormat, float], ...]:
+    if isinstance(value, tuple):
+        return value
+    return tuple(sorted(((_fmt(k), float(v)) for k, v in value.items()), key=lambda kv: _INDEX[kv[0]]))
+
+
+def _scaled(value: Iterable[ScaledFormat | Mapping[str, Any]]) -> tuple[ScaledFormat, ...]:
+    return tuple(v if isinstance(v, ScaledFormat) else ScaledFormat(**v) for v in value)
+
+
+@frozen
+class Capabilities:
+    """Everything the core needs to know about a device before compiling for it.
+
+    Build one with :meth:`from_levels` for readability::
+
+        Capabilities.from_levels(
+            native=["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"],
+            storage=["float8_e4m3fnuz"],
+            scaled=[ScaledFormat("float8_e4m3fn", "float32", (128, 128))],
+        )
+    """
+
+    formats: FormatTable = field(factory=FormatTable, converter=_format_table)
+    scaled: tuple[ScaledFormat, ...] = field(default=(), converter=_scaled)
+    e8m0_encoding: E8M0Encoding | None = field(
+        default=None, converter=lambda v: None if v is None else E8M0Encoding(v)
+    )
+    interconnect: Interconnect = field(factory=Interconnect)
+    stability: Stability = field(factory=Stability)
+    memory: Memory = field(factory=Memory)
+    peak_tflops: tuple[tuple[NumberFormat, float], ...] = field(default=(), converter=_peaks)
+    opsets: OpsetRange = field(factory=OpsetRange)
+    dynamic_shapes: bool = True
+
+    @classmethod
+    def from_levels(
+        cls,
+        *,
+        native: Iterable[NumberFormat | str] = (),
+        emulated: Iterable[NumberFormat | str] = (),
+        storage: Iterable[NumberFormat | str] = (),
+        **rest: Any,
+    ) -> Capabilities:
+        levels: dict[NumberFormat | str, Support] = {}
+        for names, level in ((storage, Support.STORAGE), (emulated, Support.EMULATED), (native, Support.NATIVE)):
+            levels.update(dict.fromkeys(names, level))
+        return cls(formats=FormatTable(levels), **rest)
+
+    def support(self, fmt: NumberFormat | str) -> Support:
+        return self.formats[fmt]
+
+    def peak(self, fmt: NumberFormat | str) -> float | None:
+        """Peak dense throughput in TFLOPS (TOPS for integers) for a format, if declared."""
+        return dict(self.peak_tflops).get(_fmt(fmt))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Capabilities:
+        data = dict(data)
+        ic = data.get("interconnect") or {}
+        st = dict(data.get("stability") or {})
+        st["health"] = Health(**(st.get("health") or {}))
+        return cls(
+            formats=FormatTable(data.get("formats") or {}),
+            scaled=data.get("scaled") or (),
+            e8m0_encoding=data.get("e8m0_encoding"),
+            interconnect=Interconnect(**ic),
+            stability=Stability(**st),
+            memory=Memory(**(data.get("memory") or {})),
+            peak_tflops=data.get("peak_tflops") or {},
+            opsets=OpsetRange(**(data.get("opsets") or {})),
+            dynamic_shapes=bool(data.get("dynamic_shapes", True)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Capabilities:
+        return cls.from_dict(json.loads(text))
+
+
+def _jsonable(value: Any) -> Any:
+    """attrs records, enums, tables and tuples as plain JSON values (enums by their value)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, FormatTable):
+        return {f.value: s.value for f, s in value.items()}
+    if hasattr(type(value), "__attrs_attrs__"):
+        out = {}
+        for a in type(value).__attrs_attrs__:
+            v = getattr(value, a.name)
+            if a.name == "peak_tflops":
+                out[a.name] = {f.value: t for f, t in v}
+            else:
+                out[a.name] = _jsonable(v)
+        return out
+    if isinstance(value, Mapping):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value

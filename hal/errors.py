@@ -1,0 +1,64 @@
+"""Every failure a caller can cause is a :class:`HalError` subclass.
+
+Messages name the bad thing, what was expected and what to do. Where an error means the same as a
+built-in exception it subclasses that too, so ``except KeyError`` keeps working for callers who
+do not know about the HAL.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CompileError",
+    "DeviceError",
+    "HalError",
+    "InputError",
+    "LoweringError",
+    "ModelError",
+    "PluginError",
+    "RunError",
+    "UnavailableDeviceError",
+    "UnknownDeviceError",
+]
+
+
+class HalError(Exception):
+    """Base class of every error the HAL raises on purpose."""
+
+
+class ModelError(HalError, ValueError):
+    """A model file or object cannot be used: unreadable, invalid, unsafe or too large."""
+
+
+class InputError(HalError, ValueError):
+    """Feeds passed to :meth:`Executable.run` do not match the model's inputs."""
+
+
+class DeviceError(HalError):
+    """A device cannot be used for what was asked."""
+
+
+class UnknownDeviceError(DeviceError, KeyError):
+    """No registered device has the requested id."""
+
+    def __str__(self) -> str:  # KeyError would print the message inside quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnavailableDeviceError(DeviceError):
+    """The device is registered but cannot run anything here (no driver, no toolkit, ...)."""
+
+
+class PluginError(HalError):
+    """A plugin broke its contract: it failed to import, raised, or registered nonsense."""
+
+
+class CompileError(HalError):
+    """A backend could not compile a model for a device."""
+
+
+class LoweringError(CompileError):
+    """A model cannot be lowered for a device without a fallback the caller forbade."""
+
+
+class RunError(HalError, RuntimeError):
+    """The backend failed while running a model on checked inputs; the message has its reason."""

@@ -1,0 +1,468 @@
+"""Safe loading of untrusted ONNX models, and what a model requires of a device.
+
+:func:`load` refuses, with a :class:`~hal.errors.ModelError` that says what to do: empty,
+truncated or garbage files; files over a size bound; external data whose location is absolute,
+contains ``..``, goes through a symbolic link or is a hard link, or whose offset and length leave
+the file. External data is read by the HAL itself and inlined, so no runtime ever opens a path
+named inside a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections import Counter
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import onnx
+from attrs import frozen
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from hal.capabilities import NumberFormat
+from hal.errors import ModelError
+
+__all__ = ["Model", "Requirements", "TensorInfo", "load"]
+
+#: Default bounds; override with HAL_MAX_MODEL_BYTES and HAL_MAX_EXTERNAL_BYTES.
+MAX_MODEL_BYTES = 2**31 - 1  # protobuf cannot parse a larger message anyway
+MAX_EXTERNAL_BYTES = 64 * 2**30
+
+
+def _bound(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        msg = f"{name}={raw!r} is not a byte count; set it to an integer such as {default}"
+        raise ModelError(msg) from None
+
+
+@frozen
+class TensorInfo:
+    """An input or output: name, element format and shape (ints, symbolic names or None)."""
+
+    name: str
+    format: NumberFormat
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def dtype(self) -> Any:
+        return self.format.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "format": self.format.value, "shape": None if self.shape is None else list(self.shape)}
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo | None:
+    if not value.type.HasField("tensor_type"):
+        return None
+    tt = value.type.tensor_type
+    shape: tuple[int | str | None, ...] | None = None
+    if tt.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        )
+    try:
+        fmt = NumberFormat.from_onnx(tt.elem_type)
+    except ValueError:
+        msg = f"tensor {value.name!r} has element type code {tt.elem_type}, which this ONNX version does not define"
+        raise ModelError(msg) from None
+    return TensorInfo(value.name, fmt, shape)
+
+
+@frozen
+class Requirements:
+    """What a model needs from a device. ``hal inspect`` prints it."""
+
+    ir_version: int
+    opsets: tuple[tuple[str, int], ...]
+    operators: tuple[tuple[str, str, int], ...]  # (domain, op_type, count)
+    formats: tuple[NumberFormat, ...]
+    dynamic_dims: tuple[tuple[str, int, str], ...]  # (tensor, axis, symbol or '?')
+    parameter_bytes: int
+    estimated_memory_bytes: int
+
+    @property
+    def opset(self) -> int:
+        """The default-domain (``ai.onnx``) opset."""
+        return dict(self.opsets).get("", dict(self.opsets).get("ai.onnx", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ir_version": self.ir_version,
+            "opsets": {d or "ai.onnx": v for d, v in self.opsets},
+            "operators": [{"domain": d or "ai.onnx", "op_type": o, "count": c} for d, o, c in self.operators],
+            "formats": [f.value for f in self.formats],
+            "dynamic_dims": [{"tensor": t, "axis": a, "symbol": s} for t, a, s in self.dynamic_dims],
+            "parameter_bytes": self.parameter_bytes,
+            "estimated_memory_bytes": self.estimated_memory_bytes,
+        }
+
+
+class Model:
+    """A safely loaded ONNX model. Build with :func:`load`."""
+
+    def __init__(self, proto: onnx.ModelProto, *, path: Path | None = None) -> None:
+        self.proto = proto
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"<hal.Model {self.name!r} {len(self.proto.graph.node)} nodes>"
+
+    @property
+    def name(self) -> str:
+        return self.proto.graph.name or (self.path.stem if self.path else "model")
+
+    @cached_property
+    def serialized(self) -> bytes:
+        return self.proto.SerializeToString(deterministic=True)
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the deterministic serialization: the model's content hash."""
+        return hashlib.sha256(self.serialized).hexdigest()
+
+    @cached_property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        initializers = {t.name for t in self.proto.graph.initializer}
+        infos = (_tensor_info(v) for v in self.proto.graph.input if v.name not in initializers)
+        return tuple(i for i in infos if i is not None)
+
+    @cached_property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        infos = (_tensor_info(v) for v in self.proto.graph.output)
+        return tuple(i for i in infos if i is not None)
+
+    @cached_property
+    def requirements(self) -> Requirements:
+        return analyze(self.proto)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load(source: str | os.PathLike[str] | bytes | onnx.ModelProto | Model, *, base_dir: str | os.PathLike[str] | None = None) -> Model:
+    """Load an ONNX model from a path, its bytes or a ``ModelProto``, checking it on the way.
+
+    External data is allowed only next to a model file (or under ``base_dir`` for bytes and
+    protos) and is read into the model. Raises :class:`~hal.errors.ModelError` for anything
+    unusable or unsafe.
+    """
+    if isinstance(source, Model):
+        return source
+    path: Path | None = None
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        proto = _parse(bytes(source), "the bytes given")
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        proto = _parse(_read_model_file(path), str(path))
+        base_dir = path.parent if base_dir is None else base_dir
+    else:
+        msg = f"hal.load takes a path, bytes or onnx.ModelProto, not {type(source).__name__}"
+        raise ModelError(msg)
+    _check_structure(proto, str(path) if path else "model")
+    _inline_external_data(proto, Path(base_dir) if base_dir is not None else None)
+    _check_onnx(proto, str(path) if path else "model")
+    return Model(proto, path=path)
+
+
+def _read_model_file(path: Path) -> bytes:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        msg = f"model file {path} does not exist; check the path"
+        raise ModelError(msg) from None
+    except OSError as exc:
+        msg = f"cannot read model file {path}: {exc.strerror}"
+        raise ModelError(msg) from None
+    if not stat.S_ISREG(st.st_mode):
+        msg = f"{path} is not a regular file; pass the path of a .onnx file"
+        raise ModelError(msg)
+    limit = _bound("HAL_MAX_MODEL_BYTES", MAX_MODEL_BYTES)
+    if st.st_size > limit:
+        msg = (
+            f"{path} is {st.st_size} bytes, over the {limit}-byte bound; keep large weights as external "
+            "data beside the model, or raise HAL_MAX_MODEL_BYTES if you trust the file"
+        )
+        raise ModelError(msg)
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        msg = f"{where} is empty, not an ONNX model; re-export or re-download it"
+        raise ModelError(msg)
+    limit = _bound("HAL_MAX_MODEL_BYTES", MAX_MODEL_BYTES)
+    if len(data) > limit:
+        msg = f"{where} is {len(data)} bytes, over the {limit}-byte bound (HAL_MAX_MODEL_BYTES)"
+        raise ModelError(msg)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        msg = f"{where} is not a valid ONNX model (truncated or not ONNX: {exc}); re-export or re-download it"
+        raise ModelError(msg) from None
+    return proto
+
+
+def _check_structure(proto: onnx.ModelProto, where: str) -> None:
+    # Random bytes can parse as a protobuf message with unknown fields; insist on the basics.
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        msg = (
+            f"{where} does not look like an ONNX model (no IR version, graph or opset import); "
+            "it is truncated or another kind of file"
+        )
+        raise ModelError(msg)
+    if not proto.graph.output:
+        msg = f"{where} has a graph with no outputs; it is truncated or not a usable model"
+        raise ModelError(msg)
+
+
+def _check_onnx(proto: onnx.ModelProto, where: str) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        msg = f"{where} is not a valid ONNX model: {first}"
+        raise ModelError(msg) from None
+    except Exception as exc:  # the checker has raised other types on malformed input
+        msg = f"{where} could not be checked as an ONNX model: {type(exc).__name__}: {exc}"
+        raise ModelError(msg) from None
+
+
+def _walk_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            if attr.HasField("g"):
+                yield from _walk_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _walk_tensors(g)
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+    yield from _walk_tensors(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                if attr.HasField("g"):
+                    yield from _walk_tensors(attr.g)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _inline_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+    budget = _bound("HAL_MAX_EXTERNAL_BYTES", MAX_EXTERNAL_BYTES)
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data = _read_external(tensor.name, info, base_dir)
+        budget -= len(data)
+        if budget < 0:
+            msg = "external data exceeds the HAL_MAX_EXTERNAL_BYTES bound; raise it if you trust the model"
+            raise ModelError(msg)
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def _read_external(tensor: str, info: dict[str, str], base_dir: Path | None) -> bytes:
+    location = info.get("location", "")
+    where = f"tensor {tensor!r}: external data location {location!r}"
+    if not location:
+        msg = f"tensor {tensor!r} is marked external but names no location; re-export the model"
+        raise ModelError(msg)
+    if base_dir is None:
+        msg = f"{where} cannot be resolved for a model given as bytes; load it from its file path"
+        raise ModelError(msg)
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or _DRIVE.match(location):
+        msg = f"{where} is absolute; external data must sit beside the model (a relative path)"
+        raise ModelError(msg)
+    parts = [p for p in re.split(r"[\\/]+", location) if p not in ("", ".")]
+    if ".." in parts or not parts:
+        msg = f"{where} contains '..'; external data must stay inside the model's directory"
+        raise ModelError(msg)
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        msg = f"{where} has a non-integer offset or length"
+        raise ModelError(msg) from None
+    if offset < 0 or (length is not None and length < 0):
+        msg = f"{where} has a negative offset or length"
+        raise ModelError(msg)
+
+    current = Path(base_dir)
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            msg = f"{where}: {current} does not exist; keep the data file beside the model"
+            raise ModelError(msg) from None
+        if stat.S_ISLNK(st.st_mode):
+            msg = f"{where} goes through the symbolic link {current}; copy the real file beside the model"
+            raise ModelError(msg)
+    if not stat.S_ISREG(st.st_mode):
+        msg = f"{where} is not a regular file"
+        raise ModelError(msg)
+    if st.st_nlink > 1:
+        msg = f"{where} is a hard link ({st.st_nlink} links); copy the file instead of linking it"
+        raise ModelError(msg)
+    size = st.st_size
+    if length is None:
+        length = size - offset
+    if offset > size or offset + length > size:
+        msg = f"{where}: offset {offset} + length {length} is past the end of the {size}-byte file"
+        raise ModelError(msg)
+    fd = os.open(current, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if os.fstat(fd).st_ino != st.st_ino:  # swapped between the check and the open
+            msg = f"{where} changed while it was being opened"
+            raise ModelError(msg)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            f.seek(offset)
+            data = f.read(length)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        msg = f"{where}: could read only {len(data)} of {length} bytes"
+        raise ModelError(msg)
+    return data
+
+
+# -- analysis ----------------------------------------------------------------------------------
+
+
+def _tensor_bytes(t: TensorProto) -> int:
+    if t.raw_data:
+        return len(t.raw_data)
+    count = 1
+    for d in t.dims:
+        count *= d
+    try:
+        bits = NumberFormat.from_onnx(t.data_type).bits
+    except ValueError:
+        return 0
+    return (count * bits + 7) // 8
+
+
+def _value_bytes(value: onnx.ValueInfoProto) -> int:
+    info = _tensor_info(value)
+    if info is None or info.shape is None:
+        return 0
+    count = 1
+    for d in info.shape:
+        count *= d if isinstance(d, int) and d > 0 else 1
+    return (count * max(info.format.bits, 8) + 7) // 8
+
+
+def analyze(proto: onnx.ModelProto) -> Requirements:
+    """Work out a model's :class:`Requirements` (shape inference where it succeeds)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # inference is best effort; requirements are still useful without it
+        inferred = proto
+    graph = inferred.graph
+    ops: Counter[tuple[str, str]] = Counter()
+    formats: set[NumberFormat] = set()
+
+    def visit(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            ops[(node.domain or "", node.op_type)] += 1
+            for attr in node.attribute:
+                if attr.name in ("to", "output_dtype") and attr.type == onnx.AttributeProto.INT and attr.i:
+                    try:
+                        formats.add(NumberFormat.from_onnx(attr.i))
+                    except ValueError:
+                        pass
+                if attr.HasField("g"):
+                    visit(attr.g)
+                for sub in attr.graphs:
+                    visit(sub)
+
+    visit(graph)
+    values = list(graph.input) + list(graph.output) + list(graph.value_info)
+    for v in values:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            try:
+                formats.add(NumberFormat.from_onnx(v.type.tensor_type.elem_type))
+            except ValueError:
+                pass
+    param_bytes = 0
+    for t in _walk_tensors(graph):
+        if t.data_type:
+            try:
+                formats.add(NumberFormat.from_onnx(t.data_type))
+            except ValueError:
+                pass
+        param_bytes += _tensor_bytes(t)
+
+    dynamic = []
+    initializers = {t.name for t in graph.initializer}
+    for v in list(graph.input) + list(graph.output):
+        info = _tensor_info(v)
+        if info is None or v.name in initializers or info.shape is None:
+            continue
+        for axis, d in enumerate(info.shape):
+            if not isinstance(d, int) or d <= 0:
+                dynamic.append((v.name, axis, d if isinstance(d, str) else "?"))
+
+    return Requirements(
+        ir_version=proto.ir_version,
+        opsets=tuple(sorted((o.domain, o.version) for o in proto.opset_import)),
+        operators=tuple(sorted((d, o, c) for (d, o), c in ops.items())),
+        formats=tuple(sorted(formats, key=lambda f: f.onnx_type)),
+        dynamic_dims=tuple(dynamic),
+        parameter_bytes=param_bytes,
+        estimated_memory_bytes=param_bytes + _peak_activation_bytes(graph, initializers),
+    )
+
+
+def _peak_activation_bytes(graph: onnx.GraphProto, initializers: set[str]) -> int:
+    """Largest sum of live intermediate tensors over a topological walk (dynamic dims count as 1)."""
+    sizes = {v.name: _value_bytes(v) for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            last_use[name] = i
+    outputs = {v.name for v in graph.output}
+    live = {v.name for v in graph.input if v.name not in initializers}
+    current = sum(sizes.get(n, 0) for n in live)
+    peak = current
+    for i, node in enumerate(graph.node):
+        for name in node.output:
+            if name and name not in live:
+                live.add(name)
+                current += sizes.get(name, 0)
+        peak = max(peak, current)
+        for name in list(live):
+            if last_use.get(name, -1) <= i and name not in outputs:
+                live.discard(name)
+                current -= sizes.get(name, 0)
+    return peak
