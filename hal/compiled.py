@@ -7,6 +7,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from hal._paths import backend_cache_dir
 from hal._plugins import registry
 from hal.backend import CompileOptions, Device
 from hal.errors import CompileError, HalError
@@ -47,7 +48,9 @@ class CompiledModel:
         reg = registry()
         target = reg.device(device.id if isinstance(device, Device) else str(device))
         backend = reg.backend(target.backend)
-        options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
+        options = CompileOptions(
+            reduced_precision=reduced_precision, cache_dir=str(backend_cache_dir(backend.name)), extra=extra
+        )
         try:
             runner = backend.prepare(self.model.proto, target, options)
         except HalError:
