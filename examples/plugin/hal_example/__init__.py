@@ -1,0 +1,63 @@
+"""A minimal onnx-hal plugin: one device, ``example:reference``, that runs models on ONNX's
+pure-Python reference evaluator. Slow, exact, and short enough to read in one sitting.
+
+The whole contract is one hook, ``hal_register_backends``, and one class with two methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import hal
+
+
+class ReferenceRunner:
+    """What ``prepare`` returns: ``run(feeds, output_names) -> list of arrays``."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx.reference import ReferenceEvaluator  # the "vendor runtime", imported lazily
+
+        self._session = ReferenceEvaluator(model)
+
+    def run(self, feeds: dict[str, Any], output_names: Sequence[str]) -> list[Any]:
+        return list(self._session.run(list(output_names), feeds))
+
+
+class ReferenceBackend(hal.Backend):
+    name = "example"  # device ids start with "example:"
+
+    @property
+    def version(self) -> str:
+        import onnx
+
+        return onnx.__version__
+
+    def discover(self) -> list[hal.Device]:
+        capabilities = hal.Capabilities.from_levels(
+            native=["float32", "float64", "int32", "int64", "bool"],
+            emulated=["float16"],
+            opsets=hal.OpsetRange(7, 25),
+        )
+        return [
+            hal.Device(
+                id="example:reference",
+                backend=self.name,
+                vendor="ONNX",
+                name="reference evaluator",
+                kind="cpu",
+                capabilities=capabilities,
+            )
+        ]
+
+    def prepare(self, model: Any, device: hal.Device, options: hal.CompileOptions) -> ReferenceRunner:
+        try:
+            return ReferenceRunner(model)
+        except Exception as exc:
+            msg = f"the reference evaluator cannot load the model for {device.id}: {exc}"
+            raise hal.errors.CompileError(msg) from exc
+
+
+@hal.hookimpl
+def hal_register_backends(register):  # type: ignore[no-untyped-def]
+    register(ReferenceBackend())

@@ -1,0 +1,4 @@
+from hal.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,286 @@
+"""The ``hal`` command: devices, plugins, inspect, run.
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hal.errors import HalError
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 3
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+_SHORT = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "float64": "fp64",
+    "float8_e4m3fn": "e4m3",
+    "float8_e4m3fnuz": "e4m3fnuz",
+    "float8_e5m2": "e5m2",
+    "float8_e5m2fnuz": "e5m2fnuz",
+    "float8_e8m0": "e8m0",
+    "float4_e2m1": "fp4",
+}
+
+
+def _key_capabilities(device: Any) -> str:
+    from hal.capabilities import Support
+
+    caps = device.capabilities
+    parts = []
+    for level, label in ((Support.NATIVE, "native"), (Support.EMULATED, "emulated")):
+        names = [_SHORT[f.value] for f, s in caps.formats.items() if s is level and f.value in _SHORT]
+        if names:
+            parts.append(f"{label} {','.join(names)}")
+    fp8 = [_SHORT[f.value] for f, s in caps.formats.items() if f.is_fp8 and s.value == "storage"]
+    if fp8:
+        parts.append(f"storage {','.join(fp8)}")
+    if caps.memory.capacity_bytes:
+        parts.append(f"mem {_human_bytes(caps.memory.capacity_bytes)}")
+    if caps.interconnect.kind.value != "none":
+        bw = f" {caps.interconnect.bandwidth_gbps:g} GB/s" if caps.interconnect.bandwidth_gbps else ""
+        parts.append(f"{caps.interconnect.kind.value}{bw}")
+    return "; ".join(parts)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from hal._plugins import registry
+
+    reg = registry()
+    devices = reg.devices()
+    problems = reg.problems()
+    if args.json:
+        print(json.dumps({"devices": [d.to_dict() for d in devices], "problems": [p.to_dict() for p in problems]}, indent=2))
+        return 0
+    rows = [
+        [
+            d.id,
+            d.vendor,
+            d.kind.value,
+            d.backend,
+            "available" if d.available else f"unavailable: {d.reason}",
+            _key_capabilities(d),
+        ]
+        for d in devices
+    ]
+    if rows:
+        _print_table(rows, ["ID", "VENDOR", "KIND", "BACKEND", "STATUS", "CAPABILITIES"])
+    else:
+        print("no devices (see `hal plugins`)")
+    for p in problems:
+        print(f"problem: backend {p.backend} (plugin {p.plugin}): {p.error}")
+    for info in reg.plugins():
+        if info.status == "error":
+            print(f"problem: plugin {info.name}: {info.error}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from hal._plugins import registry
+
+    plugins = registry().plugins()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plugins], indent=2))
+        return 0
+    rows = [
+        [
+            p.name,
+            p.distribution,
+            p.version or "-",
+            ",".join(p.hooks) or "-",
+            ",".join(p.backends) or "-",
+            p.status if p.status != "error" else f"error: {p.error}",
+        ]
+        for p in plugins
+    ]
+    _print_table(rows, ["NAME", "DISTRIBUTION", "VERSION", "HOOKS", "BACKENDS", "STATUS"])
+    return 0
+
+
+def _shape(shape: Sequence[Any] | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import hal
+
+    model = hal.load(args.model)
+    req = model.requirements
+    if args.json:
+        out = {
+            "name": model.name,
+            "digest": model.digest,
+            "inputs": [i.to_dict() for i in model.inputs],
+            "outputs": [o.to_dict() for o in model.outputs],
+            **req.to_dict(),
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"model        {model.name}  (sha256 {model.digest[:16]})")
+    print(f"ir version   {req.ir_version}")
+    print("opsets       " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in req.opsets))
+    print("inputs")
+    for i in model.inputs:
+        print(f"  {i.name}: {i.format.value} {_shape(i.shape)}")
+    print("outputs")
+    for o in model.outputs:
+        print(f"  {o.name}: {o.format.value} {_shape(o.shape)}")
+    print("formats      " + ", ".join(f.value for f in req.formats))
+    if req.dynamic_dims:
+        print("dynamic      " + ", ".join(f"{t}[{a}]={s}" for t, a, s in req.dynamic_dims))
+    print(f"parameters   {_human_bytes(req.parameter_bytes)} ({req.parameter_bytes} bytes)")
+    print(f"peak memory  ~{_human_bytes(req.estimated_memory_bytes)} (estimate)")
+    print("operators")
+    for domain, op, count in sorted(req.operators, key=lambda r: (-r[2], r[1])):
+        name = op if not domain else f"{domain}.{op}"
+        print(f"  {count:6d}  {name}")
+    return 0
+
+
+def _parse_inputs(pairs: Sequence[str]) -> dict[str, Path]:
+    feeds = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            msg = f"--input {pair!r} must be NAME=FILE.npy"
+            raise HalError(msg)
+        if name in feeds:
+            msg = f"--input {name} is given twice"
+            raise HalError(msg)
+        feeds[name] = Path(path)
+    return feeds
+
+
+def _load_npy(name: str, path: Path, expected: Any) -> Any:
+    import numpy as np
+
+    from hal.errors import InputError
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        msg = f"input {name}: file {path} does not exist"
+        raise InputError(msg) from None
+    except (ValueError, OSError, EOFError) as exc:
+        msg = f"input {name}: {path} is not a readable .npy file ({exc})"
+        raise InputError(msg) from None
+    # np.save writes ml_dtypes arrays (bfloat16, FP8, int4) as raw void bytes: reinterpret them.
+    if expected is not None and array.dtype.kind == "V" and array.dtype.itemsize == expected.itemsize:
+        array = array.view(expected)
+    return array
+
+
+def _safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".") or "output"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import hal
+
+    compiled = hal.compile(args.model)
+    exe = compiled.to(args.device)
+    expected = {i.name: i.dtype for i in exe.inputs}
+    feeds = {name: _load_npy(name, path, expected.get(name)) for name, path in _parse_inputs(args.input).items()}
+    outputs = exe.run(feeds)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"ran {compiled.model.name} on {exe.device.id}")
+    for name, array in outputs.items():
+        line = f"  {name}: {array.dtype} {list(array.shape)}"
+        if out_dir is not None:
+            target = out_dir / f"{_safe_filename(name)}.npy"
+            np.save(target, array, allow_pickle=False)
+            line += f" -> {target}"
+        elif array.size <= 16:
+            line += f" {array.tolist()}"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hal import __version__
+
+    parser = argparse.ArgumentParser(prog="hal", description="Compile an ONNX model once, run it on any chip.")
+    parser.add_argument("--version", action="version", version=f"onnx-hal {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("devices", help="list devices, available or not (with the reason)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("plugins", help="list plugins: version, hooks, loaded or the error")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("inspect", help="show a model's inputs, outputs, opsets, formats and operators")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run a model on a device with inputs from .npy files")
+    p.add_argument("model")
+    p.add_argument("--device", required=True, help="device id, e.g. ort:cpu (see `hal devices`)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    p.add_argument("--output-dir", help="write each output to DIR/NAME.npy")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.debug:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG)
+        return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except HalError as exc:
+        print(f"hal: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug, ours or a plugin's: still one line, --debug for more
+        print(f"hal: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
