@@ -1,0 +1,244 @@
+"""ONNX -> MLIR (IREE's in-process ONNX importer) -> ``.vmfb`` (``iree-compile`` in a subprocess),
+with an on-disk cache of vmfb files.
+
+The compiler runs in a subprocess on purpose: an LLVM assertion or crash in the compiler must
+not take the caller's process down, and its diagnostics arrive on stderr where we can pick out
+the first meaningful line for a :class:`~hal.errors.CompileError`.
+
+Cache layout (one directory per backend, given by the core)::
+
+    <cache_dir>/<key>.vmfb   the module, loadable by ``iree-run-module`` as is
+    <cache_dir>/<key>.json   {"sha256", "size", "flags", "compiler", ...}
+
+``key`` hashes the model bytes, the target flags, the compiler version and the host CPU (for
+``--iree-llvmcpu-target-cpu=host``). Both files are written to temporary names and moved into
+place with ``os.replace``, so a reader sees a whole file or none. A vmfb whose size or sha256
+does not match its ``.json`` (truncated, overwritten, half-copied) is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hal.errors import CompileError
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger("hal_iree")
+
+#: IREE's ONNX importer only covers operators at opset 17 and later.
+MIN_IMPORT_OPSET = 17
+#: The name the model's main graph is imported under, so the runner can find it.
+ENTRY = "main"
+#: Bumped when the import steps (or anything else that changes the vmfb) change.
+_FORMAT = 1
+
+_LOCATION = re.compile(r"^(?:<stdin>|-|loc\(.*?\)|[^:\s]*):\d+:\d+:\s*")
+
+
+def compiler_version() -> str:
+    """``iree-base-compiler``'s version and revision, e.g. ``3.13.0rc20261016@89ece87b8985``."""
+    from iree.compiler import version
+
+    revision = (getattr(version, "REVISIONS", {}) or {}).get("IREE", "")
+    return f"{version.VERSION}@{revision[:12]}" if revision else str(version.VERSION)
+
+
+def host_cpu_fingerprint() -> str:
+    """A short hash of the host CPU's model and feature flags.
+
+    ``--iree-llvmcpu-target-cpu=host`` bakes the host's features into the vmfb, so a cache
+    shared between machines (NFS, a copied cache dir) must not hand one CPU's code to another.
+    """
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    text += line
+                if key in ("flags", "Features"):
+                    break  # the first processor's entry is enough
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepare_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` IREE's importer accepts: default opset >= 17, shapes inferred,
+    main graph named :data:`ENTRY`.
+
+    Raises :class:`ValueError` (with onnx's reason) when the opset conversion fails.
+    """
+    import onnx
+    from onnx import version_converter
+
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < MIN_IMPORT_OPSET:
+        # IREE's importer rejects operators older than opset 17 (e.g. BatchNormalization-9).
+        log.info("converting model %r from opset %d to %d for IREE's ONNX importer",
+                 model.graph.name, opset, MIN_IMPORT_OPSET)
+        try:
+            prepared = version_converter.convert_version(prepared, MIN_IMPORT_OPSET)
+        except Exception as exc:  # onnx raises bare RuntimeError/ValueError from C++
+            msg = f"converting from opset {opset} to {MIN_IMPORT_OPSET} failed: {_first_line(str(exc))}"
+            raise ValueError(msg) from None
+    prepared.graph.name = ENTRY
+    return onnx.shape_inference.infer_shapes(prepared, data_prop=True)
+
+
+def import_onnx(model: onnx.ModelProto) -> bytes:
+    """Import a prepared model (see :func:`prepare_onnx`) into MLIR bytecode (torch-onnx dialect)."""
+    from iree.compiler import ir
+    from iree.compiler.extras import onnx_importer
+
+    info = onnx_importer.ModelInfo(model)
+    context = ir.Context()
+    module = info.create_module(context=context).operation
+    importer = onnx_importer.NodeImporter.define_function(info.main_graph, module)
+    importer.import_all()
+    module.verify()
+    buffer = io.BytesIO()
+    module.write_bytecode(buffer)
+    return buffer.getvalue()
+
+
+def compile_mlir(mlir: bytes, flags: Sequence[str], output: str) -> None:
+    """Run ``iree-compile`` on MLIR bytecode, writing the vmfb to ``output``.
+
+    Raises :class:`RuntimeError` whose message is the first error line of the diagnostics.
+    """
+    from iree.compiler.tools import binaries
+
+    exe = binaries.find_tool("iree-compile")
+    cmd = [exe, "-", "--iree-input-type=onnx", *flags, "-o", output]
+    proc = subprocess.run(cmd, input=mlir, capture_output=True, check=False)  # noqa: S603
+    if proc.returncode != 0:
+        raise RuntimeError(diagnostic_summary(proc.stderr.decode("utf-8", "replace"), proc.returncode))
+
+
+def diagnostic_summary(stderr: str, returncode: int) -> str:
+    """The first meaningful line of ``iree-compile``'s diagnostics, without MLIR locations.
+
+    MLIR locations point into the imported IR, which the caller never sees, so they are cut.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:
+            text = line.split("error:", 1)[1].strip()
+            return text or line
+    for line in lines:
+        if not line.startswith(("^", "#", "Stack dump", "PLEASE", "0.", "note:")):
+            return _LOCATION.sub("", line)
+    if returncode < 0:
+        return f"iree-compile crashed (signal {-returncode})"
+    return f"iree-compile exited with status {returncode}"
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return text.strip()
+
+
+def cache_key(model_bytes: bytes, target: str, flags: Sequence[str], compiler: str, extra: str = "") -> str:
+    """A hex digest naming a cache entry (see the module docstring for what goes in)."""
+    import onnx
+
+    digest = hashlib.sha256()
+    digest.update(model_bytes)
+    meta = json.dumps(
+        {"format": _FORMAT, "target": target, "flags": list(flags), "compiler": compiler,
+         "onnx": onnx.__version__, "extra": extra},
+        sort_keys=True,
+    )
+    digest.update(b"\0" + meta.encode())
+    return digest.hexdigest()
+
+
+def read_cached(cache_dir: Path, key: str) -> bytes | None:
+    """The cached vmfb for ``key`` if present and intact (size and sha256 match), else None."""
+    vmfb, meta = cache_dir / f"{key}.vmfb", cache_dir / f"{key}.json"
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        data = vmfb.read_bytes()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("IREE cache entry %s is unreadable (%s); rebuilding it", key[:16], exc)
+        return None
+    if not isinstance(info, dict) or info.get("size") != len(data) or \
+            info.get("sha256") != hashlib.sha256(data).hexdigest():
+        log.warning("IREE cache entry %s is corrupt (size or checksum mismatch); rebuilding it", key[:16])
+        return None
+    return data
+
+
+def write_cached(cache_dir: Path, key: str, data: bytes, info: dict[str, Any]) -> None:
+    """Store a vmfb and its metadata atomically; a failure to write only loses the cache entry."""
+    info = {**info, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # The vmfb goes first: a reader that finds the new .json next to an old vmfb sees a
+        # checksum mismatch and rebuilds, never runs the wrong code.
+        _atomic_write(cache_dir / f"{key}.vmfb", data)
+        _atomic_write(cache_dir / f"{key}.json", json.dumps(info, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        log.warning("could not write IREE cache entry in %s: %s", cache_dir, exc)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def build_vmfb(model: onnx.ModelProto, flags: Sequence[str], device_id: str, workdir: str | None = None) -> bytes:
+    """Import and compile ``model`` with ``flags``; return the vmfb bytes.
+
+    Raises :class:`~hal.errors.CompileError` naming ``device_id`` and a one-line reason.
+    """
+    try:
+        prepared = prepare_onnx(model)
+    except Exception as exc:
+        msg = f"IREE cannot import the model for {device_id}: {_first_line(str(exc)) or type(exc).__name__}"
+        raise CompileError(msg) from None
+    try:
+        mlir = import_onnx(prepared)
+    except Exception as exc:  # OnnxImportError, MLIRError, KeyError for unknown types, ...
+        msg = f"IREE's ONNX importer rejected the model for {device_id}: {_first_line(str(exc)) or type(exc).__name__}"
+        raise CompileError(msg) from None
+    with tempfile.TemporaryDirectory(prefix="hal-iree-", dir=workdir) as tmp:
+        output = os.path.join(tmp, "module.vmfb")
+        try:
+            compile_mlir(mlir, flags, output)
+        except RuntimeError as exc:
+            msg = f"iree-compile failed for {device_id}: {exc}"
+            raise CompileError(msg) from None
+        with open(output, "rb") as fh:
+            return fh.read()
