@@ -1,0 +1,74 @@
+"""The embedded CPU backend's declared capabilities are true of onnxruntime's CPU kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import hal
+from hal.backends.cpu import CPU_CAPABILITIES
+from hal.capabilities import NumberFormat, Support
+from hal.testing.build import make_model
+
+# Ops whose kernels prove compute support: arithmetic for numbers, logic for bool.
+COMPUTE = {NumberFormat.BOOL: "And"}
+
+
+def builds(model) -> bool:
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def binary(fmt: NumberFormat, op: str, opset: int):
+    t = fmt.onnx_type
+    return make_model([helper.make_node(op, ["a", "b"], ["c"])], [("a", t, [2, 2]), ("b", t, [2, 2])], [("c", t, [2, 2])], opset=opset)
+
+
+def casts(fmt: NumberFormat, opset: int):
+    t = fmt.onnx_type
+    return make_model(
+        [helper.make_node("Cast", ["a"], ["b"], to=t), helper.make_node("Cast", ["b"], ["c"], to=TensorProto.FLOAT)],
+        [("a", TensorProto.FLOAT, [2, 2])], [("c", TensorProto.FLOAT, [2, 2])], opset=opset,
+    )
+
+
+class TestDeclaredCapabilities:
+    opset = CPU_CAPABILITIES.opsets.max
+
+    @pytest.mark.parametrize("fmt", CPU_CAPABILITIES.formats.at_least(Support.EMULATED), ids=lambda f: f.value)
+    def test_computed_formats_have_kernels(self, fmt):
+        assert builds(binary(fmt, COMPUTE.get(fmt, "Add"), self.opset))
+
+    @pytest.mark.parametrize(
+        "fmt", [f for f, s in CPU_CAPABILITIES.formats.items() if s is Support.STORAGE and f is not NumberFormat.STRING],
+        ids=lambda f: f.value,
+    )
+    def test_storage_formats_cast_but_do_not_compute(self, fmt):
+        assert builds(casts(fmt, self.opset))
+        assert not builds(binary(fmt, "Add", self.opset)), f"{fmt.value} computes: declare it emulated or native"
+
+    def test_bfloat16_matmul_has_no_kernel(self):
+        assert CPU_CAPABILITIES.support("bfloat16") is Support.STORAGE
+        assert not builds(binary(NumberFormat.BFLOAT16, "MatMul", self.opset))
+
+    @pytest.mark.parametrize("fmt", [f for f, s in CPU_CAPABILITIES.formats.items() if s is Support.NONE], ids=lambda f: f.value)
+    def test_formats_declared_none_do_not_even_cast(self, fmt):
+        assert not builds(casts(fmt, self.opset))
+
+    def test_storage_formats_round_trip_values(self):
+        exe = hal.compile(casts(NumberFormat.FLOAT8_E5M2, 21)).to("ort:cpu")
+        x = np.array([[1.0, 2.0], [-3.0, 0.5]], np.float32)
+        np.testing.assert_array_equal(exe.run({"a": x})["c"], x)
+
+
+class TestCpuDevice:
+    def test_listed_available_with_details(self):
+        (cpu,) = [d for d in hal.devices() if d.id == "ort:cpu"]
+        assert cpu.available and cpu.kind is hal.DeviceKind.CPU
+        assert dict(cpu.details)["onnxruntime"] == ort.__version__
+        assert cpu.capabilities.memory.capacity_bytes and cpu.capabilities.memory.capacity_bytes > 2**28

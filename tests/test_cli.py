@@ -1,0 +1,143 @@
+"""The hal command, run in-process through hal.cli.main."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from hal.cli import main
+from hal.testing.build import make_model
+
+
+@pytest.fixture
+def model_path(tmp_path, linear_model):
+    path = tmp_path / "linear.onnx"
+    onnx.save(linear_model, path)
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class TestDevices:
+    def test_table(self, capsys, fresh_registry):
+        code, out, _ = run(capsys, "devices")
+        assert code == 0
+        assert out.splitlines()[0].split()[:5] == ["ID", "VENDOR", "KIND", "BACKEND", "STATUS"]
+        assert "ort:cpu" in out and "available" in out and "native fp32" in out
+
+    def test_json(self, capsys, fresh_registry):
+        code, out, _ = run(capsys, "devices", "--json")
+        data = json.loads(out)
+        (cpu,) = [d for d in data["devices"] if d["id"] == "ort:cpu"]
+        assert cpu["available"] is True
+        assert cpu["capabilities"]["formats"]["bfloat16"] == "storage"
+        assert data["problems"] == []
+
+    def test_unavailable_devices_show_the_reason(self, capsys, fresh_registry):
+        import hal
+
+        class Offline(hal.Backend):
+            name = "offline"
+
+            def discover(self):
+                return [hal.Device(id="offline:0", backend="offline", vendor="V", name="N", kind="gpu",
+                                   available=False, reason="no driver; install the vendor driver")]
+
+            def prepare(self, model, device, options):
+                raise AssertionError("never called for an unavailable device")
+
+        class Plugin:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                register(Offline())
+
+        fresh_registry().add_plugin(Plugin(), name="offline")
+        _, out, _ = run(capsys, "devices")
+        assert "unavailable: no driver; install the vendor driver" in out
+
+
+class TestPlugins:
+    def test_json_lists_builtin(self, capsys, fresh_registry):
+        code, out, _ = run(capsys, "plugins", "--json")
+        (cpu,) = [p for p in json.loads(out) if p["name"] == "cpu"]
+        assert code == 0 and cpu["status"] == "loaded" and cpu["hooks"] == ["hal_register_backends"]
+
+    def test_table(self, capsys, fresh_registry):
+        _, out, _ = run(capsys, "plugins")
+        assert "hal_register_backends" in out and "loaded" in out
+
+
+class TestInspect:
+    def test_text(self, capsys, model_path):
+        code, out, _ = run(capsys, "inspect", str(model_path))
+        assert code == 0
+        assert "x: float32 [batch, 8]" in out
+        assert "ai.onnx 17" in out
+        assert "144 bytes" in out  # (8*4 + 4) float32 parameters
+        assert "MatMul" in out and "Add" in out
+
+    def test_json(self, capsys, model_path):
+        _, out, _ = run(capsys, "inspect", str(model_path), "--json")
+        data = json.loads(out)
+        assert data["inputs"] == [{"name": "x", "format": "float32", "shape": ["batch", 8]}]
+        assert {"domain": "ai.onnx", "op_type": "MatMul", "count": 1} in data["operators"]
+        assert data["parameter_bytes"] == 144
+
+
+class TestRun:
+    def test_writes_outputs(self, capsys, tmp_path, model_path, linear_model):
+        x = np.ones((3, 8), np.float32)
+        np.save(tmp_path / "x.npy", x)
+        code, out, _ = run(capsys, "run", str(model_path), "--device", "ort:cpu",
+                           "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", str(tmp_path / "out"))
+        assert code == 0 and "on ort:cpu" in out
+        y = np.load(tmp_path / "out" / "y.npy")
+        w = onnx.numpy_helper.to_array(linear_model.graph.initializer[0])
+        b = onnx.numpy_helper.to_array(linear_model.graph.initializer[1])
+        np.testing.assert_allclose(y, x @ w + b, rtol=1e-5)
+
+    def test_ml_dtypes_inputs_from_npy(self, capsys, tmp_path):
+        model = make_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+                           [("x", TensorProto.BFLOAT16, [3])], [("y", TensorProto.FLOAT, [3])], opset=21)
+        onnx.save(model, tmp_path / "m.onnx")
+        np.save(tmp_path / "x.npy", np.array([1.5, -2, 3], ml_dtypes.bfloat16))
+        code, out, err = run(capsys, "run", str(tmp_path / "m.onnx"), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}")
+        assert code == 0, err
+        assert "[1.5, -2.0, 3.0]" in out
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--device", "ort:cpu"], "missing feeds ['x']"),
+            (["--device", "nope:0", "--input", "x=X"], "unknown device 'nope:0'"),
+            (["--device", "ort:cpu", "--input", "x"], "must be NAME=FILE.npy"),
+            (["--device", "ort:cpu", "--input", "x=/does/not/exist.npy"], "does not exist"),
+        ],
+    )
+    def test_errors_are_one_line_and_exit_non_zero(self, capsys, tmp_path, model_path, args, message):
+        args = [a.replace("X", str(tmp_path / "x.npy")) for a in args]
+        np.save(tmp_path / "x.npy", np.ones((1, 8), np.float32))
+        code, out, err = run(capsys, "run", str(model_path), *args)
+        assert code == 1
+        assert message in err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("hal: error:")
+
+    def test_bad_model_file(self, capsys, tmp_path):
+        (tmp_path / "bad.onnx").write_bytes(b"garbage" * 10)
+        code, _, err = run(capsys, "inspect", str(tmp_path / "bad.onnx"))
+        assert code == 1 and "not" in err and len(err.strip().splitlines()) == 1
+
+    def test_debug_shows_the_traceback(self, tmp_path):
+        import hal
+
+        with pytest.raises(hal.errors.ModelError):
+            main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
