@@ -1,0 +1,309 @@
+"""The OpenVINO backend: discovers ``Core().available_devices`` and compiles models for them.
+
+Precision contract: unless the caller passes ``reduced_precision=True``, every model is compiled
+with ``INFERENCE_PRECISION_HINT=f32``, so a float32 model is computed in float32 (OpenVINO's own
+default on AMX CPUs is bf16, on GPUs f16) and float16/bfloat16 models are computed no less
+precisely than they declare. A device that cannot compute in f32 (no ``FP32`` in its
+``OPTIMIZATION_CAPABILITIES``, e.g. an NPU) refuses the model unless reduced precision is allowed.
+With ``reduced_precision=True`` the hint is left to OpenVINO, which picks bf16 or f16 where faster.
+
+The CPU format table was probed on OpenVINO 2026.4 (see ``tests/test_capabilities.py``, which
+checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIES`` alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from hal.backend import Backend, CompileOptions, Device
+from hal.capabilities import (
+    Capabilities,
+    DeviceKind,
+    E8M0Encoding,
+    Maturity,
+    Memory,
+    NumberFormat,
+    OpsetRange,
+    ScaledFormat,
+    Stability,
+    Support,
+)
+from hal.errors import CompileError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from hal_openvino.runner import OpenVinoRunner
+
+__all__ = ["OpenVinoBackend", "capabilities_for", "first_message"]
+
+#: OPTIMIZATION_CAPABILITIES entries that mean hardware compute in a format.
+_CAPABILITY_FORMATS = {
+    "FP32": ("float32",),
+    "FP16": ("float16",),
+    "BF16": ("bfloat16",),
+    "INT8": ("int8", "uint8"),
+    "FP64": ("float64",),
+}
+
+#: What the OpenVINO CPU plugin does with each format beyond the FP32/INT8 compute it advertises,
+#: as probed on OpenVINO 2026.4 (AVX2 and AMX machines): emulated = computed after an up-cast to
+#: f32/i32; storage = inputs, outputs, Cast and DequantizeLinear only (or narrowed for compute).
+_CPU_NATIVE = ("float32", "int32", "int8", "uint8", "bool")
+_CPU_EMULATED = ("float16", "bfloat16", "int16", "uint16", "uint32")
+_CPU_STORAGE = (
+    # narrowed to 32 bits inside the plugin: see _CPU_INCOMPATIBILITIES
+    "int64",
+    "uint64",
+    "float64",
+    # Cast and DequantizeLinear run; elementwise ops refuse them ("unsupported src_prc: f8e4m3")
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e8m0",
+    # DequantizeLinear (weight compression) runs; Cast to them is refused by prepare()
+    "int4",
+    "uint4",
+    "float4_e2m1",
+)
+_CPU_INCOMPATIBILITIES = (
+    "int64/uint64 tensors are narrowed to int32 inside the CPU plugin: values outside +-2^31 come back wrong",
+    "float64 is computed in float32",
+    "fp8 Cast ignores saturate: out-of-range values become NaN (e4m3fn) or inf (e5m2) even with saturate=1",
+    "Cast to int4/uint4/float4_e2m1 corrupts memory in the CPU plugin; hal-openvino refuses such models",
+    "no FNUZ fp8 types, int2/uint2, complex or string tensors",
+)
+#: Block-scaled DequantizeLinear patterns the CPU runs (dequantized to f32, then computed).
+_CPU_SCALED = (
+    ("float8_e4m3fn", "float32", (1, 32)),
+    ("float8_e4m3fn", "float32", (1, 128)),
+    ("float8_e4m3fn", "float8_e8m0", (1, 32)),
+    ("float8_e5m2", "float32", (1, 32)),
+    ("int8", "float32", (1, 32)),
+    ("int4", "float32", (1, 32)),
+    ("int4", "float32", (1, 128)),
+    ("float4_e2m1", "float8_e8m0", (1, 32)),
+)
+#: Cast targets that crash the CPU plugin (heap corruption in OpenVINO 2026.4): refused up front.
+_CPU_BAD_CAST_TARGETS = frozenset(
+    {NumberFormat.INT4.onnx_type, NumberFormat.UINT4.onnx_type, NumberFormat.FLOAT4_E2M1.onnx_type}
+)
+#: Highest default-domain opset the 2026.4 ONNX frontend was seen to read and run.
+_MAX_OPSET = 28
+
+
+def capabilities_for(kind: DeviceKind, optimization: Sequence[str], memory_bytes: int | None) -> Capabilities:
+    """The capability table for one device from its kind and ``OPTIMIZATION_CAPABILITIES``.
+
+    Formats named by ``optimization`` are native. On a CPU the probed table above fills in the
+    rest; other device kinds declare only what their properties say, plus int32/bool (emulated)
+    and int64 (storage) which every ONNX model with shapes or indices needs.
+    """
+    native = {fmt for cap in optimization for fmt in _CAPABILITY_FORMATS.get(cap, ())}
+    memory = Memory(capacity_bytes=memory_bytes)
+    if kind is DeviceKind.CPU:
+        native |= set(_CPU_NATIVE)
+        return Capabilities.from_levels(
+            native=sorted(native),
+            emulated=[f for f in _CPU_EMULATED if f not in native],
+            storage=[f for f in _CPU_STORAGE if f not in native],
+            scaled=[ScaledFormat(e, s, b, Support.EMULATED) for e, s, b in _CPU_SCALED],
+            e8m0_encoding=E8M0Encoding.OCP,
+            stability=Stability(maturity=Maturity.STABLE, incompatibilities=_CPU_INCOMPATIBILITIES),
+            memory=memory,
+            opsets=OpsetRange(7, _MAX_OPSET),
+            dynamic_shapes=True,
+        )
+    return Capabilities.from_levels(
+        native=sorted(native),
+        emulated=[f for f in ("int32", "bool") if f not in native],
+        storage=["int64"],
+        stability=Stability(
+            maturity=Maturity.BETA if kind is DeviceKind.GPU else Maturity.EXPERIMENTAL,
+            incompatibilities=(
+                "format table read from OPTIMIZATION_CAPABILITIES only; not probed on this device type",
+            ),
+        ),
+        memory=memory,
+        opsets=OpsetRange(7, _MAX_OPSET),
+        dynamic_shapes=kind is not DeviceKind.NPU,  # the NPU plugin compiles static shapes only
+    )
+
+
+def first_message(exc: BaseException) -> str:
+    """The runtime's message without OpenVINO's ``Exception from file:line`` location lines."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    useful = [
+        line
+        for line in lines
+        if line and not line.startswith(("Exception from ", "Check '", "Summary:", "To facilitate"))
+    ]
+    if not useful:
+        return type(exc).__name__
+    detail = [line for line in useful[1:] if line.startswith("-- ")]
+    return " ".join([useful[0], *detail])
+
+
+def _kind(name: str) -> DeviceKind | None:
+    base = name.split(".", 1)[0].upper()
+    return {"CPU": DeviceKind.CPU, "GPU": DeviceKind.GPU, "NPU": DeviceKind.NPU}.get(base)
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _vendor(kind: DeviceKind, full_name: str) -> str:
+    lowered = full_name.lower()
+    for vendor in ("Intel", "AMD", "ARM", "Apple"):
+        if vendor.lower() in lowered:
+            return vendor
+    return "Intel" if kind is not DeviceKind.CPU else "unknown"
+
+
+def _cast_targets(graph: onnx.GraphProto) -> Iterable[tuple[str, int]]:
+    """(node name, ``to``) of every Cast in ``graph`` and its subgraphs."""
+    for index, node in enumerate(graph.node):
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and node.domain in ("", "ai.onnx"):
+                yield node.name or f"Cast#{index}", attr.i
+            if attr.g.node:
+                yield from _cast_targets(attr.g)
+            for sub in attr.graphs:
+                yield from _cast_targets(sub)
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO's own runtime (not onnxruntime's OpenVINO execution provider).
+
+    ``CompileOptions.extra`` keys: ``num_threads`` (INFERENCE_NUM_THREADS), ``performance_hint``
+    (PERFORMANCE_HINT, default ``LATENCY``: one synchronous request per executable), ``config``
+    (a dict of further OpenVINO properties, passed to ``compile_model`` as is; it may not set
+    INFERENCE_PRECISION_HINT unless ``reduced_precision`` is True).
+    """
+
+    name = "openvino"
+
+    def __init__(self) -> None:
+        self._core: Any = None
+
+    @property
+    def version(self) -> str:
+        import openvino
+
+        return str(openvino.get_version())
+
+    def core(self) -> Any:
+        """The shared ``openvino.Core`` (created on first use; it is thread-safe)."""
+        if self._core is None:
+            import openvino
+
+            self._core = openvino.Core()
+        return self._core
+
+    def discover(self) -> list[Device]:
+        import openvino
+
+        core = self.core()
+        devices = []
+        for ov_name in core.available_devices:
+            kind = _kind(ov_name)
+            if kind is None:  # a virtual or plugin device the HAL has no kind for
+                continue
+            props = self._properties(core, ov_name)
+            optimization = tuple(str(c) for c in props.get("OPTIMIZATION_CAPABILITIES", ()))
+            full_name = str(props.get("FULL_DEVICE_NAME") or ov_name)
+            memory = props.get("GPU_DEVICE_TOTAL_MEM_SIZE")
+            memory_bytes = int(memory) if memory else (_host_memory() if kind is DeviceKind.CPU else None)
+            devices.append(
+                Device(
+                    id=f"{self.name}:{ov_name}",
+                    backend=self.name,
+                    vendor=_vendor(kind, full_name),
+                    name=full_name,
+                    kind=kind,
+                    capabilities=capabilities_for(kind, optimization, memory_bytes),
+                    details={
+                        "openvino": openvino.get_version(),
+                        "openvino_device": ov_name,
+                        "optimization_capabilities": ",".join(optimization),
+                        "architecture": str(props.get("DEVICE_ARCHITECTURE", "")),
+                    },
+                )
+            )
+        return devices
+
+    @staticmethod
+    def _properties(core: Any, ov_name: str) -> dict[str, Any]:
+        # Some properties are listed as supported but fail to convert to Python: skip those.
+        wanted = ("FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES", "DEVICE_ARCHITECTURE", "GPU_DEVICE_TOTAL_MEM_SIZE")
+        try:
+            supported = set(core.get_property(ov_name, "SUPPORTED_PROPERTIES"))
+        except Exception:  # noqa: BLE001 - a device without the list still gets a record
+            supported = set(wanted)
+        props = {}
+        for key in wanted:
+            if key in supported:
+                try:
+                    props[key] = core.get_property(ov_name, key)
+                except Exception:  # noqa: BLE001, S112
+                    continue
+        return props
+
+    def compile_config(self, device: Device, options: CompileOptions) -> dict[str, Any]:
+        """The properties passed to ``compile_model`` (see the class docstring and README)."""
+        config: dict[str, Any] = {"PERFORMANCE_HINT": str(options.extra.get("performance_hint", "LATENCY"))}
+        if not options.reduced_precision:
+            optimization = dict(device.details).get("optimization_capabilities", "").split(",")
+            if "FP32" not in optimization:
+                msg = (
+                    f"{device.id} cannot compute in float32 (OPTIMIZATION_CAPABILITIES: {','.join(optimization)}); "
+                    "pass reduced_precision=True to let OpenVINO compute in a narrower type"
+                )
+                raise CompileError(msg)
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if options.cache_dir is not None:
+            config["CACHE_DIR"] = str(options.cache_dir)
+        threads = options.extra.get("num_threads")
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        extra_config = dict(options.extra.get("config") or {})
+        if "INFERENCE_PRECISION_HINT" in extra_config and not options.reduced_precision:
+            msg = (
+                f"config sets INFERENCE_PRECISION_HINT for {device.id} without reduced_precision=True; "
+                "the model's declared precision is kept unless reduced precision is allowed"
+            )
+            raise CompileError(msg)
+        config.update(extra_config)
+        return config
+
+    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OpenVinoRunner:
+        from hal_openvino.runner import OpenVinoRunner
+
+        ov_name = dict(device.details).get("openvino_device") or device.id.split(":", 1)[1]
+        if device.kind is DeviceKind.CPU:
+            for node, to in _cast_targets(model.graph):
+                if to in _CPU_BAD_CAST_TARGETS:
+                    target = NumberFormat.from_onnx(to).value
+                    msg = (
+                        f"{device.id} cannot compile node {node!r}: Cast to {target} corrupts memory in "
+                        "OpenVINO's CPU plugin; use DequantizeLinear/QuantizeLinear or another device"
+                    )
+                    raise CompileError(msg)
+        config = self.compile_config(device, options)
+        core = self.core()
+        try:
+            ov_model = core.read_model(model.SerializeToString(), b"")
+        except Exception as exc:
+            msg = f"OpenVINO cannot read the model for {device.id}: {first_message(exc)}"
+            raise CompileError(msg) from exc
+        try:
+            compiled = core.compile_model(ov_model, ov_name, config)
+        except Exception as exc:
+            msg = f"OpenVINO cannot compile the model for {device.id}: {first_message(exc)}"
+            raise CompileError(msg) from exc
+        return OpenVinoRunner(compiled, model)
