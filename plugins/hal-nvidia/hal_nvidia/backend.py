@@ -345,7 +345,8 @@ class CudaBackend(OrtBackend):
                 "uninstall onnxruntime and install onnxruntime-gpu (they share the module)",
                 version,
             )
-        return provider_library_problem(provider), version
+        problem = provider_library_problem(provider)
+        return (f"{problem}; {_INSTALL_ADVICE}" if problem else None), version
 
     # -- compiling -------------------------------------------------------------------------------
 
@@ -388,7 +389,7 @@ class CudaBackend(OrtBackend):
             causes = [p for p in (provider_library_problem(name) for name, _ in providers) if p]
             if not causes:
                 raise
-            msg = f"{exc}; {'; '.join(causes)}"
+            msg = f"{exc}; {'; '.join(causes)}; {_INSTALL_ADVICE}"
             raise CompileError(msg) from exc
 
 
@@ -409,8 +410,12 @@ def provider_library_problem(provider: str) -> str | None:
     try:
         ctypes.CDLL(path)
     except OSError as exc:
-        return (
-            f"{provider} cannot load: {exc}; install the CUDA and cuDNN versions this onnxruntime-gpu "
-            "was built for (and TensorRT for the tensorrt provider) and put them on the library path"
-        )
+        return f"{provider} cannot load: {exc}"
     return None
+
+
+#: What to do about a provider library that does not load.
+_INSTALL_ADVICE = (
+    "install the CUDA and cuDNN versions this onnxruntime-gpu was built for (TensorRT too for "
+    "extra provider='tensorrt') and put them on the library path"
+)
