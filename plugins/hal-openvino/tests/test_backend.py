@@ -1,0 +1,161 @@
+"""Discovery, running generated models against onnxruntime, precision, cache and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import hal
+from hal.errors import CompileError, InputError
+
+from models import attention, conv, long_dot, make, mlp, vi
+
+
+def test_import_does_not_load_openvino():
+    code = "import sys, hal_openvino; assert 'openvino' not in sys.modules, 'openvino imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plugin_is_listed():
+    plugins = {p.name: p for p in hal.plugins()}
+    assert plugins["openvino"].status == "loaded", plugins["openvino"]
+    assert plugins["openvino"].distribution == "hal-openvino"
+    assert "openvino" in plugins["openvino"].backends
+
+
+def test_cpu_discovered_with_sensible_capabilities(cpu):
+    caps = cpu.capabilities
+    assert cpu.backend == "openvino" and cpu.kind is hal.DeviceKind.CPU and cpu.available
+    assert cpu.name and cpu.name != "CPU"  # FULL_DEVICE_NAME
+    assert caps.support("float32") is hal.Support.NATIVE
+    assert caps.support("int8") is hal.Support.NATIVE
+    assert caps.support("float8_e4m3fn") is hal.Support.STORAGE
+    # chips.md: OpenVINO 2026.4 has no FNUZ types, no int2.
+    for fmt in ("float8_e4m3fnuz", "float8_e5m2fnuz", "int2", "uint2", "complex64"):
+        assert caps.support(fmt) is hal.Support.NONE, fmt
+    optimization = dict(cpu.details)["optimization_capabilities"].split(",")
+    assert "FP32" in optimization
+    expected_bf16 = hal.Support.NATIVE if "BF16" in optimization else hal.Support.EMULATED
+    assert caps.support("bfloat16") is expected_bf16
+    assert caps.memory.capacity_bytes and caps.memory.capacity_bytes > 2**28
+    assert caps.e8m0_encoding is hal.E8M0Encoding.OCP
+    assert 28 in caps.opsets and 7 in caps.opsets
+
+
+@pytest.mark.parametrize(
+    ("build", "feeds"),
+    [
+        (mlp, {"x": np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)}),
+        (conv, {"x": np.random.default_rng(4).standard_normal((1, 3, 16, 16)).astype(np.float32)}),
+        (attention, {"x": np.random.default_rng(5).standard_normal((2, 16, 32)).astype(np.float32)}),
+    ],
+    ids=["mlp", "conv", "attention"],
+)
+def test_matches_onnxruntime(build, feeds):
+    compiled = hal.compile(build())
+    got = compiled.to("openvino:CPU").run(feeds)
+    want = compiled.to("ort:cpu").run(feeds)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_batch_and_outputs_do_not_alias():
+    exe = hal.compile(mlp()).to("openvino:CPU")
+    rng = np.random.default_rng(6)
+    first = exe.run({"x": rng.standard_normal((2, 64)).astype(np.float32)})["y"]
+    kept = first.copy()
+    second = exe.run({"x": rng.standard_normal((7, 64)).astype(np.float32)})["y"]
+    assert second.shape == (7, 64)
+    np.testing.assert_array_equal(first, kept)  # the first result was not overwritten
+
+
+def test_non_contiguous_and_read_only_feeds():
+    exe = hal.compile(mlp()).to("openvino:CPU")
+    x = np.random.default_rng(7).standard_normal((4, 128)).astype(np.float32)
+    want = exe.run({"x": np.ascontiguousarray(x[:, ::2])})["y"]
+    np.testing.assert_array_equal(exe.run({"x": x[:, ::2]})["y"], want)
+    frozen = np.ascontiguousarray(x[:, ::2])
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(exe.run({"x": frozen})["y"], want)
+
+
+def test_f32_precision_hint_is_set_by_default():
+    exe = hal.compile(mlp()).to("openvino:CPU")
+    assert str(exe.runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32", "float32")
+
+
+def test_f32_is_honoured_and_bf16_only_on_request(cpu):
+    """On a CPU with BF16 (AMX / avx512_bf16) OpenVINO would compute this in bf16 by default."""
+    compiled = hal.compile(long_dot())
+    x = np.ones((1, 1024), np.float32)
+    want = compiled.to("ort:cpu").run({"x": x})["y"]
+    exact = compiled.to("openvino:CPU").run({"x": x})["y"]
+    np.testing.assert_allclose(exact, want, rtol=1e-6)
+    if "BF16" not in dict(cpu.details)["optimization_capabilities"].split(","):
+        pytest.skip(f"{cpu.name} has no BF16 in OPTIMIZATION_CAPABILITIES (no AMX/avx512_bf16): cannot show bf16 drift")
+    reduced = compiled.to("openvino:CPU", reduced_precision=True).run({"x": x})["y"]
+    assert abs(float(reduced[0, 0]) - float(want[0, 0])) / float(want[0, 0]) > 1e-4, (reduced, want)
+
+
+def test_precision_hint_in_config_needs_reduced_precision():
+    with pytest.raises(CompileError, match="reduced_precision"):
+        hal.compile(mlp()).to("openvino:CPU", config={"INFERENCE_PRECISION_HINT": "bf16"})
+    exe = hal.compile(mlp()).to("openvino:CPU", reduced_precision=True, config={"INFERENCE_PRECISION_HINT": "f32"})
+    assert exe.run({"x": np.zeros((1, 64), np.float32)})["y"].shape == (1, 64)
+
+
+def test_model_cache_is_populated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+    hal.compile(conv()).to("openvino:CPU")
+    blobs = list((tmp_path / "cache" / "backends" / "openvino").iterdir())
+    assert blobs, "OpenVINO wrote nothing to its CACHE_DIR"
+    again = hal.compile(conv()).to("openvino:CPU")  # loads from the cache
+    assert again.run({"x": np.zeros((1, 3, 16, 16), np.float32)})["y"].shape == (1, 8, 1, 1)
+
+
+def test_unsupported_operator_raises_compile_error():
+    model = make(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        [vi("x", TensorProto.FLOAT8E4M3FN, [4])],
+        [vi("y", TensorProto.FLOAT8E4M3FN, [4])],
+    )
+    with pytest.raises(CompileError, match=r"openvino:CPU.*unsupported src_prc: f8e4m3"):
+        hal.compile(model).to("openvino:CPU")
+
+
+def test_unreadable_model_raises_compile_error():
+    # A well-formed ONNX model using a type OpenVINO's frontend does not know (FNUZ fp8).
+    model = make(
+        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT8E4M3FNUZ), helper.make_node("Cast", ["c"], ["y"], to=1)],
+        [vi("x", TensorProto.FLOAT, [4])],
+        [vi("y", TensorProto.FLOAT, [4])],
+    )
+    with pytest.raises(CompileError, match="openvino:CPU") as info:
+        hal.compile(model).to("openvino:CPU")
+    assert "Exception from" not in str(info.value)
+
+
+def test_cast_to_int4_is_refused_before_openvino_sees_it():
+    model = make(
+        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.INT4), helper.make_node("Cast", ["c"], ["y"], to=1)],
+        [vi("x", TensorProto.FLOAT, [4])],
+        [vi("y", TensorProto.FLOAT, [4])],
+    )
+    with pytest.raises(CompileError, match="Cast to int4"):
+        hal.compile(model).to("openvino:CPU")
+
+
+def test_bad_feeds_raise_input_error():
+    exe = hal.compile(mlp()).to("openvino:CPU")
+    with pytest.raises(InputError, match="element type"):
+        exe.run({"x": np.zeros((2, 64), np.float64)})
+    with pytest.raises(InputError, match="shape"):
+        exe.run({"x": np.zeros((2, 63), np.float32)})
+    with pytest.raises(InputError, match="missing"):
+        exe.run({})
