@@ -1,0 +1,144 @@
+"""The declared format table holds in practice on this machine's openvino:CPU.
+
+Levels are checked by behaviour: native/emulated formats compute (and, for bfloat16, the runtime
+model shows whether OpenVINO really computes MatMul in bf16); storage formats convert and
+dequantize but are refused for compute; none formats are refused outright.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hal
+from hal.capabilities import NumberFormat
+from hal.errors import CompileError
+from hal.tensors import pack
+
+from models import make, vi
+
+
+def _matmul_precisions(exe) -> set[str]:
+    ops = exe.runner.compiled.get_runtime_model().get_ops()
+    return {
+        op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in ops
+        if op.get_rt_info()["layerType"].astype(str) in ("MatMul", "FullyConnected")
+    }
+
+
+def _matmul(fmt: NumberFormat):
+    t = fmt.onnx_type
+    return make([helper.make_node("MatMul", ["a", "b"], ["y"])], [vi("a", t, [4, 8]), vi("b", t, [8, 4])], [vi("y", t, [4, 4])])
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "bfloat16", "int8", "int32"])
+def test_compute_formats_compute(cpu, fmt):
+    fmt = NumberFormat(fmt)
+    level = cpu.capabilities.support(fmt)
+    assert level in (hal.Support.NATIVE, hal.Support.EMULATED)
+    rng = np.random.default_rng(0)
+    if fmt.is_float:
+        a, b = (rng.uniform(-2, 2, s).astype(np.float32).astype(fmt.dtype) for s in ((4, 8), (8, 4)))
+    else:
+        a, b = (rng.integers(-3, 3, s).astype(fmt.dtype) for s in ((4, 8), (8, 4)))
+    exe = hal.compile(_matmul(fmt)).to("openvino:CPU", reduced_precision=True)
+    y = exe.run({"a": a, "b": b})["y"]
+    assert y.dtype == fmt.dtype
+    want = (a.astype(np.float64) @ b.astype(np.float64)).astype(fmt.dtype)
+    np.testing.assert_allclose(y.astype(np.float64), want.astype(np.float64), rtol=2e-2, atol=2e-2)
+    precisions = _matmul_precisions(exe)
+    if fmt is NumberFormat.BFLOAT16:
+        # native means OpenVINO computes the MatMul in bf16; emulated means it up-casts to f32.
+        assert ("bf16" in precisions) == (level is hal.Support.NATIVE), precisions
+    if fmt is NumberFormat.INT8:
+        assert precisions == {"i8"}, precisions
+    if fmt is NumberFormat.FLOAT32:
+        assert precisions == {"f32"}, precisions
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2", "float8_e8m0"])
+def test_fp8_is_storage(cpu, fmt):
+    fmt = NumberFormat(fmt)
+    assert cpu.capabilities.support(fmt) is hal.Support.STORAGE
+    # Converts: Cast there and back is exact for representable values, and raw fp8 I/O works.
+    values = np.array([0.5, 1.0, 2.0, 4.0] if fmt is NumberFormat.FLOAT8_E8M0 else [-3.0, -0.5, 0.0, 1.75], np.float32)
+    opset = 25 if fmt is NumberFormat.FLOAT8_E8M0 else 21
+    cast = make(
+        [helper.make_node("Cast", ["x"], ["c"], to=fmt.onnx_type), helper.make_node("Cast", ["c"], ["y"], to=1)],
+        [vi("x", 1, [4])], [vi("y", 1, [4])], opset=opset,
+    )
+    np.testing.assert_array_equal(hal.compile(cast).to("openvino:CPU").run({"x": values})["y"], values)
+    ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", fmt.onnx_type, [4])], [vi("y", fmt.onnx_type, [4])], opset=opset)
+    raw = values.astype(fmt.dtype)
+    out = hal.compile(ident).to("openvino:CPU").run({"x": raw})["y"]
+    assert out.dtype == fmt.dtype and out.tobytes() == raw.tobytes()
+    # Does not compute: an elementwise Add in the format is refused.
+    add = make([helper.make_node("Add", ["x", "x"], ["y"])], [vi("x", fmt.onnx_type, [4])], [vi("y", fmt.onnx_type, [4])], opset=opset)
+    with pytest.raises(CompileError):
+        hal.compile(add).to("openvino:CPU")
+
+
+def test_fp8_cast_ignores_saturate(cpu):
+    """Declared in the stability notes; if OpenVINO starts honouring saturate, update them."""
+    assert any("saturate" in note for note in cpu.capabilities.stability.incompatibilities)
+    cast = make(
+        [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT8E4M3FN, saturate=1), helper.make_node("Cast", ["c"], ["y"], to=1)],
+        [vi("x", 1, [1])], [vi("y", 1, [1])],
+    )
+    out = hal.compile(cast).to("openvino:CPU").run({"x": np.array([1000.0], np.float32)})["y"]
+    assert np.isnan(out[0]), out  # ONNX says 448
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_none_formats_are_refused(cpu, fmt):
+    fmt = NumberFormat(fmt)
+    assert cpu.capabilities.support(fmt) is hal.Support.NONE
+    cast = make(
+        [helper.make_node("Cast", ["x"], ["c"], to=fmt.onnx_type), helper.make_node("Cast", ["c"], ["y"], to=1)],
+        [vi("x", 1, [4])], [vi("y", 1, [4])],
+    )
+    with pytest.raises(CompileError):
+        hal.compile(cast).to("openvino:CPU")
+
+
+def test_int64_small_values_round_trip(cpu):
+    assert cpu.capabilities.support("int64") is hal.Support.STORAGE
+    ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", TensorProto.INT64, [3])], [vi("y", TensorProto.INT64, [3])])
+    x = np.array([-(2**31), 0, 2**31 - 1], np.int64)
+    np.testing.assert_array_equal(hal.compile(ident).to("openvino:CPU").run({"x": x})["y"], x)
+
+
+def _scaled_model(scaled, k: int = 256, n: int = 8, opset: int = 28):
+    """x[2,k] @ DequantizeLinear(q[k,n], scale[k/block,n], block along k); returns model, x, reference."""
+    rng = np.random.default_rng(1)
+    elem, scale_fmt, block = scaled.element, scaled.scale, scaled.block[-1]
+    q = rng.uniform(-3, 3, (k, n)).astype(np.float32).astype(elem.dtype)
+    if scale_fmt is NumberFormat.FLOAT8_E8M0:
+        scale = (2.0 ** rng.integers(-3, 3, (k // block, n))).astype(np.float32).astype(scale_fmt.dtype)
+    else:
+        scale = rng.uniform(0.1, 1.0, (k // block, n)).astype(scale_fmt.dtype)
+    raw_q = pack(q, elem).tobytes() if elem.bits < 8 else q.view(np.uint8).tobytes()
+    inits = [
+        helper.make_tensor("q", elem.onnx_type, [k, n], raw_q, raw=True),
+        helper.make_tensor("s", scale_fmt.onnx_type, list(scale.shape), scale.reshape(-1).view(np.uint8).tobytes(), raw=True),
+    ]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=block)]
+    if scale_fmt is not NumberFormat.FLOAT32:
+        nodes.append(helper.make_node("Cast", ["w"], ["wf"], to=1))
+    nodes.append(helper.make_node("MatMul", ["x", nodes[-1].output[0]], ["y"]))
+    model = make(nodes, [vi("x", 1, [2, k])], [vi("y", 1, [2, n])], inits, opset=opset)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    w = q.astype(np.float32) * np.repeat(scale.astype(np.float32), block, axis=0)
+    return model, x, x @ w
+
+
+def test_declared_scaled_formats_run(cpu):
+    assert cpu.capabilities.scaled
+    for scaled in cpu.capabilities.scaled:
+        opset = 28 if scaled.scale is NumberFormat.FLOAT8_E8M0 or scaled.element is NumberFormat.FLOAT4_E2M1 else 21
+        model, x, want = _scaled_model(scaled, opset=opset)
+        got = hal.compile(model).to("openvino:CPU").run({"x": x})["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=str(scaled))
