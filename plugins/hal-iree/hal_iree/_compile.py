@@ -45,6 +45,8 @@ ENTRY = "main"
 #: Bumped when the import steps (or anything else that changes the vmfb) change.
 _FORMAT = 1
 
+_LOC_PREFIX = re.compile(r"^(?:loc\(.*?\):\s*)+")
+_ONNX_OP = re.compile(r'name = "onnx\.(\w+)"|torch\.operator "onnx\.(\w+)"')
 _LOCATION = re.compile(r"^(?:<stdin>|-|loc\(.*?\)|[^:\s]*):\d+:\d+:\s*")
 
 
@@ -139,7 +141,12 @@ def diagnostic_summary(stderr: str, returncode: int) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
         if "error:" in line:
-            text = line.split("error:", 1)[1].strip()
+            text = _LOC_PREFIX.sub("", line.split("error:", 1)[1].strip())
+            op = _ONNX_OP.search(line)
+            # The failing op's dump is long and in IREE's terms: keep the ONNX operator name.
+            text = text.split(": %", 1)[0].split(": \"torch.", 1)[0].strip()
+            if op:
+                text += f" (ONNX {op.group(1) or op.group(2)})"
             return text or line
     for line in lines:
         if not line.startswith(("^", "#", "Stack dump", "PLEASE", "0.", "note:")):

@@ -14,7 +14,7 @@ import numpy as np
 
 from hal.capabilities import NumberFormat
 
-__all__ = ["IreeRunner", "hal_element_type"]
+__all__ = ["IreeRunner", "hal_element_type", "numpy_dtype"]
 
 # NumberFormat -> (HalElementType attribute, raw dtype the bytes are passed as, or None).
 # ml_dtypes arrays do not export the buffer protocol, and IREE's i1 is one byte per element:
@@ -41,6 +41,15 @@ _ELEMENT_TYPES: dict[NumberFormat, tuple[str, str | None]] = {
     NumberFormat.COMPLEX64: ("COMPLEX_64", None),
     NumberFormat.COMPLEX128: ("COMPLEX_128", None),
 }
+
+
+def numpy_dtype(fmt: NumberFormat) -> np.dtype:
+    """``fmt.dtype``, tolerating core versions whose table lacks float64 (it skipped every
+    name starting with ``float6``, meaning the float6 formats)."""
+    try:
+        return fmt.dtype
+    except KeyError:
+        return np.dtype(fmt.value)
 
 
 def hal_element_type(fmt: NumberFormat) -> tuple[Any, np.dtype | None]:
@@ -86,8 +95,9 @@ class IreeRunner:
         self._in_specs = tuple((name, *hal_element_type(fmt)) for name, fmt in inputs)
         self._n_in = len(self._in_specs)
         self._n_out = len(outputs)
+        # (result index, dtype the caller gets, dtype the bytes are read as or None if the same)
         self._out_specs = tuple(
-            (index, fmt.dtype, hal_element_type(fmt)[1] or fmt.dtype) for index, (_, fmt) in enumerate(outputs)
+            (index, numpy_dtype(fmt), hal_element_type(fmt)[1]) for index, (_, fmt) in enumerate(outputs)
         )
         self._by_name = {name: spec for (name, _), spec in zip(outputs, self._out_specs)}
         self._all_names = [name for name, _ in outputs]
@@ -116,19 +126,19 @@ class IreeRunner:
             specs = tuple(by_name[name] for name in output_names)
         return [self._fetch(rets, index, dtype, raw) for index, dtype, raw in specs]
 
-    def _fetch(self, rets: Any, index: int, dtype: np.dtype, raw: np.dtype) -> np.ndarray:
+    def _fetch(self, rets: Any, index: int, dtype: np.dtype, raw: np.dtype | None) -> np.ndarray:
         view = rets.get_as_object(index, self._buffer_view)
         if self._mappable is None:
             self._mappable = self._is_mappable(view)
         if self._mappable:
             # local-task buffers live in host memory: map and copy once (the mapping dies with
             # the buffer, so the caller must get its own copy).
-            host = np.array(view.map().asarray(view.shape, raw), copy=True)
+            host = np.array(view.map().asarray(view.shape, raw or dtype), copy=True)
         else:
             import iree.runtime as rt
 
-            host = np.asarray(rt.DeviceArray(self._device, view, override_dtype=raw).to_host()).copy()
-        return host if raw is dtype else host.view(dtype)
+            host = np.asarray(rt.DeviceArray(self._device, view, override_dtype=raw or dtype).to_host()).copy()
+        return host if raw is None else host.view(dtype)
 
     @staticmethod
     def _is_mappable(view: Any) -> bool:

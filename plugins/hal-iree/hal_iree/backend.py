@@ -40,32 +40,56 @@ if TYPE_CHECKING:
 
     from hal_iree._runner import IreeRunner
 
-__all__ = ["IREE_CPU_CAPABILITIES", "IREE_GPU_CAPABILITIES", "IreeBackend"]
+__all__ = ["IREE_CPU_CAPABILITIES", "IREE_GPU_CAPABILITIES", "IreeBackend", "cpu_capabilities", "host_cpu_flags"]
 
 log = logging.getLogger("hal_iree")
 
-#: What IREE's llvm-cpu target really does, probed with generated models on iree 3.13 (see
-#: tests/test_capabilities.py). Native: compiled to compute in the type. f16/bf16 compute is
-#: vectorized through f32 on CPUs without native half arithmetic, but IREE keeps the type's
-#: rounding, so they are "native" in the sense the core uses: a model in that type runs as is.
-#: FP8 types import and Cast both ways (storage) but MatMul/Add on them do not compile.
-IREE_CPU_CAPABILITIES = Capabilities.from_levels(
-    native=[
-        "float32",
-        "float16",
-        "bfloat16",
-        "float64",
-        "int8",
-        "uint8",
-        "int16",
-        "int32",
-        "int64",
-        "bool",
-    ],
-    storage=["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"],
-    opsets=OpsetRange(7, 25),
-    stability=Stability(maturity=Maturity.BETA),
+_CPU_NOTES = (
+    "Cast to float8, int16, uint16, uint32, uint64 does not compile on IREE 3.13 (llvm-cpu)",
+    "float8 initializers (e.g. QuantizeLinear zero points) are rejected by IREE's ONNX importer; "
+    "feed float8 tensors as inputs",
+    "float64 is demoted to float32 by iree-compile, so float64 models are not accepted",
 )
+
+
+def cpu_capabilities(cpu_flags: frozenset[str] | set[str] = frozenset()) -> Capabilities:
+    """What IREE's llvm-cpu target does on a CPU with ``cpu_flags`` (from /proc/cpuinfo).
+
+    Probed with generated models on IREE 3.13 and asserted by ``tests/test_capabilities.py``:
+    float16 and bfloat16 compile and run everywhere, natively where the CPU has the arithmetic
+    (AVX512-FP16 / AVX512-BF16, AMX, Arm fphp / bf16) and through float32 otherwise; float8 tensors
+    fed as inputs compute through float32 (emulated); int4, float4, float8_e8m0 and complex are
+    rejected by the importer or the compiler.
+    """
+    f16_native = bool(cpu_flags & {"avx512fp16", "fphp", "asimdhp"})
+    bf16_native = bool(cpu_flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    native = ["float32", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "bool"]
+    emulated = ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
+    (native if f16_native else emulated).append("float16")
+    (native if bf16_native else emulated).append("bfloat16")
+    return Capabilities.from_levels(
+        native=native,
+        emulated=emulated,
+        # Models below opset 17 are converted to 17 before import (onnx.version_converter).
+        opsets=OpsetRange(7, 25),
+        stability=Stability(maturity=Maturity.BETA, incompatibilities=_CPU_NOTES),
+    )
+
+
+def host_cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.split(":", 1)[0].strip() in ("flags", "Features"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+#: The llvm-cpu table for a CPU without half-precision arithmetic (the portable baseline).
+IREE_CPU_CAPABILITIES = cpu_capabilities()
 
 #: GPU targets are not exercised by this plugin's tests (no GPU in CI): declared conservatively.
 IREE_GPU_CAPABILITIES = Capabilities.from_levels(
@@ -161,7 +185,7 @@ class IreeBackend(Backend):
     def _device(
         self, name: str, kind: DeviceKind, vendor: str, available: bool, reason: str | None, details: Mapping[str, Any]
     ) -> Device:
-        caps = IREE_CPU_CAPABILITIES if kind is DeviceKind.CPU else IREE_GPU_CAPABILITIES
+        caps = cpu_capabilities(host_cpu_flags()) if kind is DeviceKind.CPU else IREE_GPU_CAPABILITIES
         if kind is DeviceKind.CPU:
             memory = _memory_bytes()
             if memory:
