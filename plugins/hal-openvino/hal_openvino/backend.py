@@ -7,7 +7,7 @@ precisely than they declare. A device that cannot compute in f32 (no ``FP32`` in
 ``OPTIMIZATION_CAPABILITIES``, e.g. an NPU) refuses the model unless reduced precision is allowed.
 With ``reduced_precision=True`` the hint is left to OpenVINO, which picks bf16 or f16 where faster.
 
-The CPU format table was probed on OpenVINO 2026.4 (see ``tests/test_capabilities.py``, which
+The CPU format table was probed on OpenVINO 2026.4 (see ``tests/test_openvino_capabilities.py``, which
 checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIES`` alone.
 """
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import hal
 from hal.errors import CompileError, InputError
 
-from models import attention, conv, long_dot, make, mlp, vi
+from ov_models import attention, conv, long_dot, make, mlp, vi
 
 
 def test_import_does_not_load_openvino():

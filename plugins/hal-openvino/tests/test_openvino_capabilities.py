@@ -17,7 +17,7 @@ from hal.capabilities import NumberFormat
 from hal.errors import CompileError
 from hal.tensors import pack
 
-from models import make, vi
+from ov_models import make, vi
 
 
 def _matmul_precisions(exe) -> set[str]:
