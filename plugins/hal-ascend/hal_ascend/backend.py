@@ -315,5 +315,7 @@ class AscendBackend(OrtBackend):
             if problem is None:
                 raise
             msg = f"{exc}; {problem}; {_INSTALL_ADVICE}"
-            raise CompileError(msg) from exc
+            enriched = CompileError(msg)
+            enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
+            raise enriched from exc
 

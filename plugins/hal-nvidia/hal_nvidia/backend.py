@@ -390,7 +390,9 @@ class CudaBackend(OrtBackend):
             if not causes:
                 raise
             msg = f"{exc}; {'; '.join(causes)}; {_INSTALL_ADVICE}"
-            raise CompileError(msg) from exc
+            enriched = CompileError(msg)
+            enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
+            raise enriched from exc
 
 
 def provider_library_problem(provider: str) -> str | None:
