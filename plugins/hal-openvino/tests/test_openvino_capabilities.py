@@ -142,3 +142,14 @@ def test_declared_scaled_formats_run(cpu):
         model, x, want = _scaled_model(scaled, opset=opset)
         got = hal.compile(model).to("openvino:CPU").run({"x": x})["y"]
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=str(scaled))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "float4_e2m1"])
+def test_four_bit_io_round_trips(cpu, fmt):
+    """4-bit storage formats move in and out exactly (packed as ONNX packs them; odd sizes too)."""
+    fmt = NumberFormat(fmt)
+    assert cpu.capabilities.support(fmt) is hal.Support.STORAGE
+    ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", fmt.onnx_type, [3, 5])], opset=23)
+    x = (np.arange(15) % 7).reshape(3, 5).astype(fmt.dtype)
+    y = hal.compile(ident).to("openvino:CPU").run({"x": x})["y"]
+    assert y.dtype == fmt.dtype and y.tobytes() == x.tobytes()
