@@ -1,0 +1,31 @@
+"""Hardware-independent graph passes: ModelProto in, a new ModelProto and what changed out.
+
+``hal.compile`` runs :func:`optimize` once; ``compiled.to(device)`` runs :func:`lower_for` with
+the device's :class:`~hal.capabilities.Capabilities`. Every function returns
+``(proto, steps)`` where ``steps`` is a list of :class:`~hal.executable.LoweringStep` (empty when
+nothing changed) and never modifies the proto it is given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hal.compiler.legalize import legalize_formats
+from hal.compiler.opset import convert_opset
+from hal.compiler.optimize import optimize
+
+if TYPE_CHECKING:
+    import onnx
+
+    from hal.capabilities import Capabilities
+    from hal.executable import LoweringStep
+
+__all__ = ["convert_opset", "legalize_formats", "lower_for", "optimize"]
+
+
+def lower_for(proto: onnx.ModelProto, capabilities: Capabilities) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+    """Fit ``proto`` to a device: :func:`convert_opset` into ``capabilities.opsets``, then
+    :func:`legalize_formats`. Raises :class:`~hal.errors.LoweringError` when either cannot."""
+    proto, steps = convert_opset(proto, capabilities.opsets)
+    proto, more = legalize_formats(proto, capabilities)
+    return proto, [*steps, *more]

@@ -1,0 +1,137 @@
+"""Opset conversion: move a model's default-domain opset into the range a backend accepts.
+
+onnxruntime 1.32 has no CPU kernels for QuantizeLinear/DequantizeLinear at opset 28 but has them
+at 19-25, and IREE's ONNX importer rejects old-opset operators such as BatchNormalization-9; both
+are fixed by converting the model to the nearest opset the backend declares in
+:attr:`hal.capabilities.Capabilities.opsets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+
+from hal.capabilities import OpsetRange
+from hal.errors import LoweringError
+from hal.executable import LoweringStep
+
+__all__ = ["convert_opset", "default_opset"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset, or None if it imports none."""
+    for imp in proto.opset_import:
+        if imp.domain in _DEFAULT_DOMAINS:
+            return int(imp.version)
+    return None
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a graph and of its subgraphs (If/Loop/Scan bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _nodes(g)
+
+
+def _since(op_type: str, version: int) -> int | None:
+    try:
+        return int(onnx.defs.get_schema(op_type, version, "").since_version)
+    except Exception:  # onnx raises SchemaError for unknown or removed operators
+        return None
+
+
+def _changed_ops(proto: onnx.ModelProto, source: int, target: int) -> list[str]:
+    """Default-domain operators whose schema differs between ``source`` and ``target``.
+
+    An operator's schema is the same at both versions when ``get_schema(op, v).since_version`` is
+    the same for both, so a model using only such operators is valid at ``target`` as it is.
+    """
+    changed = set()
+    seen = set()
+    for node in _nodes(proto.graph):
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type in seen:
+            continue
+        seen.add(node.op_type)
+        before, after = _since(node.op_type, source), _since(node.op_type, target)
+        if before is None or before != after:
+            changed.add(node.op_type)
+    return sorted(changed)
+
+
+def _uses_model_functions(proto: onnx.ModelProto) -> bool:
+    return len(proto.functions) > 0
+
+
+def convert_opset(proto: onnx.ModelProto, opsets: OpsetRange) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+    """Return ``proto`` converted to the nearest default-domain opset inside ``opsets``.
+
+    A model already inside the range (or importing no default domain) comes back unchanged, as
+    the same object, with no steps. Otherwise the target is ``opsets.min`` when the model is older
+    and ``opsets.max`` when it is newer. When no operator in the model changed schema between the
+    two versions, only the opset import is rewritten (exact and cheap); otherwise
+    :func:`onnx.version_converter.convert_version` adapts the operators that changed.
+
+    Raises :class:`~hal.errors.LoweringError` naming the operators when the conversion fails.
+    The input proto is never modified.
+    """
+    source = default_opset(proto)
+    if source is None or source in opsets:
+        return proto, []
+    target = opsets.min if source < opsets.min else opsets.max
+    changed = _changed_ops(proto, source, target)
+    if not changed and not _uses_model_functions(proto):
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
+        for imp in out.opset_import:
+            if imp.domain in _DEFAULT_DOMAINS:
+                imp.version = target
+        _raise_ir_version(out)
+        detail = (
+            f"opset {source} -> {target}: no operator in the model changed between the two versions, "
+            f"so only the opset import was rewritten (backend accepts {opsets.min}..{opsets.max})"
+        )
+        return out, [LoweringStep("convert-opset", detail)]
+    try:
+        out = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:
+        msg = (
+            f"cannot convert the model from opset {source} to {target} (the backend accepts "
+            f"{opsets.min}..{opsets.max}): onnx.version_converter failed with {type(exc).__name__}: "
+            f"{_first_line(exc)}; operators that differ between the two opsets: {', '.join(changed) or 'none'}"
+        )
+        raise LoweringError(msg) from exc
+    if default_opset(out) != target:
+        msg = (
+            f"cannot convert the model from opset {source} to {target}: onnx.version_converter "
+            f"returned opset {default_opset(out)}"
+        )
+        raise LoweringError(msg)
+    _raise_ir_version(out)
+    detail = (
+        f"opset {source} -> {target} with onnx.version_converter (backend accepts {opsets.min}..{opsets.max}); "
+        f"operators adapted: {', '.join(changed)}"
+    )
+    return out, [LoweringStep("convert-opset", detail)]
+
+
+def _raise_ir_version(proto: onnx.ModelProto) -> None:
+    """Raise the IR version to the least one the new opset imports need (never lower it)."""
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    except Exception:  # an opset newer than this onnx knows: leave the IR version alone
+        return
+    if proto.ir_version < needed:
+        proto.ir_version = needed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
