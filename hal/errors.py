@@ -53,7 +53,14 @@ class PluginError(HalError):
 
 
 class CompileError(HalError):
-    """A backend could not compile a model for a device."""
+    """A backend could not compile a model for a device.
+
+    ``operators`` names the operators the backend refused, where it said so.
+    """
+
+    def __init__(self, message: str, operators: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.operators = tuple(operators)
 
 
 class LoweringError(CompileError):

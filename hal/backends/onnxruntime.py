@@ -8,12 +8,19 @@ int4, ...) in and out by their raw bits, which onnxruntime's Python API does not
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import logging
+import os
+import re
+import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hal.backend import Backend, CompileOptions, Device
+from hal.cache import cache_key
 from hal.capabilities import NumberFormat
 from hal.errors import CompileError
 from hal.tensors import bits_view, from_bits, pack
@@ -22,6 +29,8 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = ["OrtBackend", "OrtRunner"]
+
+log = logging.getLogger("hal.backends.onnxruntime")
 
 #: Formats onnxruntime's Python API cannot take or return as numpy arrays.
 RAW_BIT_FORMATS = frozenset(
@@ -39,6 +48,14 @@ RAW_BIT_FORMATS = frozenset(
         NumberFormat.UINT2,
     }
 )
+
+
+_MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\)")
+
+
+def _missing_kernels(exc: BaseException) -> tuple[str, ...]:
+    """Operators onnxruntime said it has no kernel for, as ``Op-opset``."""
+    return tuple(dict.fromkeys(f"{op}-{v}" for op, v in _MISSING_KERNEL.findall(str(exc))))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -124,6 +141,8 @@ class OrtBackend(Backend):
 
     #: Name of the onnxruntime distribution this backend needs, for error messages.
     distribution = "onnxruntime"
+    #: Sessions created from a cached optimized model, in this process (tests read it).
+    cache_hits = 0
 
     @property
     def version(self) -> str:
@@ -158,16 +177,10 @@ class OrtBackend(Backend):
                 f"install {self.distribution} for device {device.id}"
             )
             raise CompileError(msg)
-        try:
-            session = ort.InferenceSession(
-                model.SerializeToString(),
-                sess_options=self.session_options(device, options),
-                providers=[name for name, _ in providers],
-                provider_options=[opts for _, opts in providers],
-            )
-        except Exception as exc:
-            msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
-            raise CompileError(msg) from exc
+        data = model.SerializeToString()
+        session = self._cached_session(data, device, options, providers)
+        if session is None:
+            session = self._new_session(data, device, options, providers)
         used = session.get_providers()
         if not used or used[0] != wanted:
             msg = (
@@ -176,3 +189,60 @@ class OrtBackend(Backend):
             )
             raise CompileError(msg)
         return OrtRunner(session, model)
+
+    def _create(self, data: bytes, so: Any, providers: list[tuple[str, dict[str, Any]]]) -> Any:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            data, sess_options=so, providers=[n for n, _ in providers], provider_options=[o for _, o in providers]
+        )
+
+    def _cache_path(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Path | None:
+        if not options.cache_dir or options.extra.get("session_config") or len(data) > 2**30:
+            return None  # custom session configs may change what gets optimized: do not share
+        key = cache_key(
+            model=hashlib.sha256(data).hexdigest(), device=device.id, providers=providers,
+            onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
+        )
+        return Path(options.cache_dir) / f"{key}.ort.onnx"
+
+    def _cached_session(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
+        """A session from onnxruntime's optimized model of an earlier compile, or None."""
+        import onnxruntime as ort
+
+        path = self._cache_path(data, device, options, providers)
+        if path is None or not path.exists():
+            return None
+        so = self.session_options(device, options)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
+        try:
+            session = self._create(path.read_bytes(), so, providers)
+        except Exception as exc:  # truncated or from an incompatible build: rebuild it
+            log.warning("cached onnxruntime model %s unusable (%s); rebuilding", path.name, _first_line(exc))
+            path.unlink(missing_ok=True)
+            return None
+        self.cache_hits += 1
+        return session
+
+    def _new_session(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
+        path = self._cache_path(data, device, options, providers)
+        so = self.session_options(device, options)
+        tmp = None
+        if path is not None:
+            # onnxruntime writes the optimized model while creating the session; write it to a
+            # private name and rename it into place so readers never see half a file.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            so.optimized_model_filepath = str(tmp)
+        try:
+            session = self._create(data, so, providers)
+        except Exception as exc:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
+            raise CompileError(msg, operators=_missing_kernels(exc)) from exc
+        if tmp is not None and path is not None:
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        return session
