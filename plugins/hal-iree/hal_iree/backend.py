@@ -7,7 +7,8 @@ in ``CompileOptions.extra`` (``compiled.to(device, **extra)``):
 
 ``channels_last`` (bool, default False)
     Convert NCHW convolutions to channels-last (NHWC) before codegen and propagate the
-    transposes. Much faster for CNNs on llvm-cpu (about 3x measured on a ResNet-like model).
+    transposes. Reported about 3x faster on a ResNet-like model; on a 2-core AVX2 EPYC it was
+    0.86x (slower), so measure on your machine (``benchmarks/bench_iree.py --channels-last``).
 ``iree_flags`` (list of str)
     Extra ``iree-compile`` flags, appended after the plugin's own (they are part of the cache key).
 ``iree_opt_level`` (int 0-3)
