@@ -35,7 +35,6 @@ from hal.backend import CompileOptions, Device
 from hal.backends.onnxruntime import OrtBackend, OrtRunner
 from hal.capabilities import DeviceKind, Memory
 from hal.errors import CompileError, UnavailableDeviceError
-
 from hal_ascend import chips
 
 if TYPE_CHECKING:
@@ -217,8 +216,9 @@ class AscendBackend(OrtBackend):
         if acl is not None:
             try:
                 npus = read_acl(acl)
-            except AclError as exc:
-                return [self._placeholder(f"{exc}; check the Ascend driver with `npu-smi info`")]
+            except (AclError, AttributeError) as exc:
+                # AttributeError: a libascendcl.so without one of the three functions (very old CANN).
+                return [self._placeholder(f"ACL: {exc}; check the Ascend driver with `npu-smi info`")]
             problem = None
         else:
             found, smi_error = self._npu_smi()
@@ -278,8 +278,10 @@ class AscendBackend(OrtBackend):
         available = ort.get_available_providers()
         if _PROVIDER not in available:
             return (
-                f"this onnxruntime build ({version}, providers {available}) has no {_PROVIDER}; "
-                "uninstall onnxruntime and install onnxruntime-cann (they share the module)",
+                (
+                    f"this onnxruntime build ({version}, providers {available}) has no {_PROVIDER}; "
+                    "uninstall onnxruntime and install onnxruntime-cann (they share the module)"
+                ),
                 version,
             )
         problem = provider_library_problem()
@@ -318,4 +320,3 @@ class AscendBackend(OrtBackend):
             enriched = CompileError(msg)
             enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
             raise enriched from exc
-

@@ -29,7 +29,7 @@ from hal.capabilities import (
     Support,
 )
 
-__all__ = ["PROFILES", "Profile", "UNKNOWN", "profile_for"]
+__all__ = ["PROFILES", "UNKNOWN", "Profile", "profile_for"]
 
 #: onnxruntime-cann 1.24 loads models up to opset 25 (26 is refused, checked here); the CANN
 #: execution provider itself converts a subset of operators.
@@ -147,8 +147,10 @@ PROFILES: tuple[Profile, ...] = (
             link_gbps=None,
             maturity=Maturity.EXPERIMENTAL,
             incompatibilities=(
-                "E8M0 scales use CANN's encoding (0x00 = 0, not 2^-127 as in OCP/ONNX): scales are "
-                "re-encoded when lowering",
+                (
+                    "E8M0 scales use CANN's encoding (0x00 = 0, not 2^-127 as in OCP/ONNX): scales "
+                    "are re-encoded when lowering"
+                ),
                 "HiFloat8 and FP4 E1M2 have no ONNX element type",
             ),
         ),

@@ -16,6 +16,9 @@ import numpy as np
 import onnx
 import pytest
 from attrs import evolve
+from fake_acl import NPU_SMI_910B, FakeAcl
+from hal_ascend import chips
+from hal_ascend.backend import NO_NPU_ID, AscendBackend, NpuInfo, parse_npu_smi, provider_library_problem
 from onnx import TensorProto, helper
 
 import hal
@@ -23,10 +26,6 @@ from hal._plugins import reset_registry
 from hal.backend import CompileOptions, Device
 from hal.capabilities import E8M0Encoding, InterconnectKind, Maturity, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
-from hal_ascend import chips
-from hal_ascend.backend import NO_NPU_ID, AscendBackend, NpuInfo, parse_npu_smi, provider_library_problem
-
-from fake_acl import NPU_SMI_910B, FakeAcl
 
 F = NumberFormat
 
@@ -142,9 +141,7 @@ def test_sessions_forbid_the_cpu() -> None:
     so = backend.session_options(dev, CompileOptions())
     assert so.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
     opts = CompileOptions(extra={"cann_options": {"precision_mode": "force_fp32"}})
-    assert backend.providers(dev, opts) == [
-        ("CANNExecutionProvider", {"device_id": 0, "precision_mode": "force_fp32"})
-    ]
+    assert backend.providers(dev, opts) == [("CANNExecutionProvider", {"device_id": 0, "precision_mode": "force_fp32"})]
 
 
 # -- mocked ACL: profiles ---------------------------------------------------------------------------------
@@ -268,3 +265,11 @@ def test_import_is_cheap() -> None:
         "assert 'onnxruntime' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_acl_without_a_function_gives_a_placeholder() -> None:
+    """Mocked ACL lacking aclrtGetSocName (as a very old CANN would): a reason, no raise."""
+    acl = FakeAcl(2, "Ascend910B3")
+    del acl.aclrtGetSocName
+    (dev,) = _with_acl(acl).discover()
+    assert dev.id == NO_NPU_ID and "aclrtGetSocName" in (dev.reason or "")

@@ -41,7 +41,6 @@ from hal.capabilities import (
     Stability,
 )
 from hal.errors import CompileError, UnavailableDeviceError
-
 from hal_nvidia import chips
 
 if TYPE_CHECKING:
@@ -280,6 +279,8 @@ class CudaBackend(OrtBackend):
             ]
         try:
             gpus, driver = self.read_gpus(nvml)
+        except nvml.NVMLError as exc:
+            return [self._placeholder(f"NVML failed while listing GPUs ({exc}); check `nvidia-smi`")]
         finally:
             try:
                 nvml.nvmlShutdown()
@@ -341,8 +342,10 @@ class CudaBackend(OrtBackend):
         available = ort.get_available_providers()
         if provider not in available:
             return (
-                f"this onnxruntime build ({version}, providers {available}) has no {provider}; "
-                "uninstall onnxruntime and install onnxruntime-gpu (they share the module)",
+                (
+                    f"this onnxruntime build ({version}, providers {available}) has no {provider}; "
+                    "uninstall onnxruntime and install onnxruntime-gpu (they share the module)"
+                ),
                 version,
             )
         problem = provider_library_problem(provider)

@@ -13,10 +13,14 @@ import ctypes
 import subprocess
 import sys
 
+import fake_nvml
 import numpy as np
 import onnx
 import pytest
 from attrs import evolve
+from fake_nvml import A100, B200, H100, L4, FakeGpu, make_nvml
+from hal_nvidia.backend import NO_GPU_ID, CudaBackend, provider_library_problem
+from hal_nvidia.chips import NVLINK_LINK_GBPS, find_chip, nvlink_generation
 from onnx import TensorProto, helper
 
 import hal
@@ -24,11 +28,6 @@ from hal._plugins import reset_registry
 from hal.backend import CompileOptions, Device
 from hal.capabilities import E8M0Encoding, InterconnectKind, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
-from hal_nvidia.backend import NO_GPU_ID, CudaBackend, provider_library_problem
-from hal_nvidia.chips import NVLINK_LINK_GBPS, find_chip, nvlink_generation
-
-import fake_nvml
-from fake_nvml import A100, B200, H100, L4, FakeGpu, make_nvml
 
 F = NumberFormat
 
@@ -134,9 +133,7 @@ def test_a100_mocked_nvml() -> None:
         ((12, 0), Support.NATIVE, Support.NATIVE, Support.NATIVE),
     ],
 )
-def test_compute_capability_thresholds(
-    cc: tuple[int, int], fp16: Support, bf16: Support, fp8: Support
-) -> None:
+def test_compute_capability_thresholds(cc: tuple[int, int], fp16: Support, bf16: Support, fp8: Support) -> None:
     """Mocked NVML: the format thresholds 7.0 (fp16), 8.0 (bf16), 8.9 (FP8), 10.0 (MX) by cc alone."""
     (dev,) = _discover(FakeGpu("NVIDIA Some GPU", cc, 8 * 2**30))
     caps = dev.capabilities
@@ -331,3 +328,16 @@ def test_import_is_cheap() -> None:
         "bad = {'pynvml', 'onnxruntime'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nvml_failing_mid_listing_gives_a_placeholder() -> None:
+    """Mocked NVML whose nvmlDeviceGetCount fails (e.g. a GPU fallen off the bus): a reason, no raise."""
+    nvml = make_nvml([H100])
+
+    def broken() -> int:
+        raise fake_nvml.NVMLError(15)  # NVML_ERROR_GPU_IS_LOST
+
+    nvml.nvmlDeviceGetCount = broken
+    (dev,) = CudaBackend(nvml=nvml).discover()
+    assert dev.id == NO_GPU_ID and "NVML failed while listing GPUs" in (dev.reason or "")
+    assert nvml.state["initialised"] == 0
