@@ -44,6 +44,7 @@ __all__ = [
     "TensorInfo",
     "compile",
     "devices",
+    "load_compiled",
     "errors",
     "hookimpl",
     "load",
@@ -69,6 +70,7 @@ _LAZY = {
     "Support": "hal.capabilities",
     "CompiledModel": "hal.compiled",
     "compile": "hal.compiled",
+    "load_compiled": "hal.compiled",
     "Executable": "hal.executable",
     "LoweringStep": "hal.executable",
     "Placement": "hal.executable",
@@ -98,7 +100,7 @@ if TYPE_CHECKING:
         Stability,
         Support,
     )
-    from hal.compiled import CompiledModel, compile
+    from hal.compiled import CompiledModel, compile, load_compiled
     from hal.executable import Executable, LoweringStep, Placement
     from hal.model import Model, Requirements, TensorInfo, load
 

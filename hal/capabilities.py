@@ -223,8 +223,8 @@ def _dtypes() -> dict[NumberFormat, Any]:
                     table[fmt] = np.dtype(getattr(ml_dtypes, names[fmt]))
             elif fmt is NumberFormat.STRING:
                 table[fmt] = np.dtype(object)
-            elif fmt.value.startswith("float6"):
-                continue
+            elif fmt in (NumberFormat.FLOAT6_E2M3, NumberFormat.FLOAT6_E3M2):
+                continue  # no numpy dtype represents them yet
             else:
                 table[fmt] = np.dtype(fmt.value)
         _DTYPES.update(table)

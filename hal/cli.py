@@ -136,8 +136,11 @@ def _shape(shape: Sequence[Any] | None) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import hal
 
+    from hal.compiled import assess
+
     model = hal.load(args.model)
     req = model.requirements
+    verdicts = [assess(model, d) for d in hal.devices()]
     if args.json:
         out = {
             "name": model.name,
@@ -145,6 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "inputs": [i.to_dict() for i in model.inputs],
             "outputs": [o.to_dict() for o in model.outputs],
             **req.to_dict(),
+            "devices": [v.to_dict() for v in verdicts],
         }
         print(json.dumps(out, indent=2))
         return 0
@@ -166,6 +170,76 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for domain, op, count in sorted(req.operators, key=lambda r: (-r[2], r[1])):
         name = op if not domain else f"{domain}.{op}"
         print(f"  {count:6d}  {name}")
+    print("devices")
+    for v in verdicts:
+        if v.status == "cannot":
+            print(f"  {v.device}: cannot: {v.reason}")
+        elif v.status == "lowered":
+            print(f"  {v.device}: runs after lowering: " + "; ".join(s.detail for s in v.steps))
+        else:
+            print(f"  {v.device}: runs as is")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import hal
+
+    compiled = hal.compile(args.model)
+    compiled.save(args.output)
+    print(f"compiled {compiled.model.name} ({compiled.digest[:16]}) -> {args.output}")
+    for step in compiled.steps:
+        print(f"  {step.kind}: {step.detail}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import hal
+
+    compiled = hal.compile(args.model)
+    fallback = None if args.no_fallback else "auto"
+    exe = compiled.to(args.device, fallback=fallback, reduced_precision=args.reduced_precision)
+    if args.json:
+        print(json.dumps({
+            "requested": args.device,
+            "device": exe.device.id,
+            "placement": [p.to_dict() for p in exe.placement],
+            "lowering": [s.to_dict() for s in exe.lowering],
+            "optimizations": [s.to_dict() for s in compiled.steps],
+        }, indent=2))
+        return 0
+    print(f"model      {compiled.model.name} ({compiled.digest[:16]})")
+    print(f"requested  {args.device}")
+    print(f"runs on    {exe.device.id} ({exe.device.vendor} {exe.device.name})")
+    print("placement")
+    for p in exe.placement:
+        shown = ", ".join(p.nodes[:8]) + (f", ... ({len(p.nodes)} nodes)" if len(p.nodes) > 8 else "")
+        print(f"  {p.device}: {shown}")
+    print("lowering" + ("" if exe.lowering else "   none: the device runs the model as compiled"))
+    for step in exe.lowering:
+        print(f"  {step.kind}: {step.detail}")
+    if compiled.steps:
+        print("optimizations (hardware-independent, at compile)")
+        for step in compiled.steps:
+            print(f"  {step.kind}: {step.detail}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from hal import cache
+
+    if args.action == "clear":
+        freed = cache.clear()
+        print(f"cleared {_human_bytes(freed)} from {cache.info()['root']}")
+        return 0
+    data = cache.info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"cache root  {data['root']}")
+    if not data["sections"]:
+        print("  empty")
+    for name, section in data["sections"].items():
+        print(f"  {name:24s} {section['files']:6d} files  {_human_bytes(section['bytes'])}")
     return 0
 
 
@@ -252,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="compile a model once into a portable file")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the compiled model")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("explain", help="show where a model's nodes run on a device and what was changed")
+    p.add_argument("model")
+    p.add_argument("--device", default="auto", help="device id or auto (default)")
+    p.add_argument("--no-fallback", action="store_true", help="fail instead of moving the model to another device")
+    p.add_argument("--reduced-precision", action="store_true", help="allow narrower compute types than declared")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("cache", help="show or clear the compile cache")
+    p.add_argument("action", choices=["info", "clear"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("run", help="run a model on a device with inputs from .npy files")
     p.add_argument("model")

@@ -1,35 +1,148 @@
-"""Compile once: :func:`compile` turns a model into a :class:`CompiledModel`, and
-:meth:`CompiledModel.to` prepares it for one device, returning an :class:`~hal.Executable`."""
+"""Compile once, target any chip.
+
+:func:`compile` turns a model into a portable :class:`CompiledModel`: canonical ONNX after
+hardware-independent optimization, plus a manifest (content hashes, requirements, versions).
+:meth:`CompiledModel.save` writes it as one ONNX file (the manifest rides in
+``metadata_props``), which :func:`load_compiled` reads back on another machine.
+
+:meth:`CompiledModel.to` lowers it for one device, driven by the device's capabilities (opset
+conversion, element-type legalization), falls back to another device when the backend cannot
+compile it (unless told not to), records every change on the :class:`~hal.Executable`, and
+caches lowered models on disk.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from attrs import frozen
 
 from hal._paths import backend_cache_dir
 from hal._plugins import registry
-from hal.backend import CompileOptions, Device
-from hal.errors import CompileError, HalError
-from hal.executable import Executable, Placement
+from hal.backend import Backend, CompileOptions, Device
+from hal.cache import CompileCache, atomic_write, cache_key
+from hal.errors import CompileError, HalError, LoweringError, ModelError, UnavailableDeviceError
+from hal.executable import Executable, LoweringStep, Placement
 from hal.model import Model, load
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import onnx
 
-__all__ = ["CompiledModel", "compile"]
+__all__ = ["CompiledModel", "Verdict", "assess", "compile", "load_compiled", "rank"]
 
 log = logging.getLogger("hal.compile")
 
+MANIFEST_KEY = "onnx-hal.manifest"
+MANIFEST_VERSION = 1
+
+
+# -- verdicts and ranking ----------------------------------------------------------------------
+
+
+@frozen
+class Verdict:
+    """Whether a device runs a model: ``as-is``, ``lowered`` (with the steps) or ``cannot`` (why)."""
+
+    device: str
+    status: str
+    steps: tuple[LoweringStep, ...] = ()
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "status": self.status, "steps": [s.to_dict() for s in self.steps], "reason": self.reason}
+
+
+def assess(model: Model, device: Device) -> Verdict:
+    """What lowering ``device`` needs to run ``model``, without compiling anything."""
+    from hal.compiler import lower_for
+
+    if not device.available:
+        return Verdict(device.id, "cannot", reason=f"unavailable: {device.reason}")
+    if device.capabilities.stability.health.quarantined:
+        return Verdict(device.id, "cannot", reason="quarantined after failed health probes")
+    try:
+        _, steps = lower_for(model.proto, device.capabilities)
+    except LoweringError as exc:
+        return Verdict(device.id, "cannot", reason=str(exc))
+    return Verdict(device.id, "lowered" if steps else "as-is", steps=tuple(steps))
+
+
+_KIND_ORDER = {"gpu": 0, "npu": 0, "cpu": 1, "simulated": 2}
+_MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
+
+
+def rank(model: Model, devices: Sequence[Device]) -> list[tuple[Device, Verdict]]:
+    """Devices that can run ``model``, best first, each with its verdict.
+
+    The default policy: devices that run the model as is before those that need lowering;
+    accelerators before CPUs before simulated chips; declared maturity; then the embedded
+    ``ort:cpu`` first among equals, as the reference implementation. Devices that cannot run the
+    model are left out.
+    """
+    verdicts = [(d, assess(model, d)) for d in devices]
+    usable = [(d, v) for d, v in verdicts if v.status != "cannot"]
+    return sorted(
+        usable,
+        key=lambda dv: (
+            dv[1].status != "as-is",
+            _KIND_ORDER.get(dv[0].kind.value, 3),
+            _MATURITY_ORDER.get(dv[0].capabilities.stability.maturity.value, 4),
+            dv[0].id != "ort:cpu",
+            dv[0].id,
+        ),
+    )
+
+
+# -- the compiled model ------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    from hal import __version__
+
+    return {"onnx-hal": __version__, "onnx": onnx.__version__}
+
+
+def _strip_manifest(proto: onnx.ModelProto) -> dict[str, Any] | None:
+    """Remove and return the manifest, so hashes cover the model alone."""
+    for i, prop in enumerate(proto.metadata_props):
+        if prop.key == MANIFEST_KEY:
+            try:
+                manifest = json.loads(prop.value)
+            except ValueError:
+                msg = f"the {MANIFEST_KEY} entry is not JSON; recompile the model with `hal compile`"
+                raise ModelError(msg) from None
+            del proto.metadata_props[i]
+            return manifest if isinstance(manifest, dict) else None
+    return None
+
 
 class CompiledModel:
-    """A model checked and prepared once, ready to be placed on any registered device."""
+    """A model optimized once, portable between machines, ready to place on any device."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, manifest: dict[str, Any]) -> None:
         self.model = model
+        self.manifest = manifest
 
     def __repr__(self) -> str:
-        return f"<hal.CompiledModel {self.model.name!r} {self.model.digest[:12]}>"
+        return f"<hal.CompiledModel {self.model.name!r} {self.digest[:12]}>"
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the optimized model: the key every cache entry starts from."""
+        return self.model.digest
+
+    @property
+    def steps(self) -> tuple[LoweringStep, ...]:
+        """What hardware-independent optimization changed."""
+        return tuple(LoweringStep(**s) for s in self.manifest.get("optimizations", ()))
 
     @property
     def inputs(self):  # type: ignore[no-untyped-def]
@@ -39,31 +152,205 @@ class CompiledModel:
     def outputs(self):  # type: ignore[no-untyped-def]
         return self.model.outputs
 
-    def to(self, device: str | Device, *, reduced_precision: bool = False, **extra: Any) -> Executable:
-        """Prepare the model for ``device`` (an id such as ``"ort:cpu"``, or a :class:`Device`).
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the compiled model as one ONNX file carrying its manifest."""
+        from pathlib import Path
 
-        Raises :class:`~hal.errors.DeviceError` when the device is unknown or unavailable and
-        :class:`~hal.errors.CompileError` when its backend cannot compile the model.
+        import onnx
+
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model.proto)
+        proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(self.manifest, sort_keys=True))
+        atomic_write(Path(path), proto.SerializeToString())
+
+    def explain(self, device: str | Device) -> Verdict:
+        """Whether ``device`` runs this model as is, after lowering, or cannot (and why)."""
+        target = device if isinstance(device, Device) else registry().device(device, require_available=False)
+        return assess(self.model, target)
+
+    def to(
+        self,
+        device: str | Device | Sequence[str | Device] = "auto",
+        *,
+        fallback: str | None = "auto",
+        strict: bool = False,
+        reduced_precision: bool = False,
+        **extra: Any,
+    ) -> Executable:
+        """Lower the model for ``device`` and prepare it there.
+
+        ``device``: an id such as ``"ort:cpu"``, a :class:`Device`, ``"auto"`` (the best
+        available device, see :func:`rank`), or a list of ids tried in order.
+
+        ``fallback``: when the chosen device's backend cannot compile the model, ``"auto"``
+        tries the next best available device, a device id tries that one, ``None`` raises.
+        Any fallback logs a WARNING and is recorded in ``Executable.lowering``.
+
+        ``strict``: forbid fallback (like ``fallback=None``); the error names the operators the
+        backend refused where it says so. Devices of a list given as ``device`` are still tried
+        in order: that is the caller's own choice, not a fallback.
+
+        ``reduced_precision``: let backends compute in narrower types than declared (e.g.
+        OpenVINO's bf16 on AMX CPUs); off by default. Other keyword arguments go to the backend
+        as ``CompileOptions.extra``.
         """
         reg = registry()
-        target = reg.device(device.id if isinstance(device, Device) else str(device))
-        backend = reg.backend(target.backend)
+        options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
+        candidates = self._candidates(device)
+        explicit = not (isinstance(device, str) and device == "auto")
+        failures: list[tuple[Device, HalError]] = []
+        tried: set[str] = set()
+        while candidates:
+            target = candidates.pop(0)
+            if target.id in tried:
+                continue
+            tried.add(target.id)
+            try:
+                exe = self._prepare(reg.backend(target.backend), target, options)
+            except (CompileError, UnavailableDeviceError) as exc:
+                failures.append((target, exc))
+                if candidates:  # the caller's own list (or auto's ranking) goes on
+                    continue
+                if strict or fallback is None:
+                    first, first_exc = failures[0]
+                    raise _no_fallback(first, first_exc, strict) from exc
+                if explicit:
+                    candidates = self._fallbacks(fallback, tried)
+                continue
+            if failures:
+                first, reason = failures[0]
+                moved = f"all {len(self.model.proto.graph.node)} nodes moved from {first.id} to {target.id}"
+                log.warning("fallback: %s: %s", moved, reason)
+                exe.lowering = (LoweringStep("fallback", f"{moved}: {reason}"), *exe.lowering)
+            return exe
+        reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or "no available device can run it"
+        msg = f"no device could compile {self.model.name!r}: {reasons}"
+        raise CompileError(msg)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _candidates(self, device: str | Device | Sequence[str | Device]) -> list[Device]:
+        reg = registry()
+        if isinstance(device, Device):
+            return [reg.device(device.id)]
+        if isinstance(device, str):
+            if device == "auto":
+                return [d for d, _ in rank(self.model, reg.devices())]
+            return [reg.device(device)]
+        return [reg.device(d.id if isinstance(d, Device) else d) for d in device]
+
+    def _fallbacks(self, fallback: str | None, tried: set[str]) -> list[Device]:
+        if fallback is None:
+            return []
+        if fallback == "auto":
+            return [d for d, _ in rank(self.model, registry().devices()) if d.id not in tried]
+        return [registry().device(fallback)]
+
+    def _prepare(self, backend: Backend, device: Device, options: CompileOptions) -> Executable:
+        proto, steps = self._lowered(backend, device, options)
         options = CompileOptions(
-            reduced_precision=reduced_precision, cache_dir=str(backend_cache_dir(backend.name)), extra=extra
+            reduced_precision=options.reduced_precision,
+            cache_dir=str(backend_cache_dir(backend.name)),
+            extra=options.extra,
         )
         try:
-            runner = backend.prepare(self.model.proto, target, options)
+            runner = backend.prepare(proto, device, options)
         except HalError:
             raise
         except Exception as exc:  # a plugin's bug must still reach the caller as a HalError
-            msg = f"backend {backend.name} failed to compile for {target.id}: {type(exc).__name__}: {exc}"
+            msg = f"backend {backend.name} failed to compile for {device.id}: {type(exc).__name__}: {exc}"
             raise CompileError(msg) from exc
-        nodes = tuple(n.name or f"{n.op_type}#{i}" for i, n in enumerate(self.model.proto.graph.node))
+        nodes = tuple(n.name or f"{n.op_type}#{i}" for i, n in enumerate(proto.graph.node))
         return Executable(
-            runner, target, self.model.inputs, self.model.outputs, placement=(Placement(target.id, nodes),)
+            runner, device, self.model.inputs, self.model.outputs,
+            placement=(Placement(device.id, nodes),), lowering=tuple(steps),
         )
+
+    def _lowered(self, backend: Backend, device: Device, options: CompileOptions) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+        """The model lowered for ``device``: from the compile cache, or lowered and stored."""
+        import onnx
+
+        from hal.compiler import lower_for
+
+        key = cache_key(
+            model=self.digest,
+            device=device.id,
+            capabilities=device.capabilities.to_dict(),
+            backend=backend.name,
+            backend_version=backend.version,
+            hal=_versions(),
+            reduced_precision=options.reduced_precision,
+        )
+        cache = CompileCache()
+        payload = cache.get(key)
+        if payload is not None:
+            size = int.from_bytes(payload[:8], "little")
+            try:
+                steps = [LoweringStep(**s) for s in json.loads(payload[8 : 8 + size])]
+                proto = onnx.ModelProto.FromString(payload[8 + size :])
+                return proto, steps
+            except Exception:  # an entry from an incompatible version: rebuild it
+                log.warning("compile cache entry %s unusable; rebuilding", key[:12])
+        if device.capabilities.stability.health.quarantined:
+            msg = f"{device.id} is quarantined after failed health probes"
+            raise UnavailableDeviceError(msg)
+        proto, steps = lower_for(self.model.proto, device.capabilities)
+        meta = json.dumps([s.to_dict() for s in steps]).encode()
+        cache.put(key, len(meta).to_bytes(8, "little") + meta + proto.SerializeToString())
+        return proto, list(steps)
+
+
+def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:
+    operators = getattr(exc, "operators", ())
+    named = f" (operators: {', '.join(operators)})" if operators else ""
+    why = "strict=True" if strict else "fallback=None"
+    msg = f"{device.id} cannot run the model{named} and {why} forbids moving it elsewhere: {exc}"
+    error = LoweringError(msg)
+    error.operators = tuple(operators)  # type: ignore[attr-defined]
+    return error
 
 
 def compile(model: str | os.PathLike[str] | bytes | onnx.ModelProto | Model) -> CompiledModel:  # noqa: A001
-    """Compile a model once (loading it safely first if it is a path, bytes or a proto)."""
-    return CompiledModel(load(model))
+    """Compile a model once: load it safely, optimize it hardware-independently, describe it.
+
+    A file written by :meth:`CompiledModel.save` is not optimized again.
+    """
+    from hal.compiler import optimize
+
+    loaded = load(model)
+    proto = loaded.proto
+    manifest = _strip_manifest(proto) if any(p.key == MANIFEST_KEY for p in proto.metadata_props) else None
+    if manifest is not None:
+        return _from_manifest(Model(proto, path=loaded.path), manifest)
+    source = Model(proto, path=loaded.path).digest
+    optimized, steps = optimize(proto)
+    result = Model(optimized, path=loaded.path)
+    manifest = {
+        "format": MANIFEST_VERSION,
+        "source_digest": source,
+        "digest": result.digest,
+        "requirements": result.requirements.to_dict(),
+        "versions": _versions(),
+        "optimizations": [s.to_dict() for s in steps],
+    }
+    return CompiledModel(result, manifest)
+
+
+def _from_manifest(model: Model, manifest: dict[str, Any]) -> CompiledModel:
+    if manifest.get("format") != MANIFEST_VERSION:
+        msg = f"compiled model format {manifest.get('format')!r} is not {MANIFEST_VERSION}; recompile it with this version"
+        raise ModelError(msg)
+    if manifest.get("digest") != model.digest:
+        msg = "the compiled model's content does not match its manifest hash (modified or damaged); recompile it"
+        raise ModelError(msg)
+    return CompiledModel(model, manifest)
+
+
+def load_compiled(path: str | os.PathLike[str] | Path) -> CompiledModel:
+    """Read a file written by :meth:`CompiledModel.save` (or ``hal compile``)."""
+    loaded = load(path)
+    manifest = _strip_manifest(loaded.proto)
+    if manifest is None:
+        msg = f"{path} is an ONNX model but not a compiled one; use hal.compile() on it, or `hal compile` to write one"
+        raise ModelError(msg)
+    return _from_manifest(Model(loaded.proto, path=loaded.path), manifest)

@@ -59,6 +59,14 @@ class TestNumberFormat:
         assert fmt.dtype == np.dtype(dtype)
         assert NumberFormat.from_dtype(dtype) is fmt
 
+    def test_every_format_but_float6_has_a_dtype_that_maps_back(self):
+        for fmt in NumberFormat:
+            if fmt in (NumberFormat.FLOAT6_E2M3, NumberFormat.FLOAT6_E3M2):
+                with pytest.raises(KeyError):
+                    fmt.dtype
+                continue
+            assert NumberFormat.from_dtype(fmt.dtype) is fmt
+
     def test_fp8_facts(self):
         assert NumberFormat.FLOAT8_E4M3FN.onnx_type == 17
         assert NumberFormat.FLOAT8_E8M0.onnx_type == 24

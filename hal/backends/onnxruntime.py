@@ -51,11 +51,15 @@ RAW_BIT_FORMATS = frozenset(
 
 
 _MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\)")
+_UNKNOWN_OP = re.compile(r"(?:([\w.]+):)?(\w+)\(-?\d+\) is not a registered function/op")
 
 
 def _missing_kernels(exc: BaseException) -> tuple[str, ...]:
     """Operators onnxruntime said it has no kernel for, as ``Op-opset``."""
-    return tuple(dict.fromkeys(f"{op}-{v}" for op, v in _MISSING_KERNEL.findall(str(exc))))
+    text = str(exc)
+    found = [f"{op}-{v}" for op, v in _MISSING_KERNEL.findall(text)]
+    found += [f"{domain}.{op}" if domain else op for domain, op in _UNKNOWN_OP.findall(text)]
+    return tuple(dict.fromkeys(found))
 
 
 def _first_line(exc: BaseException) -> str:

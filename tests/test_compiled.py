@@ -1,0 +1,304 @@
+"""Compile once, target any chip: the portable compiled file, lowering, fallback, placement,
+verdicts, and the compile cache."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import hal
+from hal import cache as hal_cache
+from hal.cli import main
+from hal.errors import CompileError, LoweringError, ModelError
+from hal.testing.build import make_model
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def acme_model():
+    """y = 2x through an operator of a vendor domain that onnxruntime does not know."""
+    graph = helper.make_graph(
+        [helper.make_node("Double", ["x"], ["y"], domain="com.acme")], "acme",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)], ir_version=9)
+
+
+def int4_identity():
+    """Identity on int4 has no onnxruntime CPU kernel; lowering moves it in int32 instead."""
+    return make_model([helper.make_node("Identity", ["x"], ["y"])],
+                      [("x", TensorProto.INT4, [4])], [("y", TensorProto.INT4, [4])], opset=21)
+
+
+class ReferenceBackend(hal.Backend):
+    """A second real backend for fallback tests: ONNX's reference evaluator, any format."""
+
+    name = "ref"
+
+    def discover(self):
+        caps = hal.Capabilities.from_levels(native=[f for f in hal.NumberFormat if not f.value.startswith(("float6", "complex", "string"))],
+                                            opsets=hal.OpsetRange(1, 25))
+        return [hal.Device(id="ref:0", backend="ref", vendor="ONNX", name="reference", kind="cpu", capabilities=caps)]
+
+    def prepare(self, model, device, options):
+        from onnx.reference import ReferenceEvaluator
+        from onnx.reference.op_run import OpRun
+
+        class Double(OpRun):
+            op_domain = "com.acme"
+
+            def _run(self, x):
+                return (x * 2,)
+
+        session = ReferenceEvaluator(model, new_ops=[Double])
+
+        class Runner:
+            def run(self, feeds, names):
+                return session.run(list(names), feeds)
+
+        return Runner()
+
+
+class Plugin:
+    @hal.hookimpl
+    def hal_register_backends(self, register):
+        register(ReferenceBackend())
+
+
+@pytest.fixture
+def with_reference(fresh_registry):
+    reg = fresh_registry()
+    reg.add_plugin(Plugin(), name="ref")
+    yield reg
+    reg.remove_plugin("ref")
+
+
+class TestCompiledFile:
+    def test_save_and_load_round_trip(self, tmp_path, linear_model):
+        compiled = hal.compile(linear_model)
+        path = tmp_path / "model.halc.onnx"
+        compiled.save(path)
+        back = hal.load_compiled(path)
+        assert back.digest == compiled.digest
+        assert back.manifest["requirements"]["parameter_bytes"] == compiled.manifest["requirements"]["parameter_bytes"]
+        assert back.manifest["versions"]["onnx-hal"] == hal.__version__
+        x = np.ones((2, 8), np.float32)
+        np.testing.assert_array_equal(back.to("ort:cpu").run({"x": x})["y"], compiled.to("ort:cpu").run({"x": x})["y"])
+
+    def test_compiled_file_is_plain_onnx_and_recompiles_to_itself(self, tmp_path, linear_model):
+        path = tmp_path / "c.onnx"
+        hal.compile(linear_model).save(path)
+        onnx.checker.check_model(onnx.load(path))
+        assert hal.compile(path).digest == hal.load_compiled(path).digest
+
+    def test_tampered_file_is_refused(self, tmp_path, linear_model):
+        path = tmp_path / "c.onnx"
+        hal.compile(linear_model).save(path)
+        proto = onnx.load(path)
+        proto.graph.node[0].name = "changed"
+        onnx.save(proto, path)
+        with pytest.raises(ModelError, match="does not match its manifest"):
+            hal.load_compiled(path)
+
+    def test_plain_model_is_not_a_compiled_one(self, tmp_path, linear_model):
+        onnx.save(linear_model, tmp_path / "plain.onnx")
+        with pytest.raises(ModelError, match="not a compiled one"):
+            hal.load_compiled(tmp_path / "plain.onnx")
+
+    def test_cli_compile_then_run(self, tmp_path, linear_model, capsys):
+        onnx.save(linear_model, tmp_path / "m.onnx")
+        assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.halc")]) == 0
+        np.save(tmp_path / "x.npy", np.ones((1, 8), np.float32))
+        assert main(["run", str(tmp_path / "m.halc"), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}"]) == 0
+        assert "y: float32 [1, 4]" in capsys.readouterr().out
+
+
+class TestFallback:
+    def test_auto_fallback_moves_the_model_and_says_so(self, with_reference, caplog):
+        compiled = hal.compile(acme_model())
+        with caplog.at_level(logging.WARNING, logger="hal.compile"):
+            exe = compiled.to("ort:cpu")
+        assert exe.device.id == "ref:0"
+        assert exe.lowering[0].kind == "fallback"
+        assert "from ort:cpu to ref:0" in exe.lowering[0].detail
+        assert any("fallback" in r.message and "ref:0" in r.message for r in caplog.records)
+        np.testing.assert_array_equal(exe.run({"x": np.arange(4, dtype=np.float32)})["y"], [0, 2, 4, 6])
+        assert exe.placement[0].device == "ref:0"
+
+    @pytest.mark.parametrize("kwargs", [{"fallback": None}, {"strict": True}])
+    def test_no_fallback_names_the_operators(self, with_reference, kwargs):
+        with pytest.raises(LoweringError, match=r"ort:cpu cannot run the model \(operators: com.acme.Double\)") as info:
+            hal.compile(acme_model()).to("ort:cpu", **kwargs)
+        assert info.value.operators == ("com.acme.Double",)
+
+    def test_explicit_fallback_device(self, with_reference):
+        assert hal.compile(acme_model()).to("ort:cpu", fallback="ref:0").device.id == "ref:0"
+
+    def test_no_device_can_compile(self, fresh_registry):
+        with pytest.raises(CompileError, match="no device could compile"):
+            hal.compile(acme_model()).to("ort:cpu")
+
+    def test_device_list_is_tried_in_order(self, with_reference, linear_model):
+        assert hal.compile(linear_model).to(["ref:0", "ort:cpu"]).device.id == "ref:0"
+        assert hal.compile(acme_model()).to(["ort:cpu", "ref:0"], fallback=None).device.id == "ref:0"
+
+    def test_int4_identity_runs_on_cpu_moved_in_int32(self, fresh_registry):
+        exe = hal.compile(int4_identity()).to("ort:cpu", fallback=None)
+        x = np.array([1, -2, 3, 7], dtype=hal.NumberFormat.INT4.dtype)
+        np.testing.assert_array_equal(exe.run({"x": x})["y"].astype(int), [1, -2, 3, 7])
+        assert any("int4" in s.detail for s in exe.lowering)
+
+    def test_unavailable_explicit_device_is_an_error_not_a_fallback(self, fresh_registry, linear_model):
+        with pytest.raises(hal.errors.UnknownDeviceError):
+            hal.compile(linear_model).to("cuda:0")
+
+
+class TestAuto:
+    def test_auto_prefers_a_device_that_runs_the_model_as_is(self, with_reference):
+        # bfloat16 MatMul: ort:cpu only stores bf16 and needs lowering; ref:0 runs it as is.
+        model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"])],
+                           [("a", TensorProto.BFLOAT16, [2, 2]), ("b", TensorProto.BFLOAT16, [2, 2])],
+                           [("c", TensorProto.BFLOAT16, [2, 2])], opset=21)
+        compiled = hal.compile(model)
+        ranked = [d.id for d, _ in hal.compiled.rank(compiled.model, hal.devices())]
+        assert ranked == ["ref:0", "ort:cpu"]
+        assert compiled.to("auto").device.id == "ref:0"
+
+    def test_verdicts(self, with_reference):
+        model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"])],
+                           [("a", TensorProto.BFLOAT16, [2, 2]), ("b", TensorProto.BFLOAT16, [2, 2])],
+                           [("c", TensorProto.BFLOAT16, [2, 2])], opset=21)
+        compiled = hal.compile(model)
+        cpu, ref = compiled.explain("ort:cpu"), compiled.explain("ref:0")
+        assert cpu.status == "lowered" and any("bfloat16" in s.detail for s in cpu.steps)
+        assert ref.status == "as-is"
+
+
+class TestLoweringOnCpu:
+    def test_bfloat16_matmul_runs_after_legalization_and_is_recorded(self, fresh_registry):
+        import ml_dtypes
+
+        model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"])],
+                           [("a", TensorProto.BFLOAT16, [2, 3]), ("b", TensorProto.BFLOAT16, [3, 2])],
+                           [("c", TensorProto.BFLOAT16, [2, 2])], opset=21)
+        exe = hal.compile(model).to("ort:cpu", fallback=None)
+        a = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
+        b = np.ones((3, 2), ml_dtypes.bfloat16)
+        c = exe.run({"a": a, "b": b})["c"]
+        assert c.dtype == np.dtype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(c.astype(np.float32), (a.astype(np.float32) @ b.astype(np.float32)).astype(ml_dtypes.bfloat16).astype(np.float32))
+        assert any(s.kind == "legalize-format" and "bfloat16" in s.detail for s in exe.lowering)
+
+    def test_opset_28_quantize_dequantize_runs_on_cpu(self, fresh_registry):
+        import ml_dtypes
+
+        scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.5])
+        model = make_model(
+            [helper.make_node("QuantizeLinear", ["x", "s"], ["q"], output_dtype=TensorProto.FLOAT8E4M3FN),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+            [("x", TensorProto.FLOAT, [4])], [("y", TensorProto.FLOAT, [4])], initializers=[scale], opset=28, ir_version=12,
+        )
+        exe = hal.compile(model).to("ort:cpu", fallback=None)
+        x = np.array([1.0, -3.0, 100.0, 0.1], np.float32)
+        expected = (x / 0.5).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * 0.5
+        np.testing.assert_array_equal(exe.run({"x": x})["y"], expected)
+        assert any(s.kind == "convert-opset" for s in exe.lowering)
+
+
+def _compile_in_child(path: str, cache_dir: str, queue) -> None:  # pragma: no cover - runs in a child
+    os.environ["HAL_CACHE_DIR"] = cache_dir
+    os.environ["HAL_LOAD_PLUGINS"] = ""
+    import numpy as np
+
+    import hal
+
+    exe = hal.compile(path).to("ort:cpu")
+    queue.put(exe.run({"x": np.ones((1, 8), np.float32)})["y"].tolist())
+
+
+class TestCompileCache:
+    def test_entries_are_written_and_reused(self, fresh_registry, linear_model):
+        from hal._plugins import registry
+
+        hal.compile(linear_model).to("ort:cpu")
+        info = hal_cache.info()
+        assert info["sections"]["compiled"]["files"] == 1
+        assert info["sections"]["backends/ort"]["files"] == 1
+        backend = registry().backend("ort")
+        hits = backend.cache_hits
+        hal.compile(linear_model).to("ort:cpu")
+        assert backend.cache_hits == hits + 1
+        assert hal_cache.info()["sections"]["compiled"]["files"] == 1
+
+    def test_corrupt_entries_are_detected_and_rebuilt(self, fresh_registry, linear_model, caplog):
+        from hal._paths import cache_root
+
+        hal.compile(linear_model).to("ort:cpu")
+        for path in cache_root().rglob("*"):
+            if path.is_file():
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with caplog.at_level(logging.WARNING):
+            exe = hal.compile(linear_model).to("ort:cpu")
+        assert exe.run({"x": np.ones((1, 8), np.float32)})["y"].shape == (1, 4)
+        assert any("corrupt" in r.message or "unusable" in r.message for r in caplog.records)
+        # rebuilt: the next compile reads valid entries without warnings
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            hal.compile(linear_model).to("ort:cpu")
+        assert not caplog.records
+
+    def test_concurrent_processes_share_the_cache(self, tmp_path, linear_model):
+        path = tmp_path / "m.onnx"
+        onnx.save(linear_model, path)
+        cache_dir = str(tmp_path / "shared-cache")
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        children = [ctx.Process(target=_compile_in_child, args=(str(path), cache_dir, queue)) for _ in range(3)]
+        for c in children:
+            c.start()
+        results = [queue.get(timeout=120) for _ in children]
+        for c in children:
+            c.join(timeout=60)
+            assert c.exitcode == 0
+        assert results[0] == results[1] == results[2]
+        leftovers = [p for p in (tmp_path / "shared-cache").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+        assert not leftovers
+        os.environ["HAL_CACHE_DIR"] = cache_dir
+        try:
+            assert hal_cache.info()["sections"]["compiled"]["files"] == 1
+        finally:
+            os.environ["HAL_CACHE_DIR"] = str(tmp_path / "cache")
+
+    def test_cli_info_and_clear(self, fresh_registry, linear_model, capsys):
+        hal.compile(linear_model).to("ort:cpu")
+        assert main(["cache", "info"]) == 0
+        assert "compiled" in capsys.readouterr().out
+        assert main(["cache", "clear"]) == 0
+        assert hal_cache.info()["sections"] == {"compiled": {"files": 0, "bytes": 0}} or not hal_cache.info()["sections"]
+
+
+class TestExplainCli:
+    def test_explain_prints_placement_and_lowering(self, tmp_path, fresh_registry, capsys):
+        model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"], name="mm")],
+                           [("a", TensorProto.BFLOAT16, [2, 2]), ("b", TensorProto.BFLOAT16, [2, 2])],
+                           [("c", TensorProto.BFLOAT16, [2, 2])], opset=21)
+        onnx.save(model, tmp_path / "bf16.onnx")
+        assert main(["explain", str(tmp_path / "bf16.onnx"), "--device", "ort:cpu"]) == 0
+        out = capsys.readouterr().out
+        assert "runs on    ort:cpu" in out and "legalize-format" in out and "bfloat16" in out
+
+    def test_inspect_shows_device_verdicts(self, tmp_path, fresh_registry, capsys):
+        onnx.save(int4_identity(), tmp_path / "i4.onnx")
+        assert main(["inspect", str(tmp_path / "i4.onnx")]) == 0
+        out = capsys.readouterr().out
+        assert "ort:cpu: runs after lowering: Identity" in out
