@@ -24,7 +24,13 @@ from hal.errors import LoweringError
 RNG = np.random.default_rng(1234)
 
 
-def _model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any] = (), opset: int = 21) -> onnx.ModelProto:  # type: ignore[assignment]
+def _model(
+    nodes: list[Any],
+    inputs: list[Any],
+    outputs: list[Any],
+    inits: list[Any] = (),
+    opset: int = 21,
+) -> onnx.ModelProto:  # type: ignore[assignment]
     graph = h.make_graph(nodes, "g", inputs, outputs, list(inits))
     return h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
 
@@ -34,7 +40,9 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     so.log_severity_level = 3
     # Disable ORT's own folding so the comparison exercises our passes, not ORT's.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
 
 
 def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -67,20 +75,38 @@ class TestOptimize:
             h.make_node("Relu", ["mm"], ["dead"]),  # reaches no output
             h.make_node("Identity", ["y"], ["z"]),  # graph output: kept
         ]
-        return _model(nodes, [_vi("x", T.FLOAT, [3, 4])], [_vi("y", T.FLOAT, [3, 4]), _vi("z", T.FLOAT, [3, 4])], [w, b, unused])
+        return _model(
+            nodes,
+            [_vi("x", T.FLOAT, [3, 4])],
+            [_vi("y", T.FLOAT, [3, 4]), _vi("z", T.FLOAT, [3, 4])],
+            [w, b, unused],
+        )
 
     def test_folds_removes_and_keeps_results(self) -> None:
         model = self._foldable_model()
         before = model.SerializeToString()
         out, steps = optimize(model)
-        assert model.SerializeToString() == before, "the input proto must not be modified"
+        assert model.SerializeToString() == before, (
+            "the input proto must not be modified"
+        )
         ops = [n.op_type for n in out.graph.node]
         assert ops == ["MatMul", "Add", "Identity"]
-        assert out.graph.node[0].input[0] == "x", "readers of an Identity read its source"
+        assert out.graph.node[0].input[0] == "x", (
+            "readers of an Identity read its source"
+        )
         assert {t.name for t in out.graph.initializer} == {"w2t", "b"}
         kinds = [s.kind for s in steps]
-        assert kinds == ["fold-constants", "eliminate-identity", "remove-dead-nodes", "remove-unused-initializers"]
-        assert "Mul 1" in steps[0].detail and "Transpose 1" in steps[0].detail and "Constant 1" in steps[0].detail
+        assert kinds == [
+            "fold-constants",
+            "eliminate-identity",
+            "remove-dead-nodes",
+            "remove-unused-initializers",
+        ]
+        assert (
+            "Mul 1" in steps[0].detail
+            and "Transpose 1" in steps[0].detail
+            and "Constant 1" in steps[0].detail
+        )
         onnx.checker.check_model(out, full_check=True)
         x = _f32((3, 4))
         for a, b in zip(_ort(model, {"x": x}), _ort(out, {"x": x})):
@@ -93,16 +119,25 @@ class TestOptimize:
         assert first.SerializeToString() == second.SerializeToString()
 
     def test_nothing_to_do_gives_no_steps(self) -> None:
-        model = _model([h.make_node("Relu", ["x"], ["y"])], [_vi("x", T.FLOAT, [2])], [_vi("y", T.FLOAT, [2])])
+        model = _model(
+            [h.make_node("Relu", ["x"], ["y"])],
+            [_vi("x", T.FLOAT, [2])],
+            [_vi("y", T.FLOAT, [2])],
+        )
         out, steps = optimize(model)
         assert steps == []
         assert [n.op_type for n in out.graph.node] == ["Relu"]
 
     def test_leaves_random_qdq_and_overridable_initializers(self) -> None:
-        q = nh.from_array(np.array([1.0, -2.0, 448.0], np.float32).astype(ml_dtypes.float8_e4m3fn), "q")
+        q = nh.from_array(
+            np.array([1.0, -2.0, 448.0], np.float32).astype(ml_dtypes.float8_e4m3fn),
+            "q",
+        )
         scale = nh.from_array(np.array(0.5, np.float32), "scale")
         shape = nh.from_array(np.array([3], np.int64), "shape")
-        default = nh.from_array(np.ones(3, np.float32), "d")  # also a graph input: callers may feed it
+        default = nh.from_array(
+            np.ones(3, np.float32), "d"
+        )  # also a graph input: callers may feed it
         nodes = [
             h.make_node("DequantizeLinear", ["q", "scale"], ["w"]),
             h.make_node("RandomNormal", [], ["noise"], shape=[3], seed=1.0),
@@ -114,37 +149,74 @@ class TestOptimize:
         # Cast comes after its reader on purpose? no: keep topological order
         nodes = [nodes[0], nodes[1], nodes[3], nodes[2], nodes[4], nodes[5]]
         model = _model(
-            nodes, [_vi("d", T.FLOAT, [3])], [_vi("y", T.FLOAT, [3]), _vi("y2", T.FLOAT, [3])], [q, scale, shape, default]
+            nodes,
+            [_vi("d", T.FLOAT, [3])],
+            [_vi("y", T.FLOAT, [3]), _vi("y2", T.FLOAT, [3])],
+            [q, scale, shape, default],
         )
         out, _ = optimize(model)
         ops = [n.op_type for n in out.graph.node]
-        assert "DequantizeLinear" in ops, "DQ of quantized weights must stay for quantized kernels"
+        assert "DequantizeLinear" in ops, (
+            "DQ of quantized weights must stay for quantized kernels"
+        )
         assert "RandomNormal" in ops
         assert "Cast" not in ops, "Cast of a plain constant is folded"
-        assert "Add" in ops and ops.count("Add") == 2, "an initializer that is a graph input is not a constant"
+        assert "Add" in ops and ops.count("Add") == 2, (
+            "an initializer that is a graph input is not a constant"
+        )
         fed = np.full(3, 5.0, np.float32)
         got = _ort(out, {"d": fed})[0]
-        np.testing.assert_array_equal(got, np.array([0.5, -1.0, 224.0], np.float32) + fed)
+        np.testing.assert_array_equal(
+            got, np.array([0.5, -1.0, 224.0], np.float32) + fed
+        )
 
     def test_size_bound_keeps_expanding_nodes(self) -> None:
         scalar = nh.from_array(np.array([1.5], np.float32), "s")
-        big = nh.from_array(np.array([1024, 1024 + 512], np.int64), "shape")  # 6 MiB of float32
-        nodes = [h.make_node("Expand", ["s", "shape"], ["e"]), h.make_node("Add", ["x", "e"], ["y"])]
-        model = _model(nodes, [_vi("x", T.FLOAT, [1024, 1536])], [_vi("y", T.FLOAT, [1024, 1536])], [scalar, big])
+        big = nh.from_array(
+            np.array([1024, 1024 + 512], np.int64), "shape"
+        )  # 6 MiB of float32
+        nodes = [
+            h.make_node("Expand", ["s", "shape"], ["e"]),
+            h.make_node("Add", ["x", "e"], ["y"]),
+        ]
+        model = _model(
+            nodes,
+            [_vi("x", T.FLOAT, [1024, 1536])],
+            [_vi("y", T.FLOAT, [1024, 1536])],
+            [scalar, big],
+        )
         out, steps = optimize(model)
         assert [n.op_type for n in out.graph.node] == ["Expand", "Add"]
-        assert out.ByteSize() < 4096, "a broadcast must not be materialized in the model"
+        assert out.ByteSize() < 4096, (
+            "a broadcast must not be materialized in the model"
+        )
         assert not any(s.kind == "fold-constants" for s in steps)
 
     def test_subgraph_reads_keep_outer_producers(self) -> None:
-        then_g = h.make_graph([h.make_node("Neg", ["inner_src"], ["t"])], "then", [], [_vi("t", T.FLOAT, [2])])
-        else_g = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e", T.FLOAT, [2])])
+        then_g = h.make_graph(
+            [h.make_node("Neg", ["inner_src"], ["t"])],
+            "then",
+            [],
+            [_vi("t", T.FLOAT, [2])],
+        )
+        else_g = h.make_graph(
+            [h.make_node("Identity", ["x"], ["e"])],
+            "else",
+            [],
+            [_vi("e", T.FLOAT, [2])],
+        )
         nodes = [
             h.make_node("Relu", ["x"], ["relu"]),
-            h.make_node("Identity", ["relu"], ["inner_src"]),  # read only inside the subgraph
+            h.make_node(
+                "Identity", ["relu"], ["inner_src"]
+            ),  # read only inside the subgraph
             h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
         ]
-        model = _model(nodes, [_vi("x", T.FLOAT, [2]), _vi("c", T.BOOL, [])], [_vi("y", T.FLOAT, [2])])
+        model = _model(
+            nodes,
+            [_vi("x", T.FLOAT, [2]), _vi("c", T.BOOL, [])],
+            [_vi("y", T.FLOAT, [2])],
+        )
         out, _ = optimize(model)
         assert [n.op_type for n in out.graph.node] == ["Relu", "Identity", "If"]
         x = np.array([-1.0, 2.0], np.float32)
@@ -154,7 +226,10 @@ class TestOptimize:
     def test_generated_models_match(self, seed: int) -> None:
         """Random chains mixing constant and live branches: outputs equal before and after."""
         rng = np.random.default_rng(seed)
-        inits = [nh.from_array(rng.standard_normal((4,)).astype(np.float32), f"c{i}") for i in range(4)]
+        inits = [
+            nh.from_array(rng.standard_normal((4,)).astype(np.float32), f"c{i}")
+            for i in range(4)
+        ]
         live, const = ["x"], [f"c{i}" for i in range(4)]
         nodes = []
         ops = ["Add", "Mul", "Sub", "Max", "Min"]
@@ -162,10 +237,16 @@ class TestOptimize:
         for i in range(30):
             name = f"t{i}"
             if rng.random() < 0.3:
-                nodes.append(h.make_node(str(rng.choice(unary)), [str(rng.choice(const + live))], [name]))
+                nodes.append(
+                    h.make_node(
+                        str(rng.choice(unary)), [str(rng.choice(const + live))], [name]
+                    )
+                )
             else:
                 a, b = rng.choice(const + live), rng.choice(const + live)
-                nodes.append(h.make_node(str(rng.choice(ops)), [str(a), str(b)], [name]))
+                nodes.append(
+                    h.make_node(str(rng.choice(ops)), [str(a), str(b)], [name])
+                )
             inputs = set(nodes[-1].input)
             (const if inputs <= set(const) else live).append(name)
         outputs = [_vi(live[-1], T.FLOAT, [4])]
@@ -191,7 +272,13 @@ def _qdq_fp8(opset: int) -> onnx.ModelProto:
         h.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
         h.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"]),
     ]
-    return _model(nodes, [_vi("x", T.FLOAT, [4, 8])], [_vi("y", T.FLOAT, [4, 8])], [scale, zero], opset=opset)
+    return _model(
+        nodes,
+        [_vi("x", T.FLOAT, [4, 8])],
+        [_vi("y", T.FLOAT, [4, 8])],
+        [scale, zero],
+        opset=opset,
+    )
 
 
 def _conv_bn(opset: int) -> onnx.ModelProto:
@@ -205,10 +292,21 @@ def _conv_bn(opset: int) -> onnx.ModelProto:
     ]
     nodes = [
         h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-5),
+        h.make_node(
+            "BatchNormalization",
+            ["c", "gamma", "beta", "mean", "var"],
+            ["bn"],
+            epsilon=1e-5,
+        ),
         h.make_node("Relu", ["bn"], ["y"]),
     ]
-    model = _model(nodes, [_vi("x", T.FLOAT, [1, 3, 8, 8])], [_vi("y", T.FLOAT, [1, 4, 8, 8])], inits, opset=opset)
+    model = _model(
+        nodes,
+        [_vi("x", T.FLOAT, [1, 3, 8, 8])],
+        [_vi("y", T.FLOAT, [1, 4, 8, 8])],
+        inits,
+        opset=opset,
+    )
     model.ir_version = 6
     return model
 
@@ -217,10 +315,16 @@ class TestConvertOpset:
     def test_qdq_opset28_down_to_25_runs_on_ort(self) -> None:
         model = _qdq_fp8(28)
         with pytest.raises(Exception, match="QuantizeLinear"):
-            _ort(model, {"x": np.zeros((4, 8), np.float32)})  # why the conversion exists
+            _ort(
+                model, {"x": np.zeros((4, 8), np.float32)}
+            )  # why the conversion exists
         out, steps = convert_opset(model, CPU_CAPABILITIES.opsets)
         assert default_opset(out) == 25 and default_opset(model) == 28
-        assert len(steps) == 1 and steps[0].kind == "convert-opset" and "28 -> 25" in steps[0].detail
+        assert (
+            len(steps) == 1
+            and steps[0].kind == "convert-opset"
+            and "28 -> 25" in steps[0].detail
+        )
         x = _f32((4, 8)) * 100  # reaches fp8's saturation at 448 * 0.25
         expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
         np.testing.assert_array_equal(_ort(out, {"x": x})[0], expected)
@@ -241,8 +345,12 @@ class TestConvertOpset:
         assert out is model and steps == []
 
     def test_unchanged_schemas_only_rewrite_the_import(self) -> None:
-        model = _model([h.make_node("Relu", ["x"], ["r"]), h.make_node("Add", ["r", "x"], ["y"])],
-                       [_vi("x", T.FLOAT, [2])], [_vi("y", T.FLOAT, [2])], opset=28)
+        model = _model(
+            [h.make_node("Relu", ["x"], ["r"]), h.make_node("Add", ["r", "x"], ["y"])],
+            [_vi("x", T.FLOAT, [2])],
+            [_vi("y", T.FLOAT, [2])],
+            opset=28,
+        )
         out, steps = convert_opset(model, OpsetRange(7, 25))
         assert default_opset(out) == 25
         assert "only the opset import" in steps[0].detail
@@ -260,10 +368,17 @@ class TestConvertOpset:
 
 
 def _bf16_matmul() -> onnx.ModelProto:
-    nodes = [h.make_node("MatMul", ["a", "b"], ["m"]), h.make_node("MatMul", ["m", "b2"], ["y"])]
+    nodes = [
+        h.make_node("MatMul", ["a", "b"], ["m"]),
+        h.make_node("MatMul", ["m", "b2"], ["y"]),
+    ]
     return _model(
         nodes,
-        [_vi("a", T.BFLOAT16, [3, 8]), _vi("b", T.BFLOAT16, [8, 8]), _vi("b2", T.BFLOAT16, [8, 5])],
+        [
+            _vi("a", T.BFLOAT16, [3, 8]),
+            _vi("b", T.BFLOAT16, [8, 8]),
+            _vi("b2", T.BFLOAT16, [8, 5]),
+        ],
         [_vi("y", T.BFLOAT16, [3, 5])],
     )
 
@@ -280,7 +395,9 @@ class TestLegalizeFormats:
     def test_bf16_matmul_runs_on_ort_cpu_and_matches(self) -> None:
         model = _bf16_matmul()
         with pytest.raises(Exception, match="MatMul"):
-            _session(model)  # no bf16 MatMul kernel on onnxruntime CPU: why legalization exists
+            _session(
+                model
+            )  # no bf16 MatMul kernel on onnxruntime CPU: why legalization exists
         out, steps = legalize_formats(model, CPU_CAPABILITIES)
         assert [s.detail for s in steps] == [
             "MatMul (2 nodes) computed in float32 instead of bfloat16: bfloat16 is storage-only on this device"
@@ -289,9 +406,13 @@ class TestLegalizeFormats:
         got = hal.compile(out).to("ort:cpu").run(feeds)["y"]
         assert got.dtype == ml_dtypes.bfloat16
         f = {k: v.astype(np.float32) for k, v in feeds.items()}
-        m = (f["a"] @ f["b"]).astype(ml_dtypes.bfloat16).astype(np.float32)  # rounded after each node
+        m = (
+            (f["a"] @ f["b"]).astype(ml_dtypes.bfloat16).astype(np.float32)
+        )  # rounded after each node
         expected = (m @ f["b2"]).astype(ml_dtypes.bfloat16)
-        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(
+            got.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=1e-2
+        )
         assert np.mean(got == expected) > 0.9
 
     def test_fp8_movement_reuses_exact_wide_copies(self) -> None:
@@ -305,19 +426,32 @@ class TestLegalizeFormats:
         model = _model(nodes, [_vi("x", T.FLOAT, [2, 3])], [_vi("y", T.FLOAT, [3, 4])])
         out, steps = legalize_formats(model, CPU_CAPABILITIES)
         details = " | ".join(s.detail for s in steps)
-        assert "Concat (1 node) moved in float32 instead of float8_e4m3fn (exact" in details
+        assert (
+            "Concat (1 node) moved in float32 instead of float8_e4m3fn (exact"
+            in details
+        )
         assert "Add (1 node) computed in float32 instead of float8_e4m3fn" in details
         casts = [n for n in out.graph.node if n.op_type == "Cast"]
         # x, x8 up, Add's result down (Concat's and Transpose's down-casts are not needed), y
         assert len(casts) == 4, onnx.printer.to_text(out.graph)
         x = np.array([[1.0, 2.5, -3.0], [100.0, 0.3, 7.0]], np.float32)
         x8 = x.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-        expected = (np.concatenate([x8, x8]).T * 2).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        expected = (
+            (np.concatenate([x8, x8]).T * 2)
+            .astype(ml_dtypes.float8_e4m3fn)
+            .astype(np.float32)
+        )
         np.testing.assert_array_equal(_ort(out, {"x": x})[0], expected)
 
     def test_supported_model_is_returned_as_is(self) -> None:
-        model = _model([h.make_node("Add", ["x", "x"], ["y"])], [_vi("x", T.FLOAT16, [2])], [_vi("y", T.FLOAT16, [2])])
-        out, steps = legalize_formats(model, CPU_CAPABILITIES)  # float16 is emulated: fine
+        model = _model(
+            [h.make_node("Add", ["x", "x"], ["y"])],
+            [_vi("x", T.FLOAT16, [2])],
+            [_vi("y", T.FLOAT16, [2])],
+        )
+        out, steps = legalize_formats(
+            model, CPU_CAPABILITIES
+        )  # float16 is emulated: fine
         assert out is model and steps == []
 
     def test_qdq_is_left_alone(self) -> None:
@@ -326,13 +460,25 @@ class TestLegalizeFormats:
         assert out is model and steps == []
 
     def test_format_the_device_cannot_store_is_refused(self) -> None:
-        model = _model([h.make_node("Cast", ["w4"], ["y"], to=T.FLOAT)], [_vi("w4", T.FLOAT4E2M1, [4])], [_vi("y", T.FLOAT, [4])])
-        with pytest.raises(LoweringError, match=r"graph input 'w4' is float4_e2m1.*cannot even store"):
+        model = _model(
+            [h.make_node("Cast", ["w4"], ["y"], to=T.FLOAT)],
+            [_vi("w4", T.FLOAT4E2M1, [4])],
+            [_vi("y", T.FLOAT, [4])],
+        )
+        with pytest.raises(
+            LoweringError, match=r"graph input 'w4' is float4_e2m1.*cannot even store"
+        ):
             legalize_formats(model, CPU_CAPABILITIES)
 
     def test_float16_chosen_when_float32_is_missing(self) -> None:
-        caps = Capabilities.from_levels(native=["float16", "int64"], storage=["float8_e5m2"])
-        model = _model([h.make_node("Mul", ["x", "x"], ["y"])], [_vi("x", T.FLOAT8E5M2, [2])], [_vi("y", T.FLOAT8E5M2, [2])])
+        caps = Capabilities.from_levels(
+            native=["float16", "int64"], storage=["float8_e5m2"]
+        )
+        model = _model(
+            [h.make_node("Mul", ["x", "x"], ["y"])],
+            [_vi("x", T.FLOAT8E5M2, [2])],
+            [_vi("y", T.FLOAT8E5M2, [2])],
+        )
         out, steps = legalize_formats(model, caps)
         assert "computed in float16 instead of float8_e5m2" in steps[0].detail
         assert [n.op_type for n in out.graph.node] == ["Cast", "Mul", "Cast"]
@@ -340,7 +486,11 @@ class TestLegalizeFormats:
 
     def test_no_wider_format_is_reported_not_rewritten(self) -> None:
         caps = Capabilities.from_levels(native=["float32"], storage=["bool"])
-        model = _model([h.make_node("Not", ["x"], ["y"])], [_vi("x", T.BOOL, [2])], [_vi("y", T.BOOL, [2])])
+        model = _model(
+            [h.make_node("Not", ["x"], ["y"])],
+            [_vi("x", T.BOOL, [2])],
+            [_vi("y", T.BOOL, [2])],
+        )
         out, steps = legalize_formats(model, caps)
         assert [n.op_type for n in out.graph.node] == ["Not"]
         assert [s.kind for s in steps] == ["legalize-format-skipped"]
@@ -352,25 +502,38 @@ class TestLegalizeFormats:
             h.make_node("ConstantOfShape", ["shape"], ["k"], value=value),
             h.make_node("Add", ["k", "x"], ["y"]),
         ]
-        model = _model(nodes, [_vi("x", T.BFLOAT16, [2, 3])], [_vi("y", T.BFLOAT16, [2, 3])], [shape])
+        model = _model(
+            nodes,
+            [_vi("x", T.BFLOAT16, [2, 3])],
+            [_vi("y", T.BFLOAT16, [2, 3])],
+            [shape],
+        )
         out, _ = legalize_formats(model, CPU_CAPABILITIES)
         onnx.checker.check_model(out, full_check=True)
         x = _f32((2, 3)).astype(ml_dtypes.bfloat16)
         got = hal.compile(out).to("ort:cpu").run({"x": x})["y"]
-        np.testing.assert_array_equal(got, (x.astype(np.float32) + 1.5).astype(ml_dtypes.bfloat16))
+        np.testing.assert_array_equal(
+            got, (x.astype(np.float32) + 1.5).astype(ml_dtypes.bfloat16)
+        )
 
 
 class TestLowerFor:
     def test_opset28_bf16_and_qdq_model_runs_on_cpu(self) -> None:
         scale = nh.from_array(np.array(0.5, np.float32), "scale")
         nodes = [
-            h.make_node("QuantizeLinear", ["x", "scale"], ["q"], output_dtype=T.FLOAT8E4M3FN),
+            h.make_node(
+                "QuantizeLinear", ["x", "scale"], ["q"], output_dtype=T.FLOAT8E4M3FN
+            ),
             h.make_node("DequantizeLinear", ["q", "scale"], ["dq"]),
             h.make_node("Cast", ["dq"], ["dq16"], to=T.BFLOAT16),
             h.make_node("MatMul", ["dq16", "w"], ["y"]),
         ]
         model = _model(
-            nodes, [_vi("x", T.FLOAT, [2, 4]), _vi("w", T.BFLOAT16, [4, 3])], [_vi("y", T.BFLOAT16, [2, 3])], [scale], opset=28
+            nodes,
+            [_vi("x", T.FLOAT, [2, 4]), _vi("w", T.BFLOAT16, [4, 3])],
+            [_vi("y", T.BFLOAT16, [2, 3])],
+            [scale],
+            opset=28,
         )
         out, steps = lower_for(model, CPU_CAPABILITIES)
         assert [s.kind for s in steps] == ["convert-opset", "legalize-format"]
@@ -378,5 +541,7 @@ class TestLowerFor:
         w = _f32((4, 3)).astype(ml_dtypes.bfloat16)
         got = hal.compile(out).to("ort:cpu").run({"x": x, "w": w})["y"]
         xq = (x / 0.5).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * 0.5
-        expected = (xq.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32)).astype(ml_dtypes.bfloat16)
+        expected = (
+            xq.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32)
+        ).astype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(got, expected)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["convert_opset", "legalize_formats", "lower_for", "optimize"]
 
 
-def lower_for(proto: onnx.ModelProto, capabilities: Capabilities) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+def lower_for(
+    proto: onnx.ModelProto, capabilities: Capabilities
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
     """Fit ``proto`` to a device: :func:`convert_opset` into ``capabilities.opsets``, then
     :func:`legalize_formats`. Raises :class:`~hal.errors.LoweringError` when either cannot."""
     proto, steps = convert_opset(proto, capabilities.opsets)

@@ -29,10 +29,18 @@ from hal.capabilities import Capabilities, NumberFormat, Support
 from hal.errors import LoweringError
 from hal.executable import LoweringStep
 
-__all__ = ["CONTROL_FLOW_OPS", "ELEMENT_MOVING_OPS", "EXEMPT_OPS", "legalize_formats", "wide_format"]
+__all__ = [
+    "CONTROL_FLOW_OPS",
+    "ELEMENT_MOVING_OPS",
+    "EXEMPT_OPS",
+    "legalize_formats",
+    "wide_format",
+]
 
 #: Never rewritten: conversion (what STORAGE support means), holding a value, reading a shape.
-EXEMPT_OPS = frozenset({"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear", "Constant", "Shape"})
+EXEMPT_OPS = frozenset(
+    {"Cast", "CastLike", "QuantizeLinear", "DequantizeLinear", "Constant", "Shape"}
+)
 
 #: Not rewritten themselves; the subgraphs they carry are legalized.
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
@@ -72,16 +80,30 @@ F = NumberFormat
 
 #: Formats every value of which float16 represents exactly (so float16 is a valid wide format).
 _EXACT_IN_FLOAT16 = frozenset(
-    {F.FLOAT8_E4M3FN, F.FLOAT8_E4M3FNUZ, F.FLOAT8_E5M2, F.FLOAT8_E5M2FNUZ, F.FLOAT4_E2M1, F.FLOAT6_E2M3, F.FLOAT6_E3M2}
+    {
+        F.FLOAT8_E4M3FN,
+        F.FLOAT8_E4M3FNUZ,
+        F.FLOAT8_E5M2,
+        F.FLOAT8_E5M2FNUZ,
+        F.FLOAT4_E2M1,
+        F.FLOAT6_E2M3,
+        F.FLOAT6_E3M2,
+    }
 )
-_FIT_IN_INT32 = frozenset({F.INT8, F.UINT8, F.INT16, F.UINT16, F.INT4, F.UINT4, F.INT2, F.UINT2})
+_FIT_IN_INT32 = frozenset(
+    {F.INT8, F.UINT8, F.INT16, F.UINT16, F.INT4, F.UINT4, F.INT2, F.UINT2}
+)
 
 
 def _candidates(fmt: NumberFormat) -> tuple[NumberFormat, ...]:
     if fmt.is_float:
         if fmt in (F.FLOAT32, F.FLOAT64):
             return () if fmt is F.FLOAT64 else (F.FLOAT64,)
-        return (F.FLOAT32, F.FLOAT16, F.FLOAT64) if fmt in _EXACT_IN_FLOAT16 else (F.FLOAT32, F.FLOAT64)
+        return (
+            (F.FLOAT32, F.FLOAT16, F.FLOAT64)
+            if fmt in _EXACT_IN_FLOAT16
+            else (F.FLOAT32, F.FLOAT64)
+        )
     if fmt in _FIT_IN_INT32:
         return (F.INT32, F.INT64)
     if fmt in (F.INT32, F.UINT32):
@@ -206,14 +228,20 @@ class _Legalizer:
     # -- rewriting -----------------------------------------------------------------------------
 
     def _cast(self, source: str, to: NumberFormat, out: str) -> onnx.NodeProto:
-        return helper.make_node("Cast", [source], [out], name=self.namer(f"{out}__cast"), to=to.onnx_type)
+        return helper.make_node(
+            "Cast", [source], [out], name=self.namer(f"{out}__cast"), to=to.onnx_type
+        )
 
-    def legalize(self, graph: onnx.GraphProto, types: dict[str, int], wide_of: dict[str, str]) -> None:
+    def legalize(
+        self, graph: onnx.GraphProto, types: dict[str, int], wide_of: dict[str, str]
+    ) -> None:
         """Rewrite ``graph`` in place. ``types`` and ``wide_of`` (narrow tensor -> an exact wide copy)
         include the enclosing scopes'; both are extended with this graph's names."""
         _graph_types(graph, types)
         self._check_storable(graph, types)
-        inserted: set[str] = set()  # Cast-back outputs, pruned below when nothing reads them
+        inserted: set[str] = (
+            set()
+        )  # Cast-back outputs, pruned below when nothing reads them
         nodes: list[onnx.NodeProto] = []
         for node in graph.node:
             for sub in _subgraphs(node):
@@ -228,9 +256,15 @@ class _Legalizer:
         graph.node.extend(nodes)
 
     def _rewrite(
-        self, node: onnx.NodeProto, types: dict[str, int], wide_of: dict[str, str], inserted: set[str]
+        self,
+        node: onnx.NodeProto,
+        types: dict[str, int],
+        wide_of: dict[str, str],
+        inserted: set[str],
     ) -> list[onnx.NodeProto]:
-        narrow: dict[NumberFormat, NumberFormat] = {}  # narrow format -> wide format for this node
+        narrow: dict[
+            NumberFormat, NumberFormat
+        ] = {}  # narrow format -> wide format for this node
         skipped: set[NumberFormat] = set()
         unknown: list[str] = []
         for name in [*node.input, *node.output]:
@@ -242,7 +276,11 @@ class _Legalizer:
                 if name in node.output:
                     unknown.append(name)
                 continue
-            if not _needs_legalizing(self.capabilities.support(fmt)) or fmt in narrow or fmt in skipped:
+            if (
+                not _needs_legalizing(self.capabilities.support(fmt))
+                or fmt in narrow
+                or fmt in skipped
+            ):
                 continue
             wide = wide_format(fmt, self.capabilities)
             if wide is None:
@@ -293,7 +331,9 @@ class _Legalizer:
             self.report[key] = self.report.get(key, 0) + 1
         return out
 
-    def _prune(self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto], inserted: set[str]) -> list[onnx.NodeProto]:
+    def _prune(
+        self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto], inserted: set[str]
+    ) -> list[onnx.NodeProto]:
         """Drop Cast-back nodes nothing reads (their consumers now read the exact wide copy)."""
         read = {o.name for o in graph.output}
         for node in nodes:
@@ -303,14 +343,24 @@ class _Legalizer:
                     read.update(o.name for o in g.output)
                     for n in g.node:
                         read.update(n.input)
-        return [n for n in nodes if not (n.op_type == "Cast" and n.output[0] in inserted and n.output[0] not in read)]
+        return [
+            n
+            for n in nodes
+            if not (
+                n.op_type == "Cast"
+                and n.output[0] in inserted
+                and n.output[0] not in read
+            )
+        ]
 
     def steps(self) -> list[LoweringStep]:
         steps = []
         for (op, fmt, wide), count in self.report.items():
             level = self.capabilities.support(fmt).value
             how = "moved" if op in ELEMENT_MOVING_OPS else "computed"
-            exact = " (exact: it only moves elements)" if op in ELEMENT_MOVING_OPS else ""
+            exact = (
+                " (exact: it only moves elements)" if op in ELEMENT_MOVING_OPS else ""
+            )
             steps.append(
                 LoweringStep(
                     "legalize-format",
@@ -330,7 +380,9 @@ class _Legalizer:
         return steps
 
 
-def _widen_attributes(node: onnx.NodeProto, narrow: dict[NumberFormat, NumberFormat]) -> None:
+def _widen_attributes(
+    node: onnx.NodeProto, narrow: dict[NumberFormat, NumberFormat]
+) -> None:
     """Output types set by attributes (``dtype`` of EyeLike/Random*, ConstantOfShape's ``value``)."""
     codes = {fmt.onnx_type: wide for fmt, wide in narrow.items()}
     for attr in node.attribute:
@@ -342,7 +394,9 @@ def _widen_attributes(node: onnx.NodeProto, narrow: dict[NumberFormat, NumberFor
             attr.t.CopyFrom(numpy_helper.from_array(np.asarray(value), attr.t.name))
 
 
-def legalize_formats(proto: onnx.ModelProto, capabilities: Capabilities) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+def legalize_formats(
+    proto: onnx.ModelProto, capabilities: Capabilities
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
     """Return a copy of ``proto`` that computes nothing in a format the device only stores.
 
     Every node outside :data:`EXEMPT_OPS` and :data:`CONTROL_FLOW_OPS` that reads or writes a
@@ -356,8 +410,10 @@ def legalize_formats(proto: onnx.ModelProto, capabilities: Capabilities) -> tupl
     type. Returns ``proto`` itself and no steps when nothing needs changing.
     """
     try:
-        model = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
-    except Exception:  # too large or unknown domains: declared types are all there is
+        model = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False
+        )
+    except Exception:  # noqa: BLE001 - too large or unknown domains: declared types are all there is
         model = onnx.ModelProto()
         model.CopyFrom(proto)
     legalizer = _Legalizer(model, capabilities)

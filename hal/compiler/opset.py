@@ -44,7 +44,7 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def _since(op_type: str, version: int) -> int | None:
     try:
         return int(onnx.defs.get_schema(op_type, version, "").since_version)
-    except Exception:  # onnx raises SchemaError for unknown or removed operators
+    except onnx.defs.SchemaError:  # an operator this onnx does not know at that version
         return None
 
 
@@ -70,7 +70,9 @@ def _uses_model_functions(proto: onnx.ModelProto) -> bool:
     return len(proto.functions) > 0
 
 
-def convert_opset(proto: onnx.ModelProto, opsets: OpsetRange) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+def convert_opset(
+    proto: onnx.ModelProto, opsets: OpsetRange
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
     """Return ``proto`` converted to the nearest default-domain opset inside ``opsets``.
 
     A model already inside the range (or importing no default domain) comes back unchanged, as
@@ -125,11 +127,15 @@ def convert_opset(proto: onnx.ModelProto, opsets: OpsetRange) -> tuple[onnx.Mode
 def _raise_ir_version(proto: onnx.ModelProto) -> None:
     """Raise the IR version to the least one the new opset imports need (never lower it)."""
     try:
-        needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
-    except Exception:  # an opset newer than this onnx knows: leave the IR version alone
+        needed = onnx.helper.find_min_ir_version_for(
+            list(proto.opset_import), ignore_unknown=True
+        )
+    except (
+        ValueError,
+        KeyError,
+    ):  # an opset newer than this onnx knows: leave the IR version alone
         return
-    if proto.ir_version < needed:
-        proto.ir_version = needed
+    proto.ir_version = max(proto.ir_version, needed)
 
 
 def _first_line(exc: BaseException) -> str:

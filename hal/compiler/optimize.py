@@ -56,8 +56,16 @@ _UNTRUSTED_TYPES = frozenset(
         TensorProto.UINT4,
         TensorProto.FLOAT4E2M1,
         TensorProto.FLOAT8E8M0,
-        *(getattr(TensorProto, name) for name in ("INT2", "UINT2") if hasattr(TensorProto, name)),
-        *(getattr(TensorProto, name) for name in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, name)),
+        *(
+            getattr(TensorProto, name)
+            for name in ("INT2", "UINT2")
+            if hasattr(TensorProto, name)
+        ),
+        *(
+            getattr(TensorProto, name)
+            for name in ("FLOAT6E2M3", "FLOAT6E3M2")
+            if hasattr(TensorProto, name)
+        ),
         TensorProto.STRING,
         TensorProto.UNDEFINED,
     }
@@ -89,9 +97,16 @@ def optimize(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoweringStep
 
 def _infer_shapes(proto: onnx.ModelProto, steps: list[LoweringStep]) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # models over 2 GiB, unknown custom domains that throw, ...
-        steps.append(LoweringStep("infer-shapes", f"shape inference skipped: {type(exc).__name__}: {_first_line(exc)}"))
+        return onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception as exc:  # noqa: BLE001 - models over 2 GiB, unknown custom domains that throw, ...
+        steps.append(
+            LoweringStep(
+                "infer-shapes",
+                f"shape inference skipped: {type(exc).__name__}: {_first_line(exc)}",
+            )
+        )
         out = onnx.ModelProto()
         out.CopyFrom(proto)
         return out
@@ -174,9 +189,20 @@ def _tensor_nbytes(tensor: TensorProto) -> int:
     count = 1
     for d in tensor.dims:
         count *= int(d)
-    bits = {TensorProto.DOUBLE: 64, TensorProto.INT64: 64, TensorProto.UINT64: 64, TensorProto.COMPLEX64: 64,
-            TensorProto.COMPLEX128: 128, TensorProto.FLOAT: 32, TensorProto.INT32: 32, TensorProto.UINT32: 32,
-            TensorProto.FLOAT16: 16, TensorProto.BFLOAT16: 16, TensorProto.INT16: 16, TensorProto.UINT16: 16}
+    bits = {
+        TensorProto.DOUBLE: 64,
+        TensorProto.INT64: 64,
+        TensorProto.UINT64: 64,
+        TensorProto.COMPLEX64: 64,
+        TensorProto.COMPLEX128: 128,
+        TensorProto.FLOAT: 32,
+        TensorProto.INT32: 32,
+        TensorProto.UINT32: 32,
+        TensorProto.FLOAT16: 16,
+        TensorProto.BFLOAT16: 16,
+        TensorProto.INT16: 16,
+        TensorProto.UINT16: 16,
+    }
     return count * bits.get(tensor.data_type, 8) // 8
 
 
@@ -194,8 +220,8 @@ def _static_nbytes(value: onnx.ValueInfoProto | None) -> int | None:
         count *= d.dim_value
     try:
         size = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
-    except Exception:
-        size = 8
+    except KeyError:  # no numpy dtype (float6): assume a byte
+        size = 1
     return count * size
 
 
@@ -203,7 +229,10 @@ def _foldable(node: onnx.NodeProto) -> bool:
     return (
         node.domain in _DEFAULT_DOMAINS
         and node.op_type not in _NEVER_FOLD
-        and all(a.type not in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
+        and all(
+            a.type not in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+            for a in node.attribute
+        )
         and all(o for o in node.output)
     )
 
@@ -230,7 +259,9 @@ def _fold_constants(model: onnx.ModelProto, steps: list[LoweringStep]) -> None:
     kept: list[onnx.NodeProto] = []
     folded: Counter[str] = Counter()
     for node in graph.node:
-        tensors = _fold_node(node, constants, value_info, graph_outputs, opsets, ReferenceEvaluator)
+        tensors = _fold_node(
+            node, constants, value_info, graph_outputs, opsets, ReferenceEvaluator
+        )
         if tensors is None:
             kept.append(node)
             continue
@@ -245,7 +276,10 @@ def _fold_constants(model: onnx.ModelProto, steps: list[LoweringStep]) -> None:
     graph.initializer.extend(new_initializers)
     total = sum(folded.values())
     steps.append(
-        LoweringStep("fold-constants", f"{total} node(s) with constant inputs replaced by initializers ({_counts_text(folded)})")
+        LoweringStep(
+            "fold-constants",
+            f"{total} node(s) with constant inputs replaced by initializers ({_counts_text(folded)})",
+        )
     )
 
 
@@ -273,7 +307,9 @@ def _fold_node(
         if info is not None and info.type.tensor_type.elem_type in _UNTRUSTED_TYPES:
             return None
         expected = _static_nbytes(info)
-        if expected is not None and (expected > MAX_FOLD_BYTES or expected > in_bytes + MAX_FOLD_GROWTH_BYTES):
+        if expected is not None and (
+            expected > MAX_FOLD_BYTES or expected > in_bytes + MAX_FOLD_GROWTH_BYTES
+        ):
             return None
     if any(constants[i][0].data_type in _UNTRUSTED_TYPES for i in inputs):
         return None
@@ -285,7 +321,7 @@ def _fold_node(
         feeds[name] = entry[1]
     try:
         results = evaluator(node, opsets=opsets).run(None, feeds)
-    except Exception:  # the reference lacks the op or fails on these values: the runtime will run it
+    except Exception:  # noqa: BLE001 - the reference lacks the op or fails on these values: the runtime will run it
         return None
     tensors = []
     out_bytes = 0
@@ -298,15 +334,22 @@ def _fold_node(
         out_bytes += array.nbytes
         try:
             tensor = numpy_helper.from_array(array, name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a dtype onnx cannot store: leave the node
             return None
         info = value_info.get(name)
-        if info is not None and info.type.tensor_type.elem_type not in (0, tensor.data_type):
+        if info is not None and info.type.tensor_type.elem_type not in (
+            0,
+            tensor.data_type,
+        ):
             return None  # the reference produced another type than the schema says: do not trust it
         if tensor.data_type in _UNTRUSTED_TYPES:
             return None
         tensors.append(tensor)
-    if len(tensors) != len(node.output) or out_bytes > MAX_FOLD_BYTES or out_bytes > in_bytes + MAX_FOLD_GROWTH_BYTES:
+    if (
+        len(tensors) != len(node.output)
+        or out_bytes > MAX_FOLD_BYTES
+        or out_bytes > in_bytes + MAX_FOLD_GROWTH_BYTES
+    ):
         return None
     return tensors
 
@@ -349,7 +392,12 @@ def _eliminate_identities(graph: onnx.GraphProto, steps: list[LoweringStep]) -> 
         return
     del graph.node[:]
     graph.node.extend(kept)
-    steps.append(LoweringStep("eliminate-identity", f"{removed} Identity node(s) removed; their readers read the source tensor"))
+    steps.append(
+        LoweringStep(
+            "eliminate-identity",
+            f"{removed} Identity node(s) removed; their readers read the source tensor",
+        )
+    )
 
 
 # -- dead nodes and unused initializers --------------------------------------------------------
@@ -374,11 +422,16 @@ def _remove_dead_nodes(graph: onnx.GraphProto, steps: list[LoweringStep]) -> Non
     del graph.node[:]
     graph.node.extend(kept)
     steps.append(
-        LoweringStep("remove-dead-nodes", f"{sum(dead.values())} node(s) whose outputs reach no graph output removed ({_counts_text(dead)})")
+        LoweringStep(
+            "remove-dead-nodes",
+            f"{sum(dead.values())} node(s) whose outputs reach no graph output removed ({_counts_text(dead)})",
+        )
     )
 
 
-def _remove_unused_initializers(graph: onnx.GraphProto, steps: list[LoweringStep]) -> None:
+def _remove_unused_initializers(
+    graph: onnx.GraphProto, steps: list[LoweringStep]
+) -> None:
     """Drop initializers nothing reads; those that are also graph inputs stay (the interface)."""
     used = _consumed_names(graph) | {i.name for i in graph.input}
     unused = [t.name for t in graph.initializer if t.name not in used]
@@ -388,7 +441,12 @@ def _remove_unused_initializers(graph: onnx.GraphProto, steps: list[LoweringStep
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    steps.append(LoweringStep("remove-unused-initializers", f"{len(unused)} initializer(s) nothing reads removed ({nbytes} bytes)"))
+    steps.append(
+        LoweringStep(
+            "remove-unused-initializers",
+            f"{len(unused)} initializer(s) nothing reads removed ({nbytes} bytes)",
+        )
+    )
 
 
 def _prune_value_info(graph: onnx.GraphProto) -> None:
