@@ -6,6 +6,7 @@ per module through module-scoped fixtures to keep the suite quick on 2 cores.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,14 @@ def _iree_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         else:
             os.environ[key] = value
     _plugins.reset_registry()
+
+
+def to_strict(compiled: hal.CompiledModel, device: str, **extra: object) -> hal.Executable:
+    """``compiled.to(device)`` with the core's model-level fallback off where the core has one,
+    so a CompileError from IREE reaches the test instead of a fallback to ort:cpu."""
+    if "strict" in inspect.signature(compiled.to).parameters:
+        extra["strict"] = True
+    return compiled.to(device, **extra)  # type: ignore[arg-type]
 
 
 def iree_backend():  # type: ignore[no-untyped-def]

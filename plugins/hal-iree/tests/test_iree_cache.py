@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import feeds_for, iree_backend, mlp_model
+from conftest import feeds_for, iree_backend, mlp_model, to_strict
 
 import hal
 
@@ -24,17 +24,17 @@ def test_second_prepare_hits_the_cache(cache_dir: Path) -> None:
     backend = iree_backend()
     compiled = hal.compile(mlp_model(batch=2))
     before = backend.compile_count, backend.cache_hits
-    first = compiled.to(DEVICE)
+    first = to_strict(compiled, DEVICE)
     assert backend.compile_count == before[0] + 1
     vmfbs = list(cache_dir.glob("*.vmfb"))
     assert len(vmfbs) == 1 and vmfbs[0].with_suffix(".json").exists()
-    second = compiled.to(DEVICE)
+    second = to_strict(compiled, DEVICE)
     assert backend.compile_count == before[0] + 1  # iree-compile not invoked again
     assert backend.cache_hits == before[1] + 1
     feeds = feeds_for(compiled)
     np.testing.assert_array_equal(first.run(feeds)["y"], second.run(feeds)["y"])
     # Different compiler flags are a different entry.
-    compiled.to(DEVICE, iree_opt_level=1)
+    to_strict(compiled, DEVICE, iree_opt_level=1)
     assert backend.compile_count == before[0] + 2
     assert len(list(cache_dir.glob("*.vmfb"))) == 2
     assert not list(cache_dir.glob(".*.tmp"))  # no temp files left behind
@@ -46,7 +46,7 @@ def test_damaged_vmfb_is_rebuilt(cache_dir: Path, damage: str) -> None:
     compiled = hal.compile(mlp_model(batch=2))
     feeds = feeds_for(compiled)
     want = compiled.to("ort:cpu").run(feeds)["y"]
-    compiled.to(DEVICE)
+    to_strict(compiled, DEVICE)
     (vmfb,) = cache_dir.glob("*.vmfb")
     data = vmfb.read_bytes()
     if damage == "truncate":
@@ -56,11 +56,11 @@ def test_damaged_vmfb_is_rebuilt(cache_dir: Path, damage: str) -> None:
     else:
         vmfb.with_suffix(".json").unlink()
     count = backend.compile_count
-    exe = compiled.to(DEVICE)
+    exe = to_strict(compiled, DEVICE)
     assert backend.compile_count == count + 1
     np.testing.assert_allclose(exe.run(feeds)["y"], want, rtol=1e-4, atol=1e-4)
     meta = json.loads(vmfb.with_suffix(".json").read_text())
     assert meta["size"] == vmfb.stat().st_size
     count = backend.compile_count
-    compiled.to(DEVICE)  # the rebuilt entry is good again
+    to_strict(compiled, DEVICE)  # the rebuilt entry is good again
     assert backend.compile_count == count

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import make
+from conftest import make, to_strict
 from onnx import TensorProto, helper
 
 import hal
@@ -57,7 +57,7 @@ def test_declared_matmul_formats_compute(caps, fmt: NumberFormat, rtol: float) -
     a = rng.integers(-3, 4, (4, 16)) if not fmt.is_float else rng.standard_normal((4, 16))
     b = rng.integers(-3, 4, (16, 8)) if not fmt.is_float else rng.standard_normal((16, 8))
     a, b = a.astype(fmt.dtype), b.astype(fmt.dtype)
-    y = hal.compile(_binary("MatMul", fmt, [4, 16], [16, 8], [4, 8])).to(DEVICE).run({"a": a, "b": b})["y"]
+    y = to_strict(hal.compile(_binary("MatMul", fmt, [4, 16], [16, 8], [4, 8])), DEVICE).run({"a": a, "b": b})["y"]
     assert y.dtype == fmt.dtype
     want = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(y.astype(np.float64), want, rtol=rtol, atol=rtol * 4)
@@ -77,7 +77,7 @@ def test_declared_elementwise_formats_compute(caps, fmt: NumberFormat) -> None: 
         model = _binary("Add", fmt, [4, 8], [4, 8], [4, 8])
         # The exact sum rounded once to the format: what an up-casting implementation gives.
         want = (a.astype(np.float64) + b.astype(np.float64)).astype(fmt.dtype)
-    y = hal.compile(model).to(DEVICE).run({"a": a, "b": b})["y"]
+    y = to_strict(hal.compile(model), DEVICE).run({"a": a, "b": b})["y"]
     assert y.dtype == fmt.dtype
     if want is None:
         np.testing.assert_array_equal(y, a | b)
@@ -95,7 +95,7 @@ def test_formats_declared_none_are_refused(caps, fmt: NumberFormat) -> None:  # 
         opset=25,
     )
     with pytest.raises(CompileError):
-        hal.compile(model).to(DEVICE)
+        to_strict(hal.compile(model), DEVICE)
 
 
 def test_fp8_dtype_is_ml_dtypes() -> None:

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import attention_model, conv_model, feeds_for, make, mlp_model
+from conftest import attention_model, conv_model, feeds_for, make, mlp_model, to_strict
 from onnx import TensorProto, helper
 
 import hal
@@ -18,7 +18,9 @@ DEVICE = "iree:local-task"
 def _compare(model, rtol: float = 1e-4, atol: float = 1e-4, **extra):  # type: ignore[no-untyped-def]
     compiled = hal.compile(model)
     feeds = feeds_for(compiled)
-    got = compiled.to(DEVICE, **extra).run(feeds)
+    exe = to_strict(compiled, DEVICE, **extra)
+    assert exe.device.id == DEVICE and all(p.device == DEVICE for p in exe.placement)  # no fallback
+    got = exe.run(feeds)
     want = compiled.to("ort:cpu").run(feeds)
     assert got.keys() == want.keys()
     for name in want:
@@ -31,7 +33,7 @@ def _compare(model, rtol: float = 1e-4, atol: float = 1e-4, **extra):  # type: i
 @pytest.fixture(scope="module")
 def mlp_exe():  # type: ignore[no-untyped-def]
     compiled = hal.compile(mlp_model())
-    return compiled, compiled.to(DEVICE)
+    return compiled, to_strict(compiled, DEVICE)
 
 
 def test_mlp_matches_onnxruntime(mlp_exe) -> None:  # type: ignore[no-untyped-def]
@@ -91,7 +93,7 @@ def test_uncompilable_model_raises_compile_error() -> None:
         [("y", TensorProto.INT16, [4])],
     )
     with pytest.raises(CompileError) as info:
-        hal.compile(model).to(DEVICE)
+        to_strict(hal.compile(model), DEVICE)
     text = str(info.value)
     assert DEVICE in text and "Cast" in text
     assert "\n" not in text and "Traceback" not in text and len(text) < 300
@@ -105,14 +107,14 @@ def test_importer_rejection_raises_compile_error() -> None:
         opset=23,
     )
     with pytest.raises(CompileError, match=DEVICE):
-        hal.compile(model).to(DEVICE)
+        to_strict(hal.compile(model), DEVICE)
 
 
 def test_unknown_option_is_rejected() -> None:
     with pytest.raises(CompileError, match="channels_last"):
-        hal.compile(mlp_model()).to(DEVICE, chanels_last=True)
+        to_strict(hal.compile(mlp_model()), DEVICE, chanels_last=True)
 
 
 def test_bad_iree_flag_is_a_compile_error() -> None:
     with pytest.raises(CompileError, match=DEVICE):
-        hal.compile(mlp_model(batch=3)).to(DEVICE, iree_flags=["--no-such-iree-flag"])
+        to_strict(hal.compile(mlp_model(batch=3)), DEVICE, iree_flags=["--no-such-iree-flag"])
