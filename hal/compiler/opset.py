@@ -103,7 +103,7 @@ def convert_opset(
         return out, [LoweringStep("convert-opset", detail)]
     try:
         out = onnx.version_converter.convert_version(proto, target)
-    except Exception as exc:
+    except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
         msg = (
             f"cannot convert the model from opset {source} to {target} (the backend accepts "
             f"{opsets.min}..{opsets.max}): onnx.version_converter failed with {type(exc).__name__}: "
