@@ -135,19 +135,16 @@ class TestOptimize:
         )
         scale = nh.from_array(np.array(0.5, np.float32), "scale")
         shape = nh.from_array(np.array([3], np.int64), "shape")
-        default = nh.from_array(
-            np.ones(3, np.float32), "d"
-        )  # also a graph input: callers may feed it
+        # Also a graph input: callers may feed it, so it is not a constant.
+        default = nh.from_array(np.ones(3, np.float32), "d")
         nodes = [
             h.make_node("DequantizeLinear", ["q", "scale"], ["w"]),
             h.make_node("RandomNormal", [], ["noise"], shape=[3], seed=1.0),
-            h.make_node("Mul", ["noise", "shape_f"], ["scaled"]),
             h.make_node("Cast", ["shape"], ["shape_f"], to=T.FLOAT),
+            h.make_node("Mul", ["noise", "shape_f"], ["scaled"]),
             h.make_node("Add", ["w", "d"], ["y"]),
             h.make_node("Add", ["y", "scaled"], ["y2"]),
         ]
-        # Cast comes after its reader on purpose? no: keep topological order
-        nodes = [nodes[0], nodes[1], nodes[3], nodes[2], nodes[4], nodes[5]]
         model = _model(
             nodes,
             [_vi("d", T.FLOAT, [3])],
@@ -515,6 +512,53 @@ class TestLegalizeFormats:
         np.testing.assert_array_equal(
             got, (x.astype(np.float32) + 1.5).astype(ml_dtypes.bfloat16)
         )
+
+    def test_subgraph_bodies_are_legalized(self) -> None:
+        then_g = h.make_graph(
+            [h.make_node("MatMul", ["a", "a"], ["t"])],
+            "then",
+            [],
+            [_vi("t", T.BFLOAT16, [2, 2])],
+        )
+        else_g = h.make_graph(
+            [h.make_node("Add", ["a", "a"], ["e"])],
+            "else",
+            [],
+            [_vi("e", T.BFLOAT16, [2, 2])],
+        )
+        nodes = [
+            h.make_node("Relu", ["a0"], ["a"]),
+            h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+        ]
+        model = _model(
+            nodes,
+            [_vi("a0", T.BFLOAT16, [2, 2]), _vi("c", T.BOOL, [])],
+            [_vi("y", T.BFLOAT16, [2, 2])],
+        )
+        out, steps = legalize_formats(model, CPU_CAPABILITIES)
+        assert sorted(s.detail.split(" ")[0] for s in steps) == [
+            "Add",
+            "MatMul",
+            "Relu",
+        ]
+        a = np.array([[1, -2], [3, 4]], np.float32)
+        exe = hal.compile(out).to("ort:cpu")
+        feeds = {"a0": a.astype(ml_dtypes.bfloat16)}
+        relu = np.maximum(a, 0)
+        got_then = exe.run({**feeds, "c": np.array(True)})["y"].astype(np.float32)
+        got_else = exe.run({**feeds, "c": np.array(False)})["y"].astype(np.float32)
+        np.testing.assert_array_equal(got_then, relu @ relu)
+        np.testing.assert_array_equal(got_else, relu + relu)
+
+    def test_unknown_output_type_is_an_error_not_a_guess(self) -> None:
+        nodes = [
+            h.make_node("Mystery", ["x"], ["t"], domain="com.example"),
+            h.make_node("Cast", ["t"], ["y"], to=T.FLOAT),
+        ]
+        model = _model(nodes, [_vi("x", T.BFLOAT16, [2])], [_vi("y", T.FLOAT, [2])])
+        model.opset_import.append(h.make_opsetid("com.example", 1))
+        with pytest.raises(LoweringError, match=r"Mystery.*'t'.*unknown"):
+            legalize_formats(model, CPU_CAPABILITIES)
 
 
 class TestLowerFor:
