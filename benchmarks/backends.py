@@ -138,7 +138,7 @@ def _child_latency(model_name: str, devices: Sequence[str], runs: int, warmup: i
     for device in devices:
         try:
             exe = compiled.to(device, strict=True)
-        except Exception as exc:  # one device that cannot compile must not hide the others
+        except Exception as exc:  # noqa: BLE001 -- one device that cannot compile must not hide the others
             failed[device] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             continue
         names = [o.name for o in exe.outputs]
