@@ -351,14 +351,20 @@ class Memory:
 
 @frozen
 class OpsetRange:
-    """The default-domain ONNX opsets a backend accepts, inclusive."""
+    """The default-domain ONNX opsets a backend accepts, inclusive, and the newest ONNX IR
+    version its model loader reads (``None``: any). Lowering converts a model into the range and
+    lowers its IR version when the model uses nothing the older IR lacks."""
 
     min: int = 7
     max: int = 25
+    max_ir_version: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.min > self.max:
             msg = f"opset range is empty: min {self.min} > max {self.max}"
+            raise ValueError(msg)
+        if self.max_ir_version is not None and self.max_ir_version < 3:
+            msg = f"max_ir_version {self.max_ir_version} is older than any opset-versioned ONNX (IR 3)"
             raise ValueError(msg)
 
     def __contains__(self, opset: object) -> bool:
@@ -414,6 +420,10 @@ def _peaks(value: Mapping[NumberFormat | str, float]) -> tuple[tuple[NumberForma
     return tuple(sorted(((_fmt(k), float(v)) for k, v in value.items()), key=lambda kv: _INDEX[kv[0]]))
 
 
+def _format_set(value: Iterable[NumberFormat | str]) -> frozenset[NumberFormat]:
+    return frozenset(_fmt(v) for v in value)
+
+
 def _scaled(value: Iterable[ScaledFormat | Mapping[str, Any]]) -> tuple[ScaledFormat, ...]:
     return tuple(v if isinstance(v, ScaledFormat) else ScaledFormat(**v) for v in value)
 
@@ -442,6 +452,11 @@ class Capabilities:
     peak_tflops: tuple[tuple[NumberFormat, float], ...] = field(default=(), converter=_peaks)
     opsets: OpsetRange = field(factory=OpsetRange)
     dynamic_shapes: bool = True
+    #: STORAGE formats in which data-movement operators (Reshape, Transpose, Slice, Gather, ...;
+    #: ``hal.compiler.legalize.ELEMENT_MOVING_OPS``) have kernels, so lowering leaves them narrow
+    #: instead of moving the elements through a wider format. Empty (the safe default) when unsure:
+    #: onnxruntime CPU has no int4 Reshape, OpenVINO moves int4 and FP8 but cannot cast to int4.
+    movable: frozenset[NumberFormat] = field(default=frozenset(), converter=_format_set)
 
     @classmethod
     def from_levels(
@@ -486,6 +501,7 @@ class Capabilities:
             peak_tflops=data.get("peak_tflops") or {},
             opsets=OpsetRange(**(data.get("opsets") or {})),
             dynamic_shapes=bool(data.get("dynamic_shapes", True)),
+            movable=data.get("movable") or (),
         )
 
     @classmethod
@@ -512,4 +528,6 @@ def _jsonable(value: Any) -> Any:
         return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
+    if isinstance(value, frozenset):  # sets of formats, in the table's order
+        return [f.value for f in sorted(value, key=_INDEX.__getitem__)]
     return value

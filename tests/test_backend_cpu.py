@@ -9,8 +9,12 @@ from onnx import TensorProto, helper
 
 import hal
 from hal.backends.cpu import CPU_CAPABILITIES
+from hal.backends.onnxruntime import fit_capabilities, runtime_limits
 from hal.capabilities import NumberFormat, Support
 from hal.testing.build import make_model
+
+# The table as narrowed for the installed onnxruntime (the device lists exactly this).
+CAPS = fit_capabilities(CPU_CAPABILITIES)
 
 # Ops whose kernels prove compute support: arithmetic for numbers, logic for bool.
 COMPUTE = {NumberFormat.BOOL: "And"}
@@ -38,14 +42,14 @@ def casts(fmt: NumberFormat, opset: int):
 
 
 class TestDeclaredCapabilities:
-    opset = CPU_CAPABILITIES.opsets.max
+    opset = CAPS.opsets.max
 
-    @pytest.mark.parametrize("fmt", CPU_CAPABILITIES.formats.at_least(Support.EMULATED), ids=lambda f: f.value)
+    @pytest.mark.parametrize("fmt", CAPS.formats.at_least(Support.EMULATED), ids=lambda f: f.value)
     def test_computed_formats_have_kernels(self, fmt):
         assert builds(binary(fmt, COMPUTE.get(fmt, "Add"), self.opset))
 
     @pytest.mark.parametrize(
-        "fmt", [f for f, s in CPU_CAPABILITIES.formats.items() if s is Support.STORAGE and f is not NumberFormat.STRING],
+        "fmt", [f for f, s in CAPS.formats.items() if s is Support.STORAGE and f is not NumberFormat.STRING],
         ids=lambda f: f.value,
     )
     def test_storage_formats_cast_but_do_not_compute(self, fmt):
@@ -53,10 +57,10 @@ class TestDeclaredCapabilities:
         assert not builds(binary(fmt, "Add", self.opset)), f"{fmt.value} computes: declare it emulated or native"
 
     def test_bfloat16_matmul_has_no_kernel(self):
-        assert CPU_CAPABILITIES.support("bfloat16") is Support.STORAGE
+        assert CAPS.support("bfloat16") is Support.STORAGE
         assert not builds(binary(NumberFormat.BFLOAT16, "MatMul", self.opset))
 
-    @pytest.mark.parametrize("fmt", [f for f, s in CPU_CAPABILITIES.formats.items() if s is Support.NONE], ids=lambda f: f.value)
+    @pytest.mark.parametrize("fmt", [f for f, s in CAPS.formats.items() if s is Support.NONE], ids=lambda f: f.value)
     def test_formats_declared_none_do_not_even_cast(self, fmt):
         assert not builds(casts(fmt, self.opset))
 
@@ -67,8 +71,33 @@ class TestDeclaredCapabilities:
 
 
 class TestCpuDevice:
+    def test_capabilities_are_the_table_fitted_to_the_installed_onnxruntime(self):
+        (cpu,) = [d for d in hal.devices() if d.id == "ort:cpu"]
+        assert cpu.capabilities.formats == CAPS.formats
+        limits = runtime_limits()
+        assert cpu.capabilities.opsets.max_ir_version == limits.max_ir_version
+        assert cpu.capabilities.opsets.max == min(CPU_CAPABILITIES.opsets.max, limits.max_opset)
+
     def test_listed_available_with_details(self):
         (cpu,) = [d for d in hal.devices() if d.id == "ort:cpu"]
         assert cpu.available and cpu.kind is hal.DeviceKind.CPU
         assert dict(cpu.details)["onnxruntime"] == ort.__version__
         assert cpu.capabilities.memory.capacity_bytes and cpu.capabilities.memory.capacity_bytes > 2**28
+
+
+class TestRuntimeLimits:
+    def test_kept_on_disk_and_rebuilt_when_damaged(self, tmp_path, monkeypatch):
+        import hal.backends.onnxruntime as hort
+
+        monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path))
+        hort.runtime_limits.cache_clear()
+        try:
+            first = hort.runtime_limits()
+            (entry,) = (tmp_path / "runtime").iterdir()
+            assert first == hort.probe_runtime_limits()
+            entry.write_text('{"version": "1.0", "max_ir_version": "x"')  # truncated
+            hort.runtime_limits.cache_clear()
+            assert hort.runtime_limits() == first
+            assert hort.RuntimeLimits(**__import__("json").loads(entry.read_text())) == first
+        finally:
+            hort.runtime_limits.cache_clear()

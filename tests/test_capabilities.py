@@ -107,8 +107,9 @@ def h100_like() -> Capabilities:
         stability=Stability(Maturity.STABLE, ("no FNUZ compute",), Health(100, 2, True, 1.1, False)),
         memory=Memory(80 * 10**9, 3350.0),
         peak_tflops={"float8_e4m3fn": 1979.0, "bfloat16": 989.0},
-        opsets=OpsetRange(7, 25),
+        opsets=OpsetRange(7, 25, max_ir_version=13),
         dynamic_shapes=True,
+        movable=["float8_e8m0", "float8_e4m3fnuz"],
     )
 
 
@@ -132,6 +133,9 @@ class TestCapabilities:
         assert data["interconnect"]["kind"] == "nvlink"
         assert data["stability"]["health"]["failures"] == 2
         assert back.peak("float8_e4m3fn") == 1979.0
+        assert data["movable"] == ["float8_e4m3fnuz", "float8_e8m0"]  # in the table's order
+        assert back.movable == {NumberFormat.FLOAT8_E8M0, NumberFormat.FLOAT8_E4M3FNUZ}
+        assert data["opsets"] == {"min": 7, "max": 25, "max_ir_version": 13}
 
     def test_cann_e8m0_encoding_round_trips(self):
         caps = Capabilities(e8m0_encoding="cann-zero")

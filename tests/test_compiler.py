@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from attrs import evolve
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -16,9 +17,10 @@ from onnx.reference import ReferenceEvaluator
 
 import hal
 from hal.backends.cpu import CPU_CAPABILITIES
+from hal.backends.onnxruntime import runtime_limits
 from hal.capabilities import Capabilities, OpsetRange
 from hal.compiler import convert_opset, legalize_formats, lower_for, optimize
-from hal.compiler.opset import default_opset
+from hal.compiler.opset import default_opset, fit_ir_version
 from hal.errors import LoweringError
 
 RNG = np.random.default_rng(1234)
@@ -36,6 +38,9 @@ def _model(
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    # onnx's make_model stamps its newest IR version, which older onnxruntime builds (gpu 1.31,
+    # cann 1.24) refuse: lower it as compiled.to() would for that runtime.
+    model, _ = fit_ir_version(model, runtime_limits().max_ir_version)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # Disable ORT's own folding so the comparison exercises our passes, not ORT's.
@@ -311,10 +316,9 @@ def _conv_bn(opset: int) -> onnx.ModelProto:
 class TestConvertOpset:
     def test_qdq_opset28_down_to_25_runs_on_ort(self) -> None:
         model = _qdq_fp8(28)
-        with pytest.raises(Exception, match="QuantizeLinear"):
-            _ort(
-                model, {"x": np.zeros((4, 8), np.float32)}
-            )  # why the conversion exists
+        if runtime_limits().max_opset >= 28:  # older builds do not read opset 28 at all
+            with pytest.raises(Exception, match="QuantizeLinear"):
+                _ort(model, {"x": np.zeros((4, 8), np.float32)})  # why the conversion exists
         out, steps = convert_opset(model, CPU_CAPABILITIES.opsets)
         assert default_opset(out) == 25 and default_opset(model) == 28
         assert (
@@ -439,6 +443,22 @@ class TestLegalizeFormats:
             .astype(np.float32)
         )
         np.testing.assert_array_equal(_ort(out, {"x": x})[0], expected)
+
+    def test_movable_formats_keep_data_movement_narrow(self) -> None:
+        nodes = [
+            h.make_node("Transpose", ["x"], ["t"]),
+            h.make_node("Add", ["t", "t"], ["y"]),
+        ]
+        model = _model(nodes, [_vi("x", T.FLOAT8E4M3FN, [2, 3])], [_vi("y", T.FLOAT8E4M3FN, [3, 2])])
+        caps = evolve(CPU_CAPABILITIES, movable={"float8_e4m3fn"})
+        out, steps = legalize_formats(model, caps)
+        details = " | ".join(s.detail for s in steps)
+        assert "Add (1 node) computed in float32" in details and "Transpose" not in details
+        transpose = next(n for n in out.graph.node if n.op_type == "Transpose")
+        assert list(transpose.input) == ["x"] and list(transpose.output) == ["t"]
+        # Without the declaration the Transpose is moved through float32.
+        _, steps = legalize_formats(model, CPU_CAPABILITIES)
+        assert "Transpose (1 node) moved in float32" in " | ".join(s.detail for s in steps)
 
     def test_supported_model_is_returned_as_is(self) -> None:
         model = _model(
@@ -589,3 +609,65 @@ class TestLowerFor:
             xq.astype(ml_dtypes.bfloat16).astype(np.float32) @ w.astype(np.float32)
         ).astype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(got, expected)
+
+
+class TestFitIrVersion:
+    """Older onnxruntime builds (gpu 1.31, cann 1.24) read at most IR 13; onnx 1.23 writes 14."""
+
+    def _add(self, elem: int = T.FLOAT, ir: int = 14, opset: int = 21) -> onnx.ModelProto:
+        model = _model(
+            [h.make_node("Identity", ["x"], ["y"])], [_vi("x", elem, [2])], [_vi("y", elem, [2])], opset=opset
+        )
+        model.ir_version = ir
+        return model
+
+    def test_lowers_when_nothing_needs_the_newer_ir(self) -> None:
+        model = self._add()
+        out, steps = fit_ir_version(model, 13)
+        assert out.ir_version == 13 and model.ir_version == 14, "the input proto is never modified"
+        assert [s.kind for s in steps] == ["ir-version"]
+        assert "14 -> 13" in steps[0].detail
+        onnx.checker.check_model(out, full_check=True)
+
+    def test_within_the_limit_is_untouched(self) -> None:
+        model = self._add(ir=10)
+        assert fit_ir_version(model, 13) == (model, [])
+        assert fit_ir_version(model, None) == (model, [])
+
+    @pytest.mark.parametrize(
+        ("elem", "needs"), [(T.FLOAT6E2M3, 14), (T.INT2, 13), (T.FLOAT8E8M0, 12), (T.FLOAT4E2M1, 11)]
+    )
+    def test_refuses_types_the_older_ir_lacks(self, elem: int, needs: int) -> None:
+        with pytest.raises(LoweringError, match=rf"IR version {needs} for {T.DataType.Name(elem)}"):
+            fit_ir_version(self._add(elem), needs - 1)
+
+    def test_refuses_opsets_the_older_ir_lacks(self) -> None:
+        with pytest.raises(LoweringError, match="opset imports"):
+            fit_ir_version(self._add(opset=21), 9)  # opset 21 needs IR 10
+
+    def test_type_inside_a_subgraph_counts(self) -> None:
+        then = h.make_graph(
+            [h.make_node("Cast", ["x"], ["t"], to=T.FLOAT8E8M0), h.make_node("Cast", ["t"], ["o"], to=T.FLOAT)],
+            "then", [], [_vi("o", T.FLOAT, [2])],
+        )
+        other = h.make_graph([h.make_node("Identity", ["x"], ["o2"])], "else", [], [_vi("o2", T.FLOAT, [2])])
+        model = _model(
+            [h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+            [_vi("c", T.BOOL, []), _vi("x", T.FLOAT, [2])], [_vi("y", T.FLOAT, [2])], opset=21,
+        )
+        model.ir_version = 14
+        with pytest.raises(LoweringError, match="FLOAT8E8M0"):
+            fit_ir_version(model, 11)
+
+    def test_lower_for_applies_the_device_limit(self) -> None:
+        caps = evolve(CPU_CAPABILITIES, opsets=OpsetRange(7, 25, max_ir_version=13))
+        out, steps = lower_for(self._add(), caps)
+        assert out.ir_version == 13 and [s.kind for s in steps] == ["ir-version"]
+
+    def test_runtime_limits_are_what_onnxruntime_loads(self) -> None:
+        limits = runtime_limits()
+        assert limits.version == ort.__version__
+        _session(self._add(ir=limits.max_ir_version))  # loads
+        if limits.max_ir_version < onnx.IR_VERSION:
+            with pytest.raises(Exception, match="IR version"):
+                ort.InferenceSession(self._add(ir=limits.max_ir_version + 1).SerializeToString())

@@ -6,7 +6,9 @@ It is a plugin like any other (listed in ``hal._plugins.DEFAULT_PLUGINS``), regi
 The declared format table is what onnxruntime's CPU kernels really do, checked by
 ``tests/test_backend_cpu.py``: float16 builds but is computed through inserted float32 casts
 (emulated); bfloat16, FP8 and 4-bit types only cast and (de)quantize (storage); float8_e8m0 and
-2-bit types need opset 25 for Cast; float4_e2m1 and float6 have no kernels at all.
+2-bit types need opset 25 for Cast; float4_e2m1 and float6 have no kernels at all. At discovery
+the table is fitted to the installed onnxruntime (:func:`hal.backends.onnxruntime.fit_capabilities`:
+its newest IR version and opset, float8_e8m0 only where its kernels exist).
 """
 
 from __future__ import annotations
@@ -17,8 +19,15 @@ import platform
 from attrs import evolve
 
 from hal.backend import Device
-from hal.backends.onnxruntime import OrtBackend
-from hal.capabilities import Capabilities, DeviceKind, Memory, OpsetRange, ScaledFormat, Support
+from hal.backends.onnxruntime import OrtBackend, fit_capabilities
+from hal.capabilities import (
+    Capabilities,
+    DeviceKind,
+    Memory,
+    OpsetRange,
+    ScaledFormat,
+    Support,
+)
 from hal.hookspecs import hookimpl
 
 CPU_CAPABILITIES = Capabilities.from_levels(
@@ -85,6 +94,7 @@ class CpuBackend(OrtBackend):
                 )
             ]
         available = "CPUExecutionProvider" in ort.get_available_providers()
+        caps = fit_capabilities(caps)
         return [
             Device(
                 id="ort:cpu",

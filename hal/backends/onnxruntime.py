@@ -8,27 +8,37 @@ int4, ...) in and out by their raw bits, which onnxruntime's Python API does not
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from attrs import evolve
 
 from hal.backend import Backend, CompileOptions, Device
-from hal.cache import cache_key
-from hal.capabilities import NumberFormat
+from hal._paths import cache_root
+from hal.cache import atomic_write, cache_key
+from hal.capabilities import (
+    Capabilities,
+    FormatTable,
+    NumberFormat,
+    OpsetRange,
+    Support,
+)
 from hal.errors import CompileError
 from hal.tensors import bits_view, from_bits, pack
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["OrtBackend", "OrtRunner"]
+__all__ = ["OrtBackend", "OrtRunner", "RuntimeLimits", "fit_capabilities", "probe_runtime_limits", "runtime_limits"]
 
 log = logging.getLogger("hal.backends.onnxruntime")
 
@@ -137,6 +147,122 @@ class OrtRunner:
                 ctypes.memmove(raw.ctypes.data, value.data_ptr(), size)
             outputs.append(from_bits(raw, fmt, shape))
         return outputs
+
+
+class RuntimeLimits(NamedTuple):
+    """What the installed onnxruntime's model loader reads, found by asking it (see
+    :func:`runtime_limits`)."""
+
+    version: str
+    max_ir_version: int
+    max_opset: int
+    float8_e8m0: bool  # Cast to/from FLOAT8E8M0 has CPU kernels (onnxruntime >= 1.25)
+
+
+_IR_REFUSED = re.compile(r"max supported IR version: (\d+)")
+
+
+def _probe_model(ir: int, opset: int, to: int | None = None) -> bytes:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    if to is None:
+        node, y = helper.make_node("Identity", ["x"], ["y"]), helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    else:
+        node, y = helper.make_node("Cast", ["x"], ["y"], to=to), helper.make_tensor_value_info("y", to, [1])
+    graph = helper.make_graph([node], "probe", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir).SerializeToString()
+
+
+def _loads(data: bytes) -> str | None:
+    """None when onnxruntime's CPU provider creates a session for ``data``, else its message."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any refusal is the answer we are probing for
+        return str(exc)
+    return None
+
+
+@functools.cache
+def runtime_limits() -> RuntimeLimits:
+    """The newest IR version and opset the installed onnxruntime loads, and whether it has the
+    float8_e8m0 Cast kernels. onnxruntime-gpu 1.31 and onnxruntime-cann 1.24 read at most IR 13,
+    which onnx 1.23's ``make_model`` exceeds; 1.24 has no float8_e8m0 kernels.
+
+    Found by creating a few one-node sessions (:func:`probe_runtime_limits`), which needs onnx
+    imported (about 0.3 s); the answer is kept in the HAL cache directory, keyed by the
+    onnxruntime and onnx versions and onnxruntime's location, so later processes read a file."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime as ort
+
+    try:
+        onnx_version = version("onnx")
+    except PackageNotFoundError:
+        onnx_version = "unknown"
+    key = cache_key(onnxruntime=str(ort.__version__), path=str(ort.__file__), onnx=onnx_version, probe=1)
+    path = cache_root() / "runtime" / f"onnxruntime-{key[:24]}.json"
+    try:
+        data = json.loads(path.read_text())
+        limits = RuntimeLimits(**data)
+        if limits.version == ort.__version__ and all(
+            isinstance(v, int) for v in (limits.max_ir_version, limits.max_opset)
+        ):
+            return limits
+    except (OSError, ValueError, TypeError):  # absent or damaged: probe again and rewrite it
+        pass
+    limits = probe_runtime_limits()
+    try:
+        atomic_write(path, json.dumps(limits._asdict()).encode())
+    except OSError as exc:
+        log.debug("cannot keep onnxruntime's limits in %s: %s", path, exc)
+    return limits
+
+
+def probe_runtime_limits() -> RuntimeLimits:
+    """Ask the installed onnxruntime what it loads (see :func:`runtime_limits`), uncached."""
+    import onnx
+    import onnxruntime as ort
+
+    ir = onnx.IR_VERSION
+    refused = _loads(_probe_model(ir, 13))
+    while refused is not None and ir > 3:
+        said = _IR_REFUSED.search(refused)
+        ir = int(said.group(1)) if said and int(said.group(1)) < ir else ir - 1
+        refused = _loads(_probe_model(ir, 13))
+    opset = onnx.defs.onnx_opset_version()
+    while opset > 7 and _loads(_probe_model(ir, opset)) is not None:
+        opset -= 1
+    e8m0 = ir >= 12 and opset >= 25 and _loads(_probe_model(ir, 25, onnx.TensorProto.FLOAT8E8M0)) is None
+    return RuntimeLimits(str(ort.__version__), ir, opset, e8m0)
+
+
+def fit_capabilities(caps: Capabilities, *, cpu_kernels: bool = True) -> Capabilities:
+    """``caps`` narrowed to what the installed onnxruntime reads: the opset range capped at its
+    newest opset and its newest IR version. With ``cpu_kernels`` (a table for the CPU execution
+    provider), float8_e8m0 is also dropped when the CPU provider has no kernels for it; other
+    providers' kernels are their plugin's business. Every onnxruntime-based backend applies this
+    to its declared table."""
+    limits = runtime_limits()
+    opsets = caps.opsets
+    fitted = OpsetRange(
+        opsets.min,
+        max(opsets.min, min(opsets.max, limits.max_opset)),
+        limits.max_ir_version
+        if opsets.max_ir_version is None
+        else min(opsets.max_ir_version, limits.max_ir_version),
+    )
+    changes: dict[str, Any] = {"opsets": fitted}
+    if cpu_kernels and not limits.float8_e8m0 and caps.formats[NumberFormat.FLOAT8_E8M0] is not Support.NONE:
+        levels = dict(caps.formats)
+        levels[NumberFormat.FLOAT8_E8M0] = Support.NONE
+        changes["formats"] = FormatTable(levels)
+    return evolve(caps, **changes)
 
 
 class OrtBackend(Backend):

@@ -11,7 +11,9 @@ Which nodes are left alone, and why (:data:`EXEMPT_OPS`): conversion operators a
 ``Constant`` only holds a value and ``Shape`` only reads metadata. Data-movement operators
 (Reshape, Concat, Gather, ...) are *not* exempt: measured on onnxruntime 1.32 CPU, Expand has no
 bfloat16 kernel, Concat/Slice/Gather/Split/Squeeze have no float8 kernels and even Reshape and
-Identity have no int4 kernel. Moving elements through a wider format is exact, so for those
+Identity have no int4 kernel; a device that has them lists the format in
+:attr:`~hal.capabilities.Capabilities.movable` and its data movement stays narrow. Moving elements
+through a wider format is exact, so for those
 (:data:`ELEMENT_MOVING_OPS`) the wide result is reused by later legalized nodes instead of being
 cast down and up again. Control flow (:data:`CONTROL_FLOW_OPS`) is not rewritten itself; its bodies
 are legalized.
@@ -267,6 +269,11 @@ class _Legalizer:
         ] = {}  # narrow format -> wide format for this node
         skipped: set[NumberFormat] = set()
         unknown: list[str] = []
+        movable = (
+            self.capabilities.movable
+            if node.op_type in ELEMENT_MOVING_OPS and node.domain in _DEFAULT_DOMAINS
+            else frozenset()
+        )
         for name in [*node.input, *node.output]:
             if not name:
                 continue
@@ -278,6 +285,7 @@ class _Legalizer:
                 continue
             if (
                 not _needs_legalizing(self.capabilities.support(fmt))
+                or fmt in movable
                 or fmt in narrow
                 or fmt in skipped
             ):

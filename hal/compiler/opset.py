@@ -16,7 +16,7 @@ from hal.capabilities import OpsetRange
 from hal.errors import LoweringError
 from hal.executable import LoweringStep
 
-__all__ = ["convert_opset", "default_opset"]
+__all__ = ["convert_opset", "default_opset", "fit_ir_version", "min_ir_version"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -71,6 +71,101 @@ def _uses_model_functions(proto: onnx.ModelProto) -> bool:
 
 
 def convert_opset(
+    proto: onnx.ModelProto, opsets: OpsetRange
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+    """Return ``proto`` converted to the nearest default-domain opset inside ``opsets``, with its
+    IR version lowered to ``opsets.max_ir_version`` when it is newer (:func:`fit_ir_version`).
+    See :func:`_convert_default_opset` for the opset part."""
+    proto, steps = _convert_default_opset(proto, opsets)
+    proto, more = fit_ir_version(proto, opsets.max_ir_version)
+    return proto, [*steps, *more]
+
+
+# The IR version that introduced each element type (onnx.proto's IR_VERSION history).
+_TYPE_IR = {
+    onnx.TensorProto.BFLOAT16: 4,
+    onnx.TensorProto.FLOAT8E4M3FN: 9,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: 9,
+    onnx.TensorProto.FLOAT8E5M2: 9,
+    onnx.TensorProto.FLOAT8E5M2FNUZ: 9,
+    onnx.TensorProto.UINT4: 10,
+    onnx.TensorProto.INT4: 10,
+    onnx.TensorProto.FLOAT4E2M1: 11,
+    onnx.TensorProto.FLOAT8E8M0: 12,
+    onnx.TensorProto.UINT2: 13,
+    onnx.TensorProto.INT2: 13,
+    onnx.TensorProto.FLOAT6E2M3: 14,
+    onnx.TensorProto.FLOAT6E3M2: 14,
+}
+_TYPE_ATTRS = ("to", "dtype", "output_dtype", "stash_type")
+
+
+def _graph_types(graph: onnx.GraphProto) -> Iterator[tuple[int, str]]:
+    for vi in (*graph.input, *graph.output, *graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            yield vi.type.tensor_type.elem_type, f"value {vi.name!r}"
+    for t in graph.initializer:
+        yield t.data_type, f"initializer {t.name!r}"
+    for node in graph.node:
+        name = node.name or (node.output[0] if node.output else "")
+        where = f"{node.op_type} node {name!r}"
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.INT and attr.name in _TYPE_ATTRS:
+                yield attr.i, where
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t.data_type, where
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_types(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_types(g)
+
+
+def min_ir_version(proto: onnx.ModelProto) -> tuple[int, str]:
+    """The oldest IR version that can express ``proto`` and why: its opset imports, element
+    types and, from IR 10, function overloads. Unknown opsets count as needing no more than the
+    model's own IR version."""
+    try:
+        need = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+        why = "its opset imports"
+    except (ValueError, KeyError):  # an opset newer than this onnx knows
+        need, why = proto.ir_version, "an opset this onnx does not know"
+    for code, where in _graph_types(proto.graph):
+        ir = _TYPE_IR.get(code, 0)
+        if ir > need:
+            need, why = ir, f"{onnx.TensorProto.DataType.Name(code)} ({where})"
+    for fn in proto.functions:
+        if fn.overload and need < 10:
+            need, why = 10, f"function overload {fn.name}:{fn.overload}"
+    return need, why
+
+
+def fit_ir_version(
+    proto: onnx.ModelProto, max_ir_version: int | None
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+    """Lower ``proto``'s IR version to ``max_ir_version`` when it is newer and the model uses
+    nothing the older IR lacks (onnxruntime 1.31 refuses IR 14 models that need only IR 8).
+    Raises :class:`~hal.errors.LoweringError` naming what needs the newer IR otherwise."""
+    if max_ir_version is None or proto.ir_version <= max_ir_version:
+        return proto, []
+    need, why = min_ir_version(proto)
+    if need > max_ir_version:
+        msg = (
+            f"the model needs ONNX IR version {need} for {why}, but the backend reads at most IR "
+            f"{max_ir_version}: upgrade the runtime or choose another device"
+        )
+        raise LoweringError(msg)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.ir_version = max_ir_version
+    detail = (
+        f"IR version {proto.ir_version} -> {max_ir_version}: the backend reads at most IR {max_ir_version} "
+        f"and the model needs only IR {need} ({why})"
+    )
+    return out, [LoweringStep("ir-version", detail)]
+
+
+def _convert_default_opset(
     proto: onnx.ModelProto, opsets: OpsetRange
 ) -> tuple[onnx.ModelProto, list[LoweringStep]]:
     """Return ``proto`` converted to the nearest default-domain opset inside ``opsets``.

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import evolve, frozen
 
 from hal.backend import CompileOptions, Device
-from hal.backends.onnxruntime import OrtBackend, OrtRunner
+from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
 from hal.capabilities import DeviceKind, Memory
 from hal.errors import CompileError, UnavailableDeviceError
 from hal_ascend import chips
@@ -239,6 +239,8 @@ class AscendBackend(OrtBackend):
         for npu in npus:
             profile = chips.profile_for(npu.soc_name)
             caps = profile.capabilities
+            if ort_version:  # what the installed onnxruntime-cann reads (IR version, opsets)
+                caps = fit_capabilities(caps, cpu_kernels=False)
             if npu.hbm_bytes and caps.memory.capacity_bytes is None:
                 # npu-smi's HBM total is measured on the device; the table only fills gaps.
                 caps = evolve(caps, memory=Memory(npu.hbm_bytes, caps.memory.bandwidth_gbps))

@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hal.backend import CompileOptions, Device
-from hal.backends.onnxruntime import OrtBackend, OrtRunner
+from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
 from hal.capabilities import (
     Capabilities,
     DeviceKind,
@@ -305,6 +305,9 @@ class CudaBackend(OrtBackend):
             peers = [f"{self.name}:{ordinal[p]}" for p in gpu.nvlink_peers if p in ordinal]
             cc = gpu.compute_capability
             chip = chips.find_chip(gpu.name)
+            caps = capabilities_for(gpu, peers)
+            if ort_version:  # what the installed onnxruntime-gpu reads (IR version, opsets)
+                caps = fit_capabilities(caps, cpu_kernels=False)
             details: dict[str, Any] = {
                 "compute_capability": f"{cc[0]}.{cc[1]}",
                 "nvml_index": gpu.index,
@@ -324,7 +327,7 @@ class CudaBackend(OrtBackend):
                     vendor="NVIDIA",
                     name=gpu.name,
                     kind=DeviceKind.GPU,
-                    capabilities=capabilities_for(gpu, peers),
+                    capabilities=caps,
                     available=problem is None,
                     reason=problem,
                     details=details,

@@ -67,12 +67,20 @@ _CPU_STORAGE = (
     "uint4",
     "float4_e2m1",
 )
+#: Storage formats the CPU plugin moves (Identity, Reshape, Transpose, Slice, Gather, ... run in
+#: them, checked by tests/test_openvino_capabilities.py), so lowering keeps data movement narrow.
+#: Not float4_e2m1: Transpose and Gather return wrong float4 values (Identity, Reshape, Slice are
+#: right), and a silent wrong answer is worse than a refusal.
+_CPU_MOVABLE = ("float8_e4m3fn", "float8_e5m2", "float8_e8m0", "int4", "uint4")
 _CPU_INCOMPATIBILITIES = (
     "int64/uint64 tensors are narrowed to int32 inside the CPU plugin: values outside +-2^31 come back wrong",
     "float64 is computed in float32",
     "fp8 Cast ignores saturate: out-of-range values become NaN (e4m3fn) or inf (e5m2) even with saturate=1",
     "Cast to int4/uint4/float4_e2m1 corrupts memory in the CPU plugin; hal-openvino refuses such models",
     "no FNUZ fp8 types, int2/uint2, complex or string tensors",
+    "Concat of float4_e2m1 or float8_e8m0 tensors does not compile (Reorder node error)",
+    "Transpose and Gather of float4_e2m1 give wrong values; with Cast to float4 refused, a model "
+    "cannot produce float4_e2m1 tensors here (float4 inputs and DequantizeLinear work)",
 )
 #: Block-scaled DequantizeLinear patterns the CPU runs (dequantized to f32, then computed).
 _CPU_SCALED = (
@@ -114,6 +122,7 @@ def capabilities_for(kind: DeviceKind, optimization: Sequence[str], memory_bytes
             memory=memory,
             opsets=OpsetRange(7, _MAX_OPSET),
             dynamic_shapes=True,
+            movable=_CPU_MOVABLE,
         )
     return Capabilities.from_levels(
         native=sorted(native),

@@ -11,13 +11,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from ov_models import make, vi
 
 import hal
+from hal._plugins import registry
+from hal.backend import CompileOptions
 from hal.capabilities import NumberFormat
 from hal.errors import CompileError
 from hal.tensors import pack
-
-from ov_models import make, vi
 
 
 def _matmul_precisions(exe) -> set[str]:
@@ -75,10 +76,49 @@ def test_fp8_is_storage(cpu, fmt):
     raw = values.astype(fmt.dtype)
     out = hal.compile(ident).to("openvino:CPU").run({"x": raw})["y"]
     assert out.dtype == fmt.dtype and out.tobytes() == raw.tobytes()
-    # Does not compute: an elementwise Add in the format is refused.
+    # Does not compute: OpenVINO itself refuses an elementwise Add in the format ...
     add = make([helper.make_node("Add", ["x", "x"], ["y"])], [vi("x", fmt.onnx_type, [4])], [vi("y", fmt.onnx_type, [4])], opset=opset)
-    with pytest.raises(CompileError):
-        hal.compile(add).to("openvino:CPU")
+    with pytest.raises(CompileError, match="openvino:CPU"):
+        registry().backend("openvino").prepare(add, cpu, CompileOptions())
+    # ... so lowering computes it in float32 and rounds back, on OpenVINO (strict: no fallback).
+    exe = hal.compile(add).to("openvino:CPU", strict=True)
+    assert [s.kind for s in exe.lowering] == ["legalize-format"]
+    assert [p.device for p in exe.placement] == ["openvino:CPU"]
+    out = exe.run({"x": raw})["y"]
+    np.testing.assert_array_equal(out.astype(np.float32), (values + values).astype(fmt.dtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2", "float8_e8m0", "int4", "uint4"])
+def test_movable_formats_move_exactly_without_widening(cpu, fmt):
+    """Declared movable: Reshape, Transpose, Slice and Gather run in the narrow format itself."""
+    fmt = NumberFormat(fmt)
+    assert fmt in cpu.capabilities.movable
+    t = fmt.onnx_type
+    model = make(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0]),
+            helper.make_node("Slice", ["t", "starts", "ends"], ["s"]),
+            helper.make_node("Gather", ["s", "idx"], ["y"], axis=1),
+        ],
+        [vi("x", t, [4, 6])], [vi("y", t, [5, 2])],
+        [
+            helper.make_tensor("shape", TensorProto.INT64, [2], [3, 8]),
+            helper.make_tensor("starts", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("ends", TensorProto.INT64, [1], [6]),
+            helper.make_tensor("idx", TensorProto.INT64, [2], [2, 0]),
+        ],
+        opset=23,
+    )
+    pool = [0.5, 1.0, 2.0, 4.0] if fmt is NumberFormat.FLOAT8_E8M0 else [-4, -1, 0, 1, 3, 6]
+    x = np.array([pool[i % len(pool)] for i in range(24)], np.float32).reshape(4, 6)
+    x = np.abs(x) if fmt is NumberFormat.UINT4 else x
+    x = x.astype(fmt.dtype)
+    exe = hal.compile(model).to("openvino:CPU", strict=True)
+    assert not [s for s in exe.lowering if s.kind == "legalize-format"], exe.lowering
+    want = x.reshape(3, 8).T[1:6][:, [2, 0]]
+    got = exe.run({"x": x})["y"]
+    assert got.dtype == fmt.dtype and got.tobytes() == np.ascontiguousarray(want).tobytes()
 
 
 def test_fp8_cast_ignores_saturate(cpu):
@@ -101,7 +141,7 @@ def test_none_formats_are_refused(cpu, fmt):
         [vi("x", 1, [4])], [vi("y", 1, [4])],
     )
     with pytest.raises(CompileError):
-        hal.compile(cast).to("openvino:CPU")
+        hal.compile(cast).to("openvino:CPU", strict=True)
 
 
 def test_int64_small_values_round_trip(cpu):
@@ -149,7 +189,17 @@ def test_four_bit_io_round_trips(cpu, fmt):
     """4-bit storage formats move in and out exactly (packed as ONNX packs them; odd sizes too)."""
     fmt = NumberFormat(fmt)
     assert cpu.capabilities.support(fmt) is hal.Support.STORAGE
-    ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", fmt.onnx_type, [3, 5])], opset=23)
     x = (np.arange(15) % 7).reshape(3, 5).astype(fmt.dtype)
-    y = hal.compile(ident).to("openvino:CPU").run({"x": x})["y"]
+    if fmt not in cpu.capabilities.movable:
+        # float4: not movable and Cast to it is refused, so only the input direction exists.
+        assert fmt is NumberFormat.FLOAT4_E2M1
+        to_f32 = make([helper.make_node("Cast", ["x"], ["y"], to=1)], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", 1, [3, 5])], opset=23)
+        y = hal.compile(to_f32).to("openvino:CPU", strict=True).run({"x": x})["y"]
+        np.testing.assert_array_equal(y, x.astype(np.float32))
+        transpose = make([helper.make_node("Transpose", ["x"], ["y"])], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", fmt.onnx_type, [5, 3])], opset=23)
+        with pytest.raises(CompileError, match="Cast to float4_e2m1"):  # refused, never a wrong answer
+            hal.compile(transpose).to("openvino:CPU", strict=True)
+        return
+    ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", fmt.onnx_type, [3, 5])], opset=23)
+    y = hal.compile(ident).to("openvino:CPU", strict=True).run({"x": x})["y"]
     assert y.dtype == fmt.dtype and y.tobytes() == x.tobytes()
