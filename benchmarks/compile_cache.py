@@ -8,21 +8,26 @@ Target (issue 4): a warm ``to()`` takes at most 10% of a cold one on IREE and Op
 
 For each (device, model) every measurement is a fresh process that imports hal, builds the model
 (``hal.testing.models``, benchmark sizes), runs ``hal.compile(model)`` and device discovery
-(``hal.devices()``, timed apart: it is not what the cache saves), then times
+(``hal.devices()``, timed apart: the compile cache does not save it), then times
 ``compiled.to(device, strict=True)``:
 
 - **cold**: ``HAL_CACHE_DIR`` is a new empty directory (no lowered model, no onnxruntime optimized
   model, no OpenVINO blob, no IREE vmfb);
-- **warm**: ``HAL_CACHE_DIR`` is the directory the first cold process filled.
+- **warm**: ``HAL_CACHE_DIR`` is one directory filled by an untimed first process.
 
 Cold and warm processes alternate, so load from other users of the machine falls on both alike;
-medians are reported. After ``to()`` the child times the first ``run()`` and a second one (a
-runtime may defer work to the first call) and checks whether the cache was hit rather than assuming
-it: the core's ``lower_for`` must not have run, no file under ``HAL_CACHE_DIR`` may have been
-written or changed, the backend's own counters must show a hit where it has them (``cache_hits``
-up, ``compile_count`` unchanged), and OpenVINO's compiled model must say ``LOADED_FROM_CACHE``.
-The **hit** column counts the warm processes where all of that held (and the cold ones where it
-did not, which should be all of them).
+medians are reported. Children keep Python bytecode in a private ``PYTHONPYCACHEPREFIX`` (filled
+by the untimed process), as an installed package has its ``.pyc`` files, so that compiling the
+HAL's and the plugins' sources is not what gets timed.
+
+After ``to()`` the child times the first ``run()`` and a second one (a runtime may defer work to
+the first call), and a second ``to()`` in the same process (``in-process s``: what a cache hit
+costs once the process is warm, close to the runtime's own floor for loading its artifact). It
+checks whether the cache was hit rather than assuming it: the core's ``lower_for`` must not have
+run, no file under ``HAL_CACHE_DIR`` may have been written or changed, the backend's counters must
+show a hit where it has them (``cache_hits`` up, ``compile_count`` unchanged) and OpenVINO's
+compiled model must say ``LOADED_FROM_CACHE``. **warm hits** counts the warm processes where all of
+that held, **cold hits** the cold ones (it should be 0).
 """
 
 from __future__ import annotations
@@ -45,15 +50,7 @@ from typing import Any
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 #: Backends the issue's target applies to: warm at most this fraction of cold.
 TARGET = {"openvino": 0.10, "iree": 0.10}
-DISTRIBUTIONS = (
-    "onnx-hal",
-    "numpy",
-    "onnx",
-    "onnxruntime",
-    "openvino",
-    "iree-base-compiler",
-    "iree-base-runtime",
-)
+DISTRIBUTIONS = ("onnx-hal", "numpy", "onnx", "onnxruntime", "openvino", "iree-base-compiler", "iree-base-runtime")
 _COUNTERS = ("compile_count", "cache_hits")
 
 
@@ -63,78 +60,66 @@ _COUNTERS = ("compile_count", "cache_hits")
 def _files(root: Path) -> dict[str, tuple[int, int]]:
     if not root.is_dir():
         return {}
-    return {
-        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
 
 
 def _loaded_from_cache(runner: Any) -> bool | None:
     """OpenVINO's own word on whether its compiled model came from its cache (None elsewhere)."""
     compiled = getattr(runner, "compiled", None)
     try:
-        return (
-            bool(compiled.get_property("LOADED_FROM_CACHE"))
-            if compiled is not None
-            else None
-        )
-    except Exception:  # noqa: BLE001 - a runtime without the property simply has no say
+        return bool(compiled.get_property("LOADED_FROM_CACHE")) if compiled is not None else None
+    except Exception:  # noqa: BLE001 - a runtime without the property has no say
         return None
 
 
 def _child(device_id: str, model_name: str) -> dict[str, Any]:
-    start = time.perf_counter()
+    clock = time.perf_counter
+    start = clock()
     import hal
     import hal.compiler
     from hal._plugins import registry  # the backend instance, for its cache counters
     from hal.testing import models
 
-    model = getattr(
-        models, model_name
-    )()  # the builders' defaults are the benchmark sizes
+    model = getattr(models, model_name)()  # the builders' defaults are the benchmark sizes
     feeds = models.random_feeds(model, seed=0)
     compiled = hal.compile(model)
-    setup_s = time.perf_counter() - start
+    setup_s = clock() - start
 
-    start = time.perf_counter()
+    start = clock()
     device = next(d for d in hal.devices() if d.id == device_id)
-    discovery_s = time.perf_counter() - start
+    discovery_s = clock() - start
     backend = registry().backend(device.backend)
 
-    lowerings = []
+    lowerings: list[int] = []
     lower_for = hal.compiler.lower_for
 
     def counting_lower_for(*args: Any, **kwargs: Any) -> Any:
         lowerings.append(1)
         return lower_for(*args, **kwargs)
 
-    hal.compiler.lower_for = (
-        counting_lower_for  # CompiledModel.to imports it at call time
-    )
+    hal.compiler.lower_for = counting_lower_for  # CompiledModel.to imports it at call time
     root = Path(os.environ["HAL_CACHE_DIR"])
     before_files = _files(root)
-    before = {
-        name: getattr(backend, name)
-        for name in _COUNTERS
-        if isinstance(getattr(backend, name, None), int)
-    }
+    before = {name: getattr(backend, name) for name in _COUNTERS if isinstance(getattr(backend, name, None), int)}
 
-    start = time.perf_counter()
+    start = clock()
     exe = compiled.to(device_id, strict=True)
-    to_s = time.perf_counter() - start
+    to_s = clock() - start
 
     after_files = _files(root)
     written = sorted(k for k, v in after_files.items() if before_files.get(k) != v)
     counters = {name: getattr(backend, name) - value for name, value in before.items()}
-    start = time.perf_counter()
-    exe.run(feeds)
-    first_run_s = time.perf_counter() - start
-    start = time.perf_counter()
-    exe.run(feeds)
-    second_run_s = time.perf_counter() - start
-
     loaded = _loaded_from_cache(exe.runner)
+    start = clock()
+    exe.run(feeds)
+    first_run_s = clock() - start
+    start = clock()
+    exe.run(feeds)
+    second_run_s = clock() - start
+    start = clock()
+    compiled.to(device_id, strict=True)
+    in_process_s = clock() - start
+
     hit = (
         not lowerings
         and not written
@@ -153,6 +138,7 @@ def _child(device_id: str, model_name: str) -> dict[str, Any]:
         "to_s": to_s,
         "first_run_s": first_run_s,
         "second_run_s": second_run_s,
+        "in_process_s": in_process_s,
         "hit": hit,
         "evidence": {
             "lowerings": len(lowerings),
@@ -167,23 +153,12 @@ def _child(device_id: str, model_name: str) -> dict[str, Any]:
 # -- the parent: orchestration and report ------------------------------------------------------
 
 
-def _run_child(
-    device: str, model: str, cache_dir: Path, timeout: float
-) -> dict[str, Any]:
-    env = dict(os.environ, HAL_CACHE_DIR=str(cache_dir))
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        "--devices",
-        device,
-        "--models",
-        model,
-    ]
+def _run_child(device: str, model: str, cache_dir: Path, pycache: str, timeout: float) -> dict[str, Any]:
+    env = dict(os.environ, HAL_CACHE_DIR=str(cache_dir), PYTHONPYCACHEPREFIX=pycache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--devices", device, "--models", model]
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -193,13 +168,13 @@ def _run_child(
 
 
 def _schedule(cold: int, warm: int) -> list[str]:
-    """The first cold run fills the cache the warm runs use; then warm and cold alternate."""
-    order = ["cold"]
-    for i in range(max(cold - 1, warm)):
+    """An untimed process fills the warm cache; then cold and warm processes alternate."""
+    order = ["prime"]
+    for i in range(max(cold, warm)):
+        if i < cold:
+            order.append("cold")
         if i < warm:
             order.append("warm")
-        if i < cold - 1:
-            order.append("cold")
     return order
 
 
@@ -208,54 +183,33 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _measure(device: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
+def _measure(device: str, model: str, pycache: str, args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"prime": [], "cold": [], "warm": []}
     with tempfile.TemporaryDirectory(prefix="hal-bench-cache-") as tmp:
         shared = Path(tmp) / "warm"
         for i, kind in enumerate(_schedule(args.cold, args.warm)):
-            if kind == "cold" and runs["cold"]:
-                cache_dir = Path(tmp) / f"cold-{i}"
-            else:
-                cache_dir = shared  # the first cold run fills it
-            print(
-                f"[{device} {model}] {kind} {len(runs[kind]) + 1}",
-                file=sys.stderr,
-                flush=True,
-            )
-            result = _run_child(device, model, cache_dir, args.timeout)
-            runs[kind].append(result)
-            if cache_dir != shared:
-                shutil.rmtree(
-                    cache_dir, ignore_errors=True
-                )  # a cold cache of resnet18 is ~100 MB
+            cache_dir = Path(tmp) / f"cold-{i}" if kind == "cold" else shared
+            print(f"[{device} {model}] {kind} {len(runs[kind]) + 1}", file=sys.stderr, flush=True)
+            runs[kind].append(_run_child(device, model, cache_dir, pycache, args.timeout))
+            if kind == "cold":
+                shutil.rmtree(cache_dir, ignore_errors=True)  # a cold cache of resnet18_like is ~100 MB
     errors = [r["error"] for kind in runs for r in runs[kind] if "error" in r]
     row: dict[str, Any] = {"device": device, "model": model}
     for kind in ("cold", "warm"):
         ok = [r for r in runs[kind] if "error" not in r]
-        row[f"{kind}_s"] = _median(ok, "to_s")
-        row[f"{kind}_first_run_s"] = _median(ok, "first_run_s")
-        row[f"{kind}_second_run_s"] = _median(ok, "second_run_s")
-        row[f"{kind}_with_first_run_s"] = (
-            statistics.median([r["to_s"] + r["first_run_s"] for r in ok])
-            if ok
-            else None
-        )
+        for key in ("to_s", "first_run_s", "second_run_s", "in_process_s"):
+            row[f"{kind}_{key}"] = _median(ok, key)
+        row[f"{kind}_with_first_run_s"] = statistics.median([r["to_s"] + r["first_run_s"] for r in ok]) if ok else None
         row[f"{kind}_hits"] = sum(1 for r in ok if r["hit"])
         row[f"{kind}_n"] = len(ok)
-    row["discovery_s"] = _median(
-        [r for kind in runs for r in runs[kind] if "error" not in r], "discovery_s"
-    )
-    if row["cold_s"] and row["warm_s"] is not None:
-        row["warm_over_cold"] = row["warm_s"] / row["cold_s"]
-        row["warm_over_cold_with_first_run"] = (
-            row["warm_with_first_run_s"] / row["cold_with_first_run_s"]
-        )
+    row["discovery_s"] = _median([r for kind in runs for r in runs[kind] if "error" not in r], "discovery_s")
+    if row["cold_to_s"] and row["warm_to_s"] is not None:
+        row["warm_over_cold"] = row["warm_to_s"] / row["cold_to_s"]
+        row["warm_over_cold_with_first_run"] = row["warm_with_first_run_s"] / row["cold_with_first_run_s"]
     target = TARGET.get(device.split(":", 1)[0])
     if target is not None and "warm_over_cold" in row:
         row["target"] = target
-        row["meets_target"] = (
-            row["warm_over_cold"] <= target and row["warm_hits"] == row["warm_n"] > 0
-        )
+        row["meets_target"] = row["warm_over_cold"] <= target and row["warm_hits"] == row["warm_n"] > 0
     if errors:
         row["error"] = errors[0]
     row["runs"] = runs
@@ -266,14 +220,7 @@ def _machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in f
-                    if line.startswith("model name")
-                ),
-                cpu,
-            )
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
     versions = {}
@@ -290,17 +237,17 @@ def _machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()]
-        if hasattr(os, "getloadavg")
-        else None,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": _load(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "hal_load_plugins": os.environ.get("HAL_LOAD_PLUGINS"),
         "versions": versions,
     }
+
+
+def _load() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _devices(requested: str | None) -> list[str]:
@@ -312,29 +259,29 @@ def _devices(requested: str | None) -> list[str]:
     chosen = [d.strip() for d in requested.split(",") if d.strip()]
     unknown = [d for d in chosen if d not in available]
     if unknown:
-        raise SystemExit(
-            f"not available here: {', '.join(unknown)}; available: {', '.join(available)}"
-        )
+        raise SystemExit(f"not available here: {', '.join(unknown)}; available: {', '.join(available)}")
     return chosen
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "—"
+def _fmt(value: Any, spec: str, scale: float = 1) -> str:
+    return format(value * scale, spec) if isinstance(value, (int, float)) else "—"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| device | model | cold s | warm s | warm/cold | 1st run ms cold / warm | warm/cold with 1st run | warm hits | cold hits |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = (
+        "| device | model | cold s | warm s | warm/cold | in-process s | 1st run ms cold / warm "
+        "| warm/cold with 1st run | warm hits | cold hits |"
+    )
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = _fmt(r.get("warm_over_cold"), ".1%")
         if "meets_target" in r:
-            ratio += " ✓" if r["meets_target"] else f" ✗ (target ≤{r['target']:.0%})"
-        first = f"{_fmt(_ms(r.get('cold_first_run_s')), '.0f')} / {_fmt(_ms(r.get('warm_first_run_s')), '.0f')}"
+            ratio += " ✓" if r["meets_target"] else f" ✗ (≤{r['target']:.0%})"
+        first = f"{_fmt(r.get('cold_first_run_s'), '.0f', 1000)} / {_fmt(r.get('warm_first_run_s'), '.0f', 1000)}"
         lines.append(
-            f"| {r['device']} | {r['model']} | {_fmt(r.get('cold_s'), '.3f')} | {_fmt(r.get('warm_s'), '.3f')} "
-            f"| {ratio} | {first} | {_fmt(r.get('warm_over_cold_with_first_run'), '.1%')} "
+            f"| {r['device']} | {r['model']} | {_fmt(r.get('cold_to_s'), '.3f')} | {_fmt(r.get('warm_to_s'), '.3f')} "
+            f"| {ratio} | {_fmt(r.get('warm_in_process_s'), '.3f')} | {first} "
+            f"| {_fmt(r.get('warm_over_cold_with_first_run'), '.1%')} "
             f"| {r.get('warm_hits', 0)}/{r.get('warm_n', 0)} | {r.get('cold_hits', 0)}/{r.get('cold_n', 0)} |"
         )
     for r in rows:
@@ -343,46 +290,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    p.add_argument(
-        "--devices", help="comma list of device ids (default: every available device)"
-    )
-    p.add_argument(
-        "--models",
-        default=",".join(MODELS),
-        help=f"comma list from {', '.join(MODELS)}",
-    )
-    p.add_argument(
-        "--cold",
-        type=int,
-        default=5,
-        help="cold processes per device and model, each a new cache (default 5)",
-    )
-    p.add_argument(
-        "--warm",
-        type=int,
-        default=5,
-        help="warm processes per device and model (default 5)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600,
-        help="seconds allowed to each child process",
-    )
-    p.add_argument(
-        "--json",
-        metavar="PATH",
-        help="also write machine, settings and every run as JSON",
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--devices", help="comma list of device ids (default: every available device)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {', '.join(MODELS)}")
+    p.add_argument("--cold", type=int, default=5, help="cold processes per device and model, each a new cache (default 5)")
+    p.add_argument("--warm", type=int, default=5, help="warm processes per device and model (default 5)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed to each child process")
+    p.add_argument("--json", metavar="PATH", help="also write machine, settings and every run as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -400,28 +315,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"unknown models {bad}; choose from {', '.join(MODELS)}")
     devices = _devices(args.devices)
     machine = _machine()
-    rows = [_measure(device, model, args) for model in models for device in devices]
-    load_end = (
-        [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    )
+    with tempfile.TemporaryDirectory(prefix="hal-bench-pycache-") as pycache:
+        rows = [_measure(device, model, pycache, args) for model in models for device in devices]
+    machine["load_average_end"] = _load()
+    discovery = [r["discovery_s"] for r in rows if r.get("discovery_s")]
     print(
         f"\nMachine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
-        f"load average {machine['load_average']} at start, {load_end} at end; Python {machine['python']}"
+        f"load average {machine['load_average']} at start, {machine['load_average_end']} at end; "
+        f"Python {machine['python']}"
     )
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     print(
         f"Settings: {args.cold} cold and {args.warm} warm processes per row, medians; "
-        f"HAL_LOAD_PLUGINS={machine['hal_load_plugins']!r}; discovery (not in to()) median "
-        f"{_fmt(statistics.median([r['discovery_s'] for r in rows if r.get('discovery_s')] or [0]), '.2f')} s\n"
+        f"HAL_LOAD_PLUGINS={machine['hal_load_plugins']!r}; device discovery (not in to()) median "
+        f"{_fmt(statistics.median(discovery) if discovery else None, '.2f')} s\n"
     )
     print(_table(rows))
     if args.json:
         settings = {"cold": args.cold, "warm": args.warm, "argv": sys.argv}
-        machine["load_average_end"] = load_end
         with open(args.json, "w") as f:
-            json.dump(
-                {"machine": machine, "settings": settings, "rows": rows}, f, indent=2
-            )
+            json.dump({"machine": machine, "settings": settings, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -80,12 +80,15 @@ class CompileOptions:
 
     ``reduced_precision``: allow the backend to compute in a narrower type than the model
     declares (OpenVINO's bf16 on AMX CPUs); off by default. ``cache_dir``: where the backend may
-    keep artifacts of its own (OpenVINO's model cache, IREE's vmfb). ``extra``: backend-specific
-    options, documented by each plugin.
+    keep artifacts of its own (OpenVINO's model cache, IREE's vmfb). ``model_digest``: the sha256
+    (hex) of ``model.SerializeToString(deterministic=True)``, set by the core, so a backend can name
+    its artifacts by the model without serializing and hashing it again. ``extra``:
+    backend-specific options, documented by each plugin.
     """
 
     reduced_precision: bool = False
     cache_dir: str | None = None
+    model_digest: str | None = None
     extra: Mapping[str, Any] = field(factory=dict)
 
 

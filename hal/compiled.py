@@ -13,6 +13,7 @@ caches lowered models on disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,13 @@ from hal._paths import backend_cache_dir
 from hal._plugins import registry
 from hal.backend import Backend, CompileOptions, Device
 from hal.cache import CompileCache, atomic_write, cache_key
-from hal.errors import CompileError, HalError, LoweringError, ModelError, UnavailableDeviceError
+from hal.errors import (
+    CompileError,
+    HalError,
+    LoweringError,
+    ModelError,
+    UnavailableDeviceError,
+)
 from hal.executable import Executable, LoweringStep, Placement
 from hal.model import Model, load
 
@@ -247,10 +254,11 @@ class CompiledModel:
         return [registry().device(fallback)]
 
     def _prepare(self, backend: Backend, device: Device, options: CompileOptions) -> Executable:
-        proto, steps = self._lowered(backend, device, options)
+        proto, steps, digest = self._lowered(backend, device, options)
         options = CompileOptions(
             reduced_precision=options.reduced_precision,
             cache_dir=str(backend_cache_dir(backend.name)),
+            model_digest=digest,
             extra=options.extra,
         )
         try:
@@ -266,13 +274,21 @@ class CompiledModel:
             placement=(Placement(device.id, nodes),), lowering=tuple(steps),
         )
 
-    def _lowered(self, backend: Backend, device: Device, options: CompileOptions) -> tuple[onnx.ModelProto, list[LoweringStep]]:
-        """The model lowered for ``device``: from the compile cache, or lowered and stored."""
+    def _lowered(
+        self, backend: Backend, device: Device, options: CompileOptions
+    ) -> tuple[onnx.ModelProto, list[LoweringStep], str]:
+        """The model lowered for ``device``, its steps and its digest: from the compile cache, or
+        lowered and stored.
+
+        A lowering that changed nothing is stored as its steps alone and answered with this
+        model itself, so a warm ``to()`` neither reads nor parses a copy of the model.
+        """
         import onnx
 
         from hal.compiler import lower_for
 
         key = cache_key(
+            layout=2,  # steps and digest as JSON, then the lowered model's bytes or nothing
             model=self.digest,
             device=device.id,
             capabilities=device.capabilities.to_dict(),
@@ -286,18 +302,26 @@ class CompiledModel:
         if payload is not None:
             size = int.from_bytes(payload[:8], "little")
             try:
-                steps = [LoweringStep(**s) for s in json.loads(payload[8 : 8 + size])]
-                proto = onnx.ModelProto.FromString(payload[8 + size :])
-                return proto, steps
-            except Exception:  # an entry from an incompatible version: rebuild it
+                meta = json.loads(payload[8 : 8 + size])
+                steps = [LoweringStep(**s) for s in meta["steps"]]
+                if meta["unchanged"]:
+                    return self.model.proto, steps, self.digest
+                return onnx.ModelProto.FromString(payload[8 + size :]), steps, str(meta["digest"])
+            except Exception:  # noqa: BLE001 - an entry from an incompatible version: rebuild it
                 log.warning("compile cache entry %s unusable; rebuilding", key[:12])
         if device.capabilities.stability.health.quarantined:
             msg = f"{device.id} is quarantined after failed health probes"
             raise UnavailableDeviceError(msg)
         proto, steps = lower_for(self.model.proto, device.capabilities)
-        meta = json.dumps([s.to_dict() for s in steps]).encode()
-        cache.put(key, len(meta).to_bytes(8, "little") + meta + proto.SerializeToString())
-        return proto, list(steps)
+        if proto is self.model.proto:
+            data, digest = b"", self.digest
+        else:
+            data = proto.SerializeToString(deterministic=True)
+            digest = hashlib.sha256(data).hexdigest()
+        entry = {"steps": [s.to_dict() for s in steps], "unchanged": not data, "digest": digest}
+        meta = json.dumps(entry).encode()
+        cache.put(key, len(meta).to_bytes(8, "little") + meta + data)
+        return proto, list(steps), digest
 
 
 def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:
@@ -310,7 +334,7 @@ def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:
     return error
 
 
-def compile(model: str | os.PathLike[str] | bytes | onnx.ModelProto | Model) -> CompiledModel:  # noqa: A001
+def compile(model: str | os.PathLike[str] | bytes | onnx.ModelProto | Model) -> CompiledModel:
     """Compile a model once: load it safely, optimize it hardware-independently, describe it.
 
     A file written by :meth:`CompiledModel.save` is not optimized again.

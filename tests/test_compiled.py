@@ -240,6 +240,49 @@ class TestCompileCache:
         assert backend.cache_hits == hits + 1
         assert hal_cache.info()["sections"]["compiled"]["files"] == 1
 
+    def test_warm_to_neither_lowers_nor_stores_an_unchanged_model(self, fresh_registry, linear_model, monkeypatch):
+        import hal.compiler
+        from hal._paths import cache_root
+        from hal._plugins import registry
+
+        lowerings, seen = [], []
+        lower_for = hal.compiler.lower_for
+        monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
+        backend = registry().backend("ort")
+        prepare = backend.prepare
+        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+        compiled = hal.compile(linear_model)
+        compiled.to("ort:cpu")
+        assert len(lowerings) == 1
+        (entry,) = (p for p in (cache_root() / "compiled").rglob("*") if p.is_file())
+        assert entry.stat().st_size < len(compiled.model.serialized)  # steps only, no copy of the model
+        hal.compile(linear_model).to("ort:cpu")
+        assert len(lowerings) == 1  # the warm to() took the lowering from the cache
+        for model, options in seen:
+            assert options.model_digest == compiled.digest
+            assert model.SerializeToString(deterministic=True) == compiled.model.serialized
+
+    def test_a_lowered_model_is_cached_with_its_digest(self, fresh_registry, monkeypatch):
+        import hashlib
+
+        import hal.compiler
+        from hal._plugins import registry
+
+        lowerings, seen = [], []
+        lower_for = hal.compiler.lower_for
+        monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
+        backend = registry().backend("ort")
+        prepare = backend.prepare
+        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+        for _ in range(2):
+            exe = hal.compile(int4_identity()).to("ort:cpu", fallback=None)
+            assert exe.lowering
+        assert len(lowerings) == 1
+        (cold, _), (warm, options) = seen
+        assert warm.SerializeToString(deterministic=True) == cold.SerializeToString(deterministic=True)
+        assert options.model_digest == hashlib.sha256(warm.SerializeToString(deterministic=True)).hexdigest()
+        assert options.model_digest != hal.compile(int4_identity()).digest
+
     def test_corrupt_entries_are_detected_and_rebuilt(self, fresh_registry, linear_model, caplog):
         from hal._paths import cache_root
 

@@ -10,7 +10,7 @@ Cache layout (one directory per backend, given by the core)::
     <cache_dir>/<key>.vmfb   the module, loadable by ``iree-run-module`` as is
     <cache_dir>/<key>.json   {"sha256", "size", "flags", "compiler", ...}
 
-``key`` hashes the model bytes, the target flags, the compiler version and the host CPU (for
+``key`` hashes the model's sha256, the target flags, the compiler version and the host CPU (for
 ``--iree-llvmcpu-target-cpu=host``). Both files are written to temporary names and moved into
 place with ``os.replace``, so a reader sees a whole file or none. A vmfb whose size or sha256
 does not match its ``.json`` (truncated, overwritten, half-copied) is rebuilt.
@@ -18,7 +18,9 @@ does not match its ``.json`` (truncated, overwritten, half-copied) is rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -50,9 +52,24 @@ _ONNX_OP = re.compile(r'name = "onnx\.(\w+)"|torch\.operator "onnx\.(\w+)"')
 _LOCATION = re.compile(r"^(?:<stdin>|-|loc\(.*?\)|[^:\s]*):\d+:\d+:\s*")
 
 
+@functools.cache
 def compiler_version() -> str:
-    """``iree-base-compiler``'s version and revision, e.g. ``3.13.0rc20261016@89ece87b8985``."""
-    from iree.compiler import version
+    """``iree-base-compiler``'s version and revision, e.g. ``3.13.0rc20261016@89ece87b8985``.
+
+    Read from ``iree/compiler/version.py`` without importing ``iree.compiler``, whose import loads
+    MLIR (about 60 ms): a prepare that finds its vmfb in the cache needs the version for the key
+    and nothing else from the compiler.
+    """
+    version: Any = None
+    spec = importlib.util.find_spec("iree.compiler")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+        module_spec = importlib.util.spec_from_file_location("_hal_iree_compiler_version", path)
+        if path.is_file() and module_spec is not None and module_spec.loader is not None:
+            version = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(version)
+    if getattr(version, "VERSION", None) is None:
+        from iree.compiler import version
 
     revision = (getattr(version, "REVISIONS", {}) or {}).get("IREE", "")
     return f"{version.VERSION}@{revision[:12]}" if revision else str(version.VERSION)
@@ -163,12 +180,15 @@ def _first_line(text: str) -> str:
     return text.strip()
 
 
-def cache_key(model_bytes: bytes, target: str, flags: Sequence[str], compiler: str, extra: str = "") -> str:
-    """A hex digest naming a cache entry (see the module docstring for what goes in)."""
+def cache_key(model_sha256: str, target: str, flags: Sequence[str], compiler: str, extra: str = "") -> str:
+    """A hex digest naming a cache entry (see the module docstring for what goes in).
+
+    ``model_sha256``: the sha256 (hex) of the model's deterministic serialization.
+    """
     import onnx
 
     digest = hashlib.sha256()
-    digest.update(model_bytes)
+    digest.update(model_sha256.encode())
     meta = json.dumps(
         {"format": _FORMAT, "target": target, "flags": list(flags), "compiler": compiler,
          "onnx": onnx.__version__, "extra": extra},

@@ -267,8 +267,9 @@ class IreeBackend(Backend):
         flags = self.compile_flags(device, options)
         compiler = _compile.compiler_version()
         host = _compile.host_cpu_fingerprint() if device.kind is DeviceKind.CPU else ""
-        model_bytes = model.SerializeToString(deterministic=True)
-        key = _compile.cache_key(model_bytes, device.id, flags, compiler, host)
+        # The core's digest spares serializing and hashing the model again on every prepare.
+        model_sha256 = options.model_digest or hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        key = _compile.cache_key(model_sha256, device.id, flags, compiler, host)
         cache_dir = Path(options.cache_dir) if options.cache_dir else None
 
         data = _compile.read_cached(cache_dir, key) if cache_dir else None
@@ -286,7 +287,7 @@ class IreeBackend(Backend):
             self.compile_count += 1
         if cache_dir:
             info = {"device": device.id, "flags": flags, "compiler": compiler,
-                    "model_sha256": hashlib.sha256(model_bytes).hexdigest()}
+                    "model_sha256": model_sha256}
             _compile.write_cached(cache_dir, key, data, info)
         return self._load(data, model, device)
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import feeds_for, iree_backend, mlp_model, to_strict
 
@@ -64,3 +68,29 @@ def test_damaged_vmfb_is_rebuilt(cache_dir: Path, damage: str) -> None:
     count = backend.compile_count
     to_strict(compiled, DEVICE)  # the rebuilt entry is good again
     assert backend.compile_count == count
+
+
+_WARM_CHILD = """
+import sys, hal
+from hal._plugins import registry
+exe = hal.compile(sys.argv[1]).to("iree:local-task", strict=True)
+backend = registry().backend("iree")
+print(backend.compile_count, backend.cache_hits, "iree.compiler" in sys.modules)
+"""
+
+
+def test_a_warm_process_neither_compiles_nor_loads_the_compiler(tmp_path: Path) -> None:
+    onnx.save(mlp_model(batch=3), tmp_path / "mlp.onnx")
+    env = dict(os.environ, HAL_CACHE_DIR=str(tmp_path / "cache"), HAL_LOAD_PLUGINS="iree")
+    cmd = [sys.executable, "-c", _WARM_CHILD, str(tmp_path / "mlp.onnx")]
+    cold, warm = (subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split() for _ in "12")
+    assert cold == ["1", "0", "True"]
+    assert warm == ["0", "1", "False"]  # the vmfb came from the cache; iree.compiler was never imported
+
+
+def test_compiler_version_matches_the_compiler_package() -> None:
+    from hal_iree._compile import compiler_version
+    from iree.compiler import version
+
+    revision = version.REVISIONS.get("IREE", "")[:12]
+    assert compiler_version() == (f"{version.VERSION}@{revision}" if revision else version.VERSION)

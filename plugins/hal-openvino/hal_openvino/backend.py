@@ -13,11 +13,15 @@ checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIE
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hal.backend import Backend, CompileOptions, Device
+from hal.cache import atomic_write
 from hal.capabilities import (
     Capabilities,
     DeviceKind,
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
     from hal_openvino.runner import OpenVinoRunner
 
 __all__ = ["OpenVinoBackend", "capabilities_for", "first_message"]
+
+log = logging.getLogger("hal_openvino")
 
 #: OPTIMIZATION_CAPABILITIES entries that mean hardware compute in a format.
 _CAPABILITY_FORMATS = {
@@ -193,12 +199,19 @@ class OpenVinoBackend(Backend):
     (PERFORMANCE_HINT, default ``LATENCY``: one synchronous request per executable), ``config``
     (a dict of further OpenVINO properties, passed to ``compile_model`` as is; it may not set
     INFERENCE_PRECISION_HINT unless ``reduced_precision`` is True).
+
+    OpenVINO's model cache (``CACHE_DIR``) is the core's cache directory for this backend.
+    ``compile_count`` and ``cache_hits`` count what :meth:`prepare` did, as OpenVINO reports it
+    (``LOADED_FROM_CACHE``): a hit loads the compiled blob and skips reading the model.
     """
 
     name = "openvino"
 
     def __init__(self) -> None:
         self._core: Any = None
+        self.compile_count = 0
+        self.cache_hits = 0
+        self._lock = threading.Lock()
 
     @property
     def version(self) -> str:
@@ -305,14 +318,57 @@ class OpenVinoBackend(Backend):
                     raise CompileError(msg)
         config = self.compile_config(device, options)
         core = self.core()
-        try:
-            ov_model = core.read_model(model.SerializeToString(), b"")
-        except Exception as exc:
-            msg = f"OpenVINO cannot read the model for {device.id}: {first_message(exc)}"
-            raise CompileError(msg) from exc
-        try:
-            compiled = core.compile_model(ov_model, ov_name, config)
-        except Exception as exc:
-            msg = f"OpenVINO cannot compile the model for {device.id}: {first_message(exc)}"
-            raise CompileError(msg) from exc
+        compiled = None
+        path = _model_file(model, options)
+        if path is not None:
+            try:
+                compiled = core.compile_model(str(path), ov_name, config)
+            except Exception as exc:  # noqa: BLE001 - the in-memory route below says why, precisely
+                log.debug("compiling %s from %s failed (%s); reading it from memory", device.id, path, exc)
+                path.unlink(missing_ok=True)  # a damaged file is written again next time
+        if compiled is None:
+            try:
+                ov_model = core.read_model(model.SerializeToString(), b"")
+            except Exception as exc:
+                msg = f"OpenVINO cannot read the model for {device.id}: {first_message(exc)}"
+                raise CompileError(msg) from exc
+            try:
+                compiled = core.compile_model(ov_model, ov_name, config)
+            except Exception as exc:
+                msg = f"OpenVINO cannot compile the model for {device.id}: {first_message(exc)}"
+                raise CompileError(msg) from exc
+        hit = _loaded_from_cache(compiled)
+        with self._lock:
+            if hit:
+                self.cache_hits += 1
+            else:
+                self.compile_count += 1
         return OpenVinoRunner(compiled, model)
+
+
+def _loaded_from_cache(compiled: Any) -> bool:
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except Exception:  # noqa: BLE001 - a runtime without the property loaded nothing from a cache
+        return False
+
+
+def _model_file(model: onnx.ModelProto, options: CompileOptions) -> Path | None:
+    """The model as ``<cache_dir>/models/<sha256>.onnx`` (written on first use), or None without
+    a cache directory or a digest from the core.
+
+    Given a path, OpenVINO keys its model cache by the path, the file's size and modification time
+    and the compile properties, so a warm compile loads the blob without reading, converting or
+    hashing the model (given an ``ov.Model``, it hashes the whole graph and its weights first). The
+    name is the model's sha256, so one name always means one model.
+    """
+    if not options.cache_dir or not options.model_digest:
+        return None
+    path = Path(options.cache_dir) / "models" / f"{options.model_digest}.onnx"
+    if not path.is_file():
+        try:
+            atomic_write(path, model.SerializeToString(deterministic=True))
+        except OSError as exc:  # a full or read-only disk must not fail the compile
+            log.warning("could not write %s for OpenVINO's model cache: %s", path, exc)
+            return None
+    return path

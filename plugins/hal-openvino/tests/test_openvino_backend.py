@@ -120,6 +120,47 @@ def test_model_cache_is_populated(tmp_path, monkeypatch):
     assert again.run({"x": np.zeros((1, 3, 16, 16), np.float32)})["y"].shape == (1, 8, 1, 1)
 
 
+def test_warm_compile_loads_the_blob_without_reading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+    backend = registry().backend("openvino")
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    compiles, hits = backend.compile_count, backend.cache_hits
+    cold = hal.compile(conv()).to("openvino:CPU", strict=True)
+    assert (backend.compile_count, backend.cache_hits) == (compiles + 1, hits)
+    assert list((tmp_path / "cache" / "backends" / "openvino").glob("*.blob")), "CACHE_DIR is not in HAL_CACHE_DIR"
+    core = backend.core()
+
+    class NoReading:  # what a fresh process has on a warm cache: a Core that must not parse the model
+        def read_model(self, *args, **kwargs):
+            raise AssertionError("a warm compile read the model")
+
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+    monkeypatch.setattr(backend, "_core", NoReading())
+    warm = hal.compile(conv()).to("openvino:CPU", strict=True)
+    assert (backend.compile_count, backend.cache_hits) == (compiles + 1, hits + 1)
+    assert warm.runner.compiled.get_property("LOADED_FROM_CACHE")
+    np.testing.assert_array_equal(warm.run({"x": x})["y"], cold.run({"x": x})["y"])
+
+
+def test_damaged_model_file_is_written_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "backends" / "openvino"
+    compiled = hal.compile(conv())
+    compiled.to("openvino:CPU", strict=True)
+    (model_file,) = (cache / "models").glob("*.onnx")
+    assert model_file.read_bytes() == compiled.model.serialized
+    for blob in cache.glob("*.blob"):
+        blob.unlink()
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    exe = hal.compile(conv()).to("openvino:CPU", strict=True)  # compiled from memory instead
+    assert not model_file.exists()
+    assert exe.run({"x": np.zeros((1, 3, 16, 16), np.float32)})["y"].shape == (1, 8, 1, 1)
+    hal.compile(conv()).to("openvino:CPU", strict=True)
+    assert model_file.read_bytes() == compiled.model.serialized
+
+
 def test_unsupported_operator_raises_compile_error():
     model = make(
         [helper.make_node("Add", ["x", "x"], ["y"])],
