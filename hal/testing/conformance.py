@@ -1,0 +1,323 @@
+"""ONNX node conformance through the HAL.
+
+Runs the node test cases that the ``onnx`` package defines in code
+(:func:`onnx.backend.test.case.node.collect_testcases`, one small model per case with its inputs
+and expected outputs) through :func:`hal.compile` and :meth:`hal.CompiledModel.to`, and compares
+the outputs exactly as onnx's own backend test runner does (its ``assert_similar_outputs``, with
+each case's ``rtol``/``atol``).
+
+A *target* is a device id, prepared with ``strict=True`` so that the number is that device's own,
+or ``"auto"``, the HAL's choice with its default fallback. Every case ends in one outcome per
+target:
+
+- ``pass``: every output matches;
+- ``fail``: the model ran and an output differs (shape, element type or values);
+- ``error``: the HAL refused the case with a :class:`~hal.errors.HalError` before running it
+  (``hal.compile`` or ``to()``: the device or the HAL does not support it), or the case has
+  inputs or outputs that are not tensors (sequences, optionals, maps), which the HAL's API
+  cannot express: those are errors for every target alike;
+- ``crash``: anything else: the device accepted the model and then failed to run it
+  (:class:`~hal.errors.RunError`), or an exception that is not a ``HalError``. The message says
+  which.
+
+Example::
+
+    from hal.testing import conformance
+
+    cases = conformance.collect_cases(every=10)
+    result = conformance.run(cases, ["ort:cpu", "auto"])
+    result.counts("auto")        # {"pass": ..., "fail": ..., "error": ..., "crash": ...}
+
+Compiled artifacts go where ``HAL_CACHE_DIR`` says; wrap a run in :func:`isolated_cache` to keep
+a few thousand small entries out of a user's cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from attrs import field, frozen
+
+import hal
+from hal.errors import HalError, RunError
+
+if TYPE_CHECKING:
+    import onnx
+    from onnx.backend.test.case.test_case import TestCase
+
+__all__ = [
+    "OUTCOMES",
+    "CaseResult",
+    "ConformanceResult",
+    "collect_cases",
+    "compare_outputs",
+    "isolated_cache",
+    "run",
+    "run_case",
+    "sample",
+]
+
+#: Every outcome a case can have on a target, in report order.
+OUTCOMES = ("pass", "fail", "error", "crash")
+
+AUTO = "auto"
+
+
+@frozen
+class CaseResult:
+    """One case on one target: the outcome, the device that ran it, the time and why."""
+
+    case: str
+    target: str
+    outcome: str
+    seconds: float
+    device: str | None = None  # the device that prepared the model (auto's choice), if any
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case": self.case,
+            "target": self.target,
+            "outcome": self.outcome,
+            "seconds": round(self.seconds, 4),
+            "device": self.device,
+            "message": self.message,
+        }
+
+
+@frozen
+class ConformanceResult:
+    """Outcomes of a run: ``results[target][case]`` is a :class:`CaseResult`."""
+
+    targets: tuple[str, ...]
+    cases: tuple[str, ...]
+    results: Mapping[str, Mapping[str, CaseResult]] = field(repr=False)
+
+    def outcomes(self, target: str, cases: Iterable[str] | None = None) -> dict[str, str]:
+        """``{case: outcome}`` for ``target``, over ``cases`` (default: every case it ran)."""
+        ran = self.results[target]
+        names = ran if cases is None else cases
+        return {name: ran[name].outcome for name in names}
+
+    def counts(self, target: str, cases: Iterable[str] | None = None) -> dict[str, int]:
+        """How many cases ended in each outcome on ``target`` (over ``cases`` if given)."""
+        counts = dict.fromkeys(OUTCOMES, 0)
+        for outcome in self.outcomes(target, cases).values():
+            counts[outcome] += 1
+        return counts
+
+    def passed(self, target: str) -> frozenset[str]:
+        """The cases ``target`` passed."""
+        return frozenset(n for n, r in self.results[target].items() if r.outcome == "pass")
+
+    def seconds(self, target: str) -> float:
+        """Total time spent on ``target`` (preparing and running, not ``hal.compile``)."""
+        return sum(r.seconds for r in self.results[target].values())
+
+    def slowest(self, target: str, n: int = 5) -> list[CaseResult]:
+        return sorted(self.results[target].values(), key=lambda r: r.seconds, reverse=True)[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "targets": list(self.targets),
+            "cases": list(self.cases),
+            "counts": {t: self.counts(t) for t in self.targets},
+            "seconds": {t: round(self.seconds(t), 3) for t in self.targets},
+            "results": {t: [r.to_dict() for r in self.results[t].values()] for t in self.targets},
+        }
+
+
+# -- cases ---------------------------------------------------------------------------------------
+
+
+def collect_cases(*, every: int = 1, offset: int = 0) -> list[TestCase]:
+    """onnx's node test cases sorted by name, or every ``every``-th of them from ``offset``.
+
+    Generating them runs onnx's reference code for each case: about 10 s, once per process.
+    """
+    return sample(_all_cases(), every=every, offset=offset)
+
+
+def sample(cases: Sequence[TestCase], *, every: int, offset: int = 0) -> list[TestCase]:
+    """A deterministic sample: every ``every``-th case by sorted name, starting at ``offset``."""
+    if every < 1:
+        msg = f"every must be at least 1, got {every}"
+        raise ValueError(msg)
+    return sorted(cases, key=lambda c: c.name)[offset % every :: every]
+
+
+def _all_cases() -> list[TestCase]:
+    from onnx.backend.test.case.node import collect_testcases
+
+    # Generating the cases computes their expected outputs, with numpy warnings (overflow in
+    # casts, division by zero) that some cases exercise on purpose.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(collect_testcases())
+
+
+def _unexpressible(model: onnx.ModelProto) -> str | None:
+    """Why the HAL's API cannot feed or return this model's values, or None if it can."""
+    initializers = {t.name for t in model.graph.initializer}
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            if value.name in initializers:
+                continue
+            which = value.type.WhichOneof("value")
+            if which != "tensor_type":
+                return f"{kind} {value.name!r} is a {which or 'untyped value'}; the HAL passes tensors only"
+    return None
+
+
+def _normalize(value: Any) -> Any:
+    """The runner's ``_normalize_tensor``: cases may hold TensorProto values."""
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    return value
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+
+def compare_outputs(expected: Sequence[Any], actual: Sequence[Any], *, rtol: float, atol: float) -> None:
+    """Raise AssertionError unless ``actual`` matches ``expected`` by onnx's backend test rules.
+
+    This is onnx's own ``Runner.assert_similar_outputs`` (same shapes and element types;
+    ``np.testing.assert_allclose`` with ``rtol``/``atol``; object and string arrays compared
+    exactly; bfloat16 compared in float32 with two ulps of ``rtol``; lists element by element).
+    """
+    from onnx.backend.test.runner import Runner
+
+    Runner.assert_similar_outputs(list(expected), list(actual), rtol, atol)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated_cache() -> Iterator[str]:
+    """Point ``HAL_CACHE_DIR`` at a fresh temporary directory for the block, then remove it."""
+    before = os.environ.get("HAL_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="hal-conformance-") as path:
+        os.environ["HAL_CACHE_DIR"] = path
+        try:
+            yield path
+        finally:
+            if before is None:
+                os.environ.pop("HAL_CACHE_DIR", None)
+            else:
+                os.environ["HAL_CACHE_DIR"] = before
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _prepare(compiled: hal.CompiledModel, target: str) -> hal.Executable:
+    if target == AUTO:
+        return compiled.to(AUTO)
+    return compiled.to(target, strict=True, fallback=None)
+
+
+def _run_target(
+    case: TestCase,
+    compiled: hal.CompiledModel,
+    target: str,
+    feeds_list: list[dict[str, Any]],
+    expected_list: list[list[Any]],
+    output_names: list[str],
+) -> CaseResult:
+    start = time.perf_counter()
+
+    def result(outcome: str, message: str = "", device: str | None = None) -> CaseResult:
+        return CaseResult(case.name, target, outcome, time.perf_counter() - start, device, message)
+
+    try:
+        exe = _prepare(compiled, target)
+    except HalError as exc:
+        return result("error", _first_line(exc))
+    except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
+        return result("crash", f"in to(): {_first_line(exc)}")
+    device = exe.device.id
+    for feeds, expected in zip(feeds_list, expected_list):
+        try:
+            outputs = exe.run(feeds)
+        except RunError as exc:
+            return result("crash", _first_line(exc), device)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return result("crash", f"in run(): {_first_line(exc)}", device)
+        try:
+            compare_outputs(expected, [outputs[n] for n in output_names], rtol=case.rtol, atol=case.atol)
+        except Exception as exc:  # noqa: BLE001 - the comparison's TypeErrors are mismatches too
+            return result("fail", _first_line(exc), device)
+    return result("pass", device=device)
+
+
+def run_case(case: TestCase, targets: Sequence[str]) -> dict[str, CaseResult]:
+    """Run one case on each target: compiled once with :func:`hal.compile`, then ``to(target)``."""
+    start = time.perf_counter()
+
+    def everywhere(outcome: str, message: str) -> dict[str, CaseResult]:
+        elapsed = time.perf_counter() - start
+        return {t: CaseResult(case.name, t, outcome, elapsed, None, message) for t in targets}
+
+    why = _unexpressible(case.model)
+    if why is not None:
+        return everywhere("error", why)
+    try:
+        compiled = hal.compile(case.model)
+    except HalError as exc:
+        return everywhere("error", f"hal.compile: {_first_line(exc)}")
+    except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
+        return everywhere("crash", f"hal.compile: {_first_line(exc)}")
+    initializers = {t.name for t in case.model.graph.initializer}
+    input_names = [v.name for v in case.model.graph.input if v.name not in initializers]
+    output_names = [v.name for v in case.model.graph.output]
+    feeds_list = [{n: _normalize(v) for n, v in zip(input_names, inputs)} for inputs, _ in case.data_sets]
+    expected_list = [[_normalize(v) for v in outputs] for _, outputs in case.data_sets]
+    return {t: _run_target(case, compiled, t, feeds_list, expected_list, output_names) for t in targets}
+
+
+def run(
+    cases: Iterable[TestCase],
+    targets: Sequence[str] | Mapping[str, Iterable[str] | None],
+    *,
+    progress: Callable[[int, TestCase, dict[str, CaseResult]], None] | None = None,
+) -> ConformanceResult:
+    """Run ``cases`` on ``targets``.
+
+    ``targets`` is a list of device ids and ``"auto"``, or a mapping from target to the names
+    of the cases it should run (``None``: all), so slow devices can run a sample while the
+    others run everything; a case is compiled once for all the targets that run it.
+    ``progress(index, case, results)`` is called after each case.
+    """
+    wanted: dict[str, frozenset[str] | None] = (
+        {t: None if names is None else frozenset(names) for t, names in targets.items()}
+        if isinstance(targets, Mapping)
+        else dict.fromkeys(targets)
+    )
+    results: dict[str, dict[str, CaseResult]] = {t: {} for t in wanted}
+    names: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy and runtime warnings that cases provoke on purpose
+        for index, case in enumerate(cases):
+            names.append(case.name)
+            these = [t for t, only in wanted.items() if only is None or case.name in only]
+            if not these:
+                continue
+            outcome = run_case(case, these)
+            for target, res in outcome.items():
+                results[target][case.name] = res
+            if progress is not None:
+                progress(index, case, outcome)
+    return ConformanceResult(tuple(wanted), tuple(names), results)
