@@ -37,7 +37,16 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-DISTRIBUTIONS = ("onnx-hal", "onnx", "onnxruntime", "openvino", "iree-base-compiler", "iree-base-runtime")
+DISTRIBUTIONS = (
+    "onnx-hal",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-cann",
+    "openvino",
+    "iree-base-compiler",
+    "iree-base-runtime",
+)
 
 
 def _versions() -> dict[str, str]:

@@ -30,6 +30,11 @@ Example::
 
 Compiled artifacts go where ``HAL_CACHE_DIR`` says; wrap a run in :func:`isolated_cache` to keep
 a few thousand small entries out of a user's cache.
+
+Cases run one after another in this process, with no time limit per case: over all 1884 cases
+(onnx 1.23) the slowest took up to 1 s on onnxruntime, 0.3 s on OpenVINO and 5.4 s on IREE (whose
+0.7 s average is its compiler's), and none crashed the process. ``CaseResult.seconds`` and
+:meth:`ConformanceResult.slowest` show it again for other versions.
 """
 
 from __future__ import annotations
