@@ -353,11 +353,16 @@ class Memory:
 class OpsetRange:
     """The default-domain ONNX opsets a backend accepts, inclusive, and the newest ONNX IR
     version its model loader reads (``None``: any). Lowering converts a model into the range and
-    lowers its IR version when the model uses nothing the older IR lacks."""
+    lowers its IR version when the model uses nothing the older IR lacks.
+
+    ``max_loadable``: a newer opset the backend still reads though some kernels are missing there
+    (onnxruntime 1.32 reads opset 28 but has no CPU QuantizeLinear-28): a model up to it is
+    converted down to ``max`` when possible and otherwise tried as it is."""
 
     min: int = 7
     max: int = 25
     max_ir_version: int | None = None
+    max_loadable: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.min > self.max:

@@ -340,6 +340,29 @@ class TestConvertOpset:
         x = _f32((1, 3, 8, 8))
         np.testing.assert_array_equal(_ort(model, {"x": x})[0], _ort(out, {"x": x})[0])
 
+    def _cumprod(self, opset: int = 26) -> onnx.ModelProto:  # CumProd is new in opset 26
+        return _model(
+            [h.make_node("CumProd", ["x", "axis"], ["y"])],
+            [_vi("x", T.FLOAT, [4])], [_vi("y", T.FLOAT, [4])],
+            [h.make_tensor("axis", T.INT64, [], [0])], opset=opset,
+        )
+
+    def test_unconvertible_but_loadable_is_kept_as_is(self) -> None:
+        model = self._cumprod()
+        with pytest.raises(LoweringError, match="CumProd"):
+            convert_opset(model, OpsetRange(7, 25))
+        out, steps = convert_opset(model, OpsetRange(7, 25, max_loadable=26))
+        assert out is model and [s.kind for s in steps] == ["convert-opset"]
+        assert "kept at opset 26" in steps[0].detail and "reads up to 26" in steps[0].detail
+        with pytest.raises(LoweringError, match="CumProd"):  # newer than the backend reads
+            convert_opset(self._cumprod(27), OpsetRange(7, 25, max_loadable=26))
+
+    @pytest.mark.skipif(runtime_limits().max_opset < 26, reason="this onnxruntime does not read opset 26")
+    def test_opset26_operator_runs_on_ort_cpu(self) -> None:
+        exe = hal.compile(self._cumprod()).to("ort:cpu", strict=True)
+        assert "kept at opset 26" in exe.lowering[0].detail
+        np.testing.assert_array_equal(exe.run({"x": np.array([1, 2, 3, 4], np.float32)})["y"], [1, 2, 6, 24])
+
     def test_in_range_is_untouched(self) -> None:
         model = _conv_bn(11)
         out, steps = convert_opset(model, OpsetRange(7, 25))

@@ -244,18 +244,21 @@ def probe_runtime_limits() -> RuntimeLimits:
 
 def fit_capabilities(caps: Capabilities, *, cpu_kernels: bool = True) -> Capabilities:
     """``caps`` narrowed to what the installed onnxruntime reads: the opset range capped at its
-    newest opset and its newest IR version. With ``cpu_kernels`` (a table for the CPU execution
+    newest opset (and ``max_loadable`` raised to it when it reads newer opsets than the table
+    prefers) and its newest IR version. With ``cpu_kernels`` (a table for the CPU execution
     provider), float8_e8m0 is also dropped when the CPU provider has no kernels for it; other
     providers' kernels are their plugin's business. Every onnxruntime-based backend applies this
     to its declared table."""
     limits = runtime_limits()
     opsets = caps.opsets
+    top = max(opsets.min, min(opsets.max, limits.max_opset))
     fitted = OpsetRange(
         opsets.min,
-        max(opsets.min, min(opsets.max, limits.max_opset)),
+        top,
         limits.max_ir_version
         if opsets.max_ir_version is None
         else min(opsets.max_ir_version, limits.max_ir_version),
+        limits.max_opset if limits.max_opset > top else None,
     )
     changes: dict[str, Any] = {"opsets": fitted}
     if cpu_kernels and not limits.float8_e8m0 and caps.formats[NumberFormat.FLOAT8_E8M0] is not Support.NONE:

@@ -199,17 +199,22 @@ def _convert_default_opset(
     try:
         out = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
+        why = f"onnx.version_converter failed with {type(exc).__name__}: {_first_line(exc)}"
+        kept = _kept_as_is(proto, source, target, opsets, why)
+        if kept is not None:
+            return kept
         msg = (
             f"cannot convert the model from opset {source} to {target} (the backend accepts "
-            f"{opsets.min}..{opsets.max}): onnx.version_converter failed with {type(exc).__name__}: "
-            f"{_first_line(exc)}; operators that differ between the two opsets: {', '.join(changed) or 'none'}"
+            f"{opsets.min}..{opsets.max}): {why}; operators that differ between the two opsets: "
+            f"{', '.join(changed) or 'none'}"
         )
         raise LoweringError(msg) from exc
     if default_opset(out) != target:
-        msg = (
-            f"cannot convert the model from opset {source} to {target}: onnx.version_converter "
-            f"returned opset {default_opset(out)}"
-        )
+        why = f"onnx.version_converter returned opset {default_opset(out)}"
+        kept = _kept_as_is(proto, source, target, opsets, why)
+        if kept is not None:
+            return kept
+        msg = f"cannot convert the model from opset {source} to {target}: {why}"
         raise LoweringError(msg)
     _raise_ir_version(out)
     detail = (
@@ -217,6 +222,21 @@ def _convert_default_opset(
         f"operators adapted: {', '.join(changed)}"
     )
     return out, [LoweringStep("convert-opset", detail)]
+
+
+def _kept_as_is(
+    proto: onnx.ModelProto, source: int, target: int, opsets: OpsetRange, why: str
+) -> tuple[onnx.ModelProto, list[LoweringStep]] | None:
+    """A model newer than ``opsets.max`` that cannot be converted down is left as it is when the
+    backend still reads its opset (``opsets.max_loadable``): most of its kernels exist there,
+    and the backend's own compile says which do not."""
+    if opsets.max_loadable is None or not source > opsets.max or source > opsets.max_loadable:
+        return None
+    detail = (
+        f"kept at opset {source}: converting it to {target} failed ({why}); the backend prefers "
+        f"{opsets.min}..{opsets.max} but reads up to {opsets.max_loadable}"
+    )
+    return proto, [LoweringStep("convert-opset", detail)]
 
 
 def _raise_ir_version(proto: onnx.ModelProto) -> None:
