@@ -4,8 +4,11 @@
 models (an MLP, a ResNet-18-like CNN, a transformer encoder) at full or small size, and
 ``zoo()`` / ``random_feeds()`` for agreement tests between devices.
 
-The conformance kit (a pytest plugin a vendor's test suite enables) will live here too; it has
-no public API yet.
+``hal.testing.conformance`` runs the ONNX node test cases defined in the onnx package through
+the HAL, on each device (strict) and through ``to("auto")``, and compares outputs as onnx's own
+backend runner does: a plugin author's first measure of how much of ONNX their device covers
+(``python benchmarks/conformance.py``). A pytest plugin wrapping it for vendors' suites is future
+work.
 """
 
 from __future__ import annotations
