@@ -80,6 +80,8 @@ def assess(model: Model, device: Device) -> Verdict:
     return Verdict(device.id, "lowered" if steps else "as-is", steps=tuple(steps))
 
 
+#: Lowering steps after which every operator means what it meant (ranked as if as is).
+_MEANING_KEEPING = frozenset({"convert-opset", "ir-version"})
 _KIND_ORDER = {"gpu": 0, "npu": 0, "cpu": 1, "simulated": 2}
 _MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
 
@@ -87,17 +89,18 @@ _MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
 def rank(model: Model, devices: Sequence[Device]) -> list[tuple[Device, Verdict]]:
     """Devices that can run ``model``, best first, each with its verdict.
 
-    The default policy: devices that run the model as is before those that need lowering;
-    accelerators before CPUs before simulated chips; declared maturity; then the embedded
-    ``ort:cpu`` first among equals, as the reference implementation. Devices that cannot run the
-    model are left out.
+    The default policy: devices that run the model as it is written before those whose lowering
+    changes how it computes (element-type legalization); opset and IR-version conversion do not
+    count against a device, since they keep every operator's meaning; then accelerators before
+    CPUs before simulated chips; declared maturity; then the embedded ``ort:cpu`` first among
+    equals, as the reference implementation. Devices that cannot run the model are left out.
     """
     verdicts = [(d, assess(model, d)) for d in devices]
     usable = [(d, v) for d, v in verdicts if v.status != "cannot"]
     return sorted(
         usable,
         key=lambda dv: (
-            dv[1].status != "as-is",
+            any(step.kind not in _MEANING_KEEPING for step in dv[1].steps),
             _KIND_ORDER.get(dv[0].kind.value, 3),
             _MATURITY_ORDER.get(dv[0].capabilities.stability.maturity.value, 4),
             dv[0].id != "ort:cpu",

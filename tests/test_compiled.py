@@ -174,6 +174,16 @@ class TestAuto:
         assert ranked == ["ref:0", "ort:cpu"]
         assert compiled.to("auto").device.id == "ref:0"
 
+    def test_opset_conversion_does_not_demote_a_device(self, with_reference):
+        # Opset 6: ort:cpu (7..25) converts it, ref:0 (1..25) takes it as is; conversion keeps
+        # every operator's meaning, so the tie goes to ort:cpu as the reference implementation.
+        model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2])],
+                           [("y", TensorProto.FLOAT, [2])], opset=6, ir_version=3)
+        compiled = hal.compile(model)
+        ranked = [(d.id, v.status) for d, v in hal.compiled.rank(compiled.model, hal.devices())]
+        assert ranked == [("ort:cpu", "lowered"), ("ref:0", "as-is")]
+        assert compiled.to("auto").device.id == "ort:cpu"
+
     def test_verdicts(self, with_reference):
         model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"])],
                            [("a", TensorProto.BFLOAT16, [2, 2]), ("b", TensorProto.BFLOAT16, [2, 2])],
