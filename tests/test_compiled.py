@@ -40,6 +40,20 @@ def int4_identity():
                       [("x", TensorProto.INT4, [4])], [("y", TensorProto.INT4, [4])], opset=21)
 
 
+def _spy_on_lowering(monkeypatch):
+    """Record each lower_for call and each (model, options) the ort backend is asked to prepare."""
+    import hal.compiler
+    from hal._plugins import registry
+
+    lowerings, seen = [], []
+    lower_for = hal.compiler.lower_for
+    monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
+    backend = registry().backend("ort")
+    prepare = backend.prepare
+    monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+    return lowerings, seen
+
+
 class ReferenceBackend(hal.Backend):
     """A second real backend for fallback tests: ONNX's reference evaluator, any format."""
 
@@ -251,16 +265,9 @@ class TestCompileCache:
         assert hal_cache.info()["sections"]["compiled"]["files"] == 1
 
     def test_warm_to_neither_lowers_nor_stores_an_unchanged_model(self, fresh_registry, linear_model, monkeypatch):
-        import hal.compiler
         from hal._paths import cache_root
-        from hal._plugins import registry
 
-        lowerings, seen = [], []
-        lower_for = hal.compiler.lower_for
-        monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
-        backend = registry().backend("ort")
-        prepare = backend.prepare
-        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+        lowerings, seen = _spy_on_lowering(monkeypatch)
         compiled = hal.compile(linear_model)
         compiled.to("ort:cpu")
         assert len(lowerings) == 1
@@ -275,15 +282,7 @@ class TestCompileCache:
     def test_a_lowered_model_is_cached_with_its_digest(self, fresh_registry, monkeypatch):
         import hashlib
 
-        import hal.compiler
-        from hal._plugins import registry
-
-        lowerings, seen = [], []
-        lower_for = hal.compiler.lower_for
-        monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
-        backend = registry().backend("ort")
-        prepare = backend.prepare
-        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+        lowerings, seen = _spy_on_lowering(monkeypatch)
         for _ in range(2):
             exe = hal.compile(int4_identity()).to("ort:cpu", fallback=None)
             assert exe.lowering
