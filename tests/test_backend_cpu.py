@@ -101,3 +101,24 @@ class TestRuntimeLimits:
             assert hort.RuntimeLimits(**__import__("json").loads(entry.read_text())) == first
         finally:
             hort.runtime_limits.cache_clear()
+
+
+class TestOptimizedModelCache:
+    def test_keyed_by_the_cores_digest_without_rehashing(self, tmp_path):
+        """With CompileOptions.model_digest set, the backend trusts it: a hit needs no
+        serialization or hashing of the model (the core's digest is the model's identity)."""
+        from hal._plugins import registry
+        from hal.backend import CompileOptions
+
+        backend, device = registry().backend("ort"), registry().device("ort:cpu")
+        model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, [2])])
+        options = CompileOptions(cache_dir=str(tmp_path), model_digest="ab" * 32)
+        hits = backend.cache_hits
+        backend.prepare(model, device, options)
+        assert backend.cache_hits == hits and len(list(tmp_path.glob("*.ort.onnx"))) == 1
+        runner = backend.prepare(model, device, options)
+        assert backend.cache_hits == hits + 1
+        np.testing.assert_array_equal(runner.run({"x": np.array([-1.0, 2.0], np.float32)}, ["y"])[0], [0.0, 2.0])
+        other = CompileOptions(cache_dir=str(tmp_path), model_digest="cd" * 32)
+        backend.prepare(model, device, other)  # another digest is another entry
+        assert backend.cache_hits == hits + 1 and len(list(tmp_path.glob("*.ort.onnx"))) == 2

@@ -310,10 +310,17 @@ class OrtBackend(Backend):
                 f"install {self.distribution} for device {device.id}"
             )
             raise CompileError(msg)
-        data = model.SerializeToString()
-        session = self._cached_session(data, device, options, providers)
+        # The core passes the model's digest, so a cache hit neither serializes nor hashes it.
+        data = None
+        digest = options.model_digest
+        if digest is None:
+            data = model.SerializeToString()
+            digest = hashlib.sha256(data).hexdigest()
+        path = self._cache_path(digest, model, device, options, providers)
+        session = self._cached_session(path, device, options, providers)
         if session is None:
-            session = self._new_session(data, device, options, providers)
+            data = data if data is not None else model.SerializeToString()
+            session = self._new_session(data, path, device, options, providers)
         used = session.get_providers()
         if not used or used[0] != wanted:
             msg = (
@@ -330,20 +337,21 @@ class OrtBackend(Backend):
             data, sess_options=so, providers=[n for n, _ in providers], provider_options=[o for _, o in providers]
         )
 
-    def _cache_path(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Path | None:
-        if not options.cache_dir or options.extra.get("session_config") or len(data) > 2**30:
+    def _cache_path(
+        self, digest: str, model: onnx.ModelProto, device: Device, options: CompileOptions, providers: list[Any]
+    ) -> Path | None:
+        if not options.cache_dir or options.extra.get("session_config") or model.ByteSize() > 2**30:
             return None  # custom session configs may change what gets optimized: do not share
         key = cache_key(
-            model=hashlib.sha256(data).hexdigest(), device=device.id, providers=providers,
+            model=digest, device=device.id, providers=providers,
             onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
         )
         return Path(options.cache_dir) / f"{key}.ort.onnx"
 
-    def _cached_session(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
+    def _cached_session(self, path: Path | None, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
         """A session from onnxruntime's optimized model of an earlier compile, or None."""
         import onnxruntime as ort
 
-        path = self._cache_path(data, device, options, providers)
         if path is None or not path.exists():
             return None
         so = self.session_options(device, options)
@@ -357,8 +365,9 @@ class OrtBackend(Backend):
         self.cache_hits += 1
         return session
 
-    def _new_session(self, data: bytes, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
-        path = self._cache_path(data, device, options, providers)
+    def _new_session(
+        self, data: bytes, path: Path | None, device: Device, options: CompileOptions, providers: list[Any]
+    ) -> Any:
         so = self.session_options(device, options)
         tmp = None
         if path is not None:
