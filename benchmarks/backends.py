@@ -37,29 +37,18 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import Any
 
 import numpy as np
+from _machine import machine_info
 
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
-DISTRIBUTIONS = (
-    "onnx-hal",
-    "numpy",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "openvino",
-    "iree-base-compiler",
-    "iree-base-runtime",
-)
 
 
 # -- work done in child processes --------------------------------------------------------------
@@ -210,34 +199,7 @@ def _run_child(args: list[str], cache_dir: str, timeout: float) -> dict[str, Any
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {}
-    for dist in DISTRIBUTIONS:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    import hal
 
-    for plugin in hal.plugins():
-        if plugin.status == "loaded" and not plugin.builtin:
-            versions[plugin.distribution] = plugin.version
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hal_load_plugins": os.environ.get("HAL_LOAD_PLUGINS"),
-        "versions": versions,
-    }
 
 
 def _devices(requested: str | None) -> list[str]:
@@ -342,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"unknown models {bad}; choose from {', '.join(MODELS)}")
     devices = _devices(args.devices)
-    machine = _machine()
+    machine = machine_info()
     rows = _measure(devices, models, args)
     print(
         f"\nMachine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,14 +42,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _machine import load_average, machine_info
 
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 #: Backends the issue's target applies to: warm at most this fraction of cold.
 TARGET = {"openvino": 0.10, "iree": 0.10}
-DISTRIBUTIONS = ("onnx-hal", "numpy", "onnx", "onnxruntime", "openvino", "iree-base-compiler", "iree-base-runtime")
 _COUNTERS = ("compile_count", "cache_hits")
 
 
@@ -216,38 +215,10 @@ def _measure(device: str, model: str, pycache: str, args: argparse.Namespace) ->
     return row
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {}
-    for dist in DISTRIBUTIONS:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    import hal
-
-    for plugin in hal.plugins():
-        if plugin.status == "loaded" and not plugin.builtin:
-            versions[plugin.distribution] = plugin.version
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average": _load(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hal_load_plugins": os.environ.get("HAL_LOAD_PLUGINS"),
-        "versions": versions,
-    }
 
 
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 
 
 def _devices(requested: str | None) -> list[str]:
@@ -314,10 +285,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"unknown models {bad}; choose from {', '.join(MODELS)}")
     devices = _devices(args.devices)
-    machine = _machine()
+    machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="hal-bench-pycache-") as pycache:
         rows = [_measure(device, model, pycache, args) for model in models for device in devices]
-    machine["load_average_end"] = _load()
+    machine["load_average_end"] = load_average()
     discovery = [r["discovery_s"] for r in rows if r.get("discovery_s")]
     print(
         f"\nMachine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "

@@ -30,33 +30,12 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
-DISTRIBUTIONS = (
-    "onnx-hal",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnxruntime-cann",
-    "openvino",
-    "iree-base-compiler",
-    "iree-base-runtime",
-)
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+from _machine import machine_info, versions
 
 
 def _devices(spec: str | None) -> list[str]:
@@ -166,13 +145,12 @@ def _run(args: argparse.Namespace, conformance: Any) -> None:
     print(
         f"\n{len(cases)} cases (every {args.sample}. by name from {args.offset}); collected in {collected:.1f} s, {wall:.0f} s in all"
     )
-    print("Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()) + "\n")
+    print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + "\n")
     print(_table(result) + "\n")
     print("\n".join(lines))
     if args.json:
         data = {
-            "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "load_average_end": load},
-            "versions": _versions(),
+            "machine": {**machine_info(), "load_average_end": load},
             "settings": {"sample": args.sample, "offset": args.offset, "targets": targets},
             "wall_s": round(wall, 1),
             **summary,

@@ -1,0 +1,63 @@
+"""What every benchmark records about where it ran: CPU, cores, load, Python, package versions.
+
+Shared by the scripts in this directory (``python benchmarks/X.py`` puts it on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+#: Distributions whose versions a result depends on (those not installed are left out).
+DISTRIBUTIONS = (
+    "onnx-hal",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-cann",
+    "openvino",
+    "iree-base-compiler",
+    "iree-base-runtime",
+)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of :data:`DISTRIBUTIONS` and of every loaded external HAL plugin."""
+    found = {}
+    for dist in DISTRIBUTIONS:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    import hal
+
+    for plugin in hal.plugins():
+        if plugin.status == "loaded" and not plugin.builtin:
+            found[plugin.distribution] = plugin.version
+    return found
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": load_average(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hal_load_plugins": os.environ.get("HAL_LOAD_PLUGINS"),
+        "versions": versions(),
+    }
