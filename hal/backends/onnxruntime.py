@@ -283,6 +283,24 @@ class OrtBackend(Backend):
 
         return str(onnxruntime.__version__)
 
+    def provider_problem(self, provider: str, install: str | None = None) -> tuple[str | None, str]:
+        """Why the installed onnxruntime cannot offer ``provider`` (None when it lists it) and
+        its version ("" when it does not import). ``install`` is the pip advice for an import
+        failure (default: :attr:`distribution`). Listing a provider does not prove its libraries
+        load: plugins check those themselves."""
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return f"onnxruntime does not import ({exc}); pip install {install or self.distribution}", ""
+        version = str(ort.__version__)
+        available = ort.get_available_providers()
+        if provider not in available:
+            return (
+                f"this onnxruntime build ({version}, providers {available}) has no {provider}; "
+                f"uninstall onnxruntime and install {self.distribution} (they share the module)"
+            ), version
+        return None, version
+
     def providers(self, device: Device, options: CompileOptions) -> list[tuple[str, dict[str, Any]]]:
         """Execution providers, most preferred first, with their options."""
         return [("CPUExecutionProvider", {})]

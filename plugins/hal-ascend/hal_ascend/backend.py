@@ -271,23 +271,12 @@ class AscendBackend(OrtBackend):
 
     def _runtime_problem(self) -> tuple[str | None, str]:
         """Why onnxruntime-cann cannot run CANNExecutionProvider here (None if it can)."""
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            # onnxruntime-cann fails this way under numpy 2 ("import numpy failed").
-            return f"onnxruntime does not import ({exc}); pip install onnxruntime-cann 'numpy<2'", ""
-        version = str(ort.__version__)
-        available = ort.get_available_providers()
-        if _PROVIDER not in available:
-            return (
-                (
-                    f"this onnxruntime build ({version}, providers {available}) has no {_PROVIDER}; "
-                    "uninstall onnxruntime and install onnxruntime-cann (they share the module)"
-                ),
-                version,
-            )
-        problem = provider_library_problem()
-        return (f"{problem}; {_INSTALL_ADVICE}" if problem else None), version
+        # onnxruntime-cann fails to import under numpy 2 ("import numpy failed").
+        problem, version = self.provider_problem(_PROVIDER, install="onnxruntime-cann 'numpy<2'")
+        if problem is None:
+            missing = provider_library_problem()
+            problem = f"{missing}; {_INSTALL_ADVICE}" if missing else None
+        return problem, version
 
     # -- compiling -------------------------------------------------------------------------------
 

@@ -337,22 +337,11 @@ class CudaBackend(OrtBackend):
 
     def _runtime_problem(self, provider: str) -> tuple[str | None, str]:
         """Why onnxruntime cannot run ``provider`` here (None if it can), and its version."""
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            return f"onnxruntime does not import ({exc}); pip install onnxruntime-gpu", ""
-        version = str(ort.__version__)
-        available = ort.get_available_providers()
-        if provider not in available:
-            return (
-                (
-                    f"this onnxruntime build ({version}, providers {available}) has no {provider}; "
-                    "uninstall onnxruntime and install onnxruntime-gpu (they share the module)"
-                ),
-                version,
-            )
-        problem = provider_library_problem(provider)
-        return (f"{problem}; {_INSTALL_ADVICE}" if problem else None), version
+        problem, version = self.provider_problem(provider)
+        if problem is None:
+            missing = provider_library_problem(provider)
+            problem = f"{missing}; {_INSTALL_ADVICE}" if missing else None
+        return problem, version
 
     # -- compiling -------------------------------------------------------------------------------
 
