@@ -28,6 +28,7 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from hal.capabilities import Capabilities, NumberFormat, Support
+from hal.compiler._graph import subgraphs
 from hal.errors import LoweringError
 from hal.executable import LoweringStep
 
@@ -131,18 +132,10 @@ def _needs_legalizing(level: Support) -> bool:
     return not level.at_least(Support.EMULATED)
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _all_graphs(sub)
 
 
@@ -246,7 +239,7 @@ class _Legalizer:
         )  # Cast-back outputs, pruned below when nothing reads them
         nodes: list[onnx.NodeProto] = []
         for node in graph.node:
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 self.legalize(sub, dict(types), dict(wide_of))
             if node.op_type in _LEFT_AS_IS and node.domain in _DEFAULT_DOMAINS:
                 nodes.append(node)
@@ -346,7 +339,7 @@ class _Legalizer:
         read = {o.name for o in graph.output}
         for node in nodes:
             read.update(node.input)
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 for g in _all_graphs(sub):
                     read.update(o.name for o in g.output)
                     for n in g.node:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import onnx
 
 from hal.capabilities import OpsetRange
+from hal.compiler._graph import all_nodes, subgraphs
 from hal.errors import LoweringError
 from hal.executable import LoweringStep
 
@@ -27,18 +28,6 @@ def default_opset(proto: onnx.ModelProto) -> int | None:
         if imp.domain in _DEFAULT_DOMAINS:
             return int(imp.version)
     return None
-
-
-def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of a graph and of its subgraphs (If/Loop/Scan bodies), depth first."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _nodes(g)
 
 
 def _since(op_type: str, version: int) -> int | None:
@@ -56,7 +45,7 @@ def _changed_ops(proto: onnx.ModelProto, source: int, target: int) -> list[str]:
     """
     changed = set()
     seen = set()
-    for node in _nodes(proto.graph):
+    for node in all_nodes(proto.graph):
         if node.domain not in _DEFAULT_DOMAINS or node.op_type in seen:
             continue
         seen.add(node.op_type)
@@ -114,11 +103,8 @@ def _graph_types(graph: onnx.GraphProto) -> Iterator[tuple[int, str]]:
                 yield attr.i, where
             elif attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t.data_type, where
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_types(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graph_types(g)
+        for sub in subgraphs(node):
+            yield from _graph_types(sub)
 
 
 def min_ir_version(proto: onnx.ModelProto) -> tuple[int, str]:

@@ -11,13 +11,13 @@ quantized kernels) are left alone. Every pass is linear in the number of nodes.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from hal.compiler._graph import subgraphs
 from hal.executable import LoweringStep
 
 __all__ = ["MAX_FOLD_BYTES", "optimize"]
@@ -115,14 +115,6 @@ def _infer_shapes(proto: onnx.ModelProto, steps: list[LoweringStep]) -> onnx.Mod
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph's nodes read, including those of nested subgraphs.
 
@@ -135,7 +127,7 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
         g = stack.pop()
         for node in g.node:
             names.update(node.input)
-            stack.extend(_subgraphs(node))
+            stack.extend(subgraphs(node))
         names.update(o.name for o in g.output)
     return names
 
@@ -145,7 +137,7 @@ def _consumed_names(graph: onnx.GraphProto) -> set[str]:
     names = {o.name for o in graph.output}
     for node in graph.node:
         names.update(node.input)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             names |= _outer_names(sub)
     names.discard("")
     return names
@@ -366,7 +358,7 @@ def _eliminate_identities(graph: onnx.GraphProto, steps: list[LoweringStep]) -> 
     graph_outputs = {o.name for o in graph.output}
     in_subgraphs: set[str] = set()
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             in_subgraphs |= _outer_names(sub)
     rename: dict[str, str] = {}
     kept: list[onnx.NodeProto] = []
@@ -412,7 +404,7 @@ def _remove_dead_nodes(graph: onnx.GraphProto, steps: list[LoweringStep]) -> Non
         live.append(alive)
         if alive:
             needed.update(node.input)
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 needed |= _outer_names(sub)
     live.reverse()
     dead = Counter(n.op_type for n, alive in zip(graph.node, live) if not alive)
