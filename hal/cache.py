@@ -1,7 +1,8 @@
 """The on-disk compile cache.
 
 Entries live under ``HAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/onnx-hal`` or
-``~/.cache/onnx-hal``): ``compiled/`` holds models lowered for a device, ``backends/<name>/``
+``~/.cache/onnx-hal``): ``compiled/`` holds models lowered for a device, ``verified/`` the
+verdicts of checking them against a reference (:mod:`hal.verification`), ``backends/<name>/``
 holds each backend's own artifacts (onnxruntime's optimized models, OpenVINO's blobs, IREE's
 vmfbs).
 
@@ -88,7 +89,7 @@ def info() -> dict[str, Any]:
     """Entries and bytes per cache section, for ``hal cache info``."""
     root = cache_root()
     sections: dict[str, dict[str, int]] = {}
-    candidates = [root / "compiled"]
+    candidates = [root / "compiled", root / "verified"]
     backends = root / "backends"
     if backends.is_dir():
         candidates += sorted(p for p in backends.iterdir() if p.is_dir())
@@ -105,7 +106,7 @@ def clear() -> int:
     """Remove every cache entry the HAL and its backends wrote; returns bytes freed."""
     root = cache_root()
     freed = 0
-    for section in (root / "compiled", root / "backends"):
+    for section in (root / "compiled", root / "verified", root / "backends"):
         if section.is_dir():
             freed += sum(p.stat().st_size for p in section.rglob("*") if p.is_file())
             shutil.rmtree(section, ignore_errors=True)
