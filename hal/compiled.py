@@ -17,7 +17,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -31,10 +32,13 @@ from hal.errors import (
     HalError,
     LoweringError,
     ModelError,
+    InputError,
     UnavailableDeviceError,
+    VerificationError,
 )
 from hal.executable import Executable, LoweringStep, Placement
 from hal.model import Model, load
+from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, compare, seeded_feeds
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -140,6 +144,23 @@ class CompiledModel:
     def __init__(self, model: Model, manifest: dict[str, Any]) -> None:
         self.model = model
         self.manifest = manifest
+        self._references: dict[bool, Reference] = {}
+        self._lock = threading.Lock()
+
+    def _reference(self, device_id: str) -> Reference:
+        """The reference devices are verified against (shared by every device but ort:cpu,
+        which must not be its own reference)."""
+        own = device_id == "ort:cpu"
+        with self._lock:
+            reference = self._references.get(own)
+            if reference is None:
+                reference = Reference(
+                    self.model.proto,
+                    exclude=device_id if own else "",
+                    ort_cpu=lambda: self.to("ort:cpu", verify=False, fallback=None),
+                )
+                self._references[own] = reference
+            return reference
 
     def __repr__(self) -> str:
         return f"<hal.CompiledModel {self.model.name!r} {self.digest[:12]}>"
@@ -185,6 +206,8 @@ class CompiledModel:
         fallback: str | None = "auto",
         strict: bool = False,
         reduced_precision: bool = False,
+        verify: bool | str = True,
+        example: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> Executable:
         """Lower the model for ``device`` and prepare it there.
@@ -203,7 +226,20 @@ class CompiledModel:
         ``reduced_precision``: let backends compute in narrower types than declared (e.g.
         OpenVINO's bf16 on AMX CPUs); off by default. Other keyword arguments go to the backend
         as ``CompileOptions.extra``.
+
+        ``verify``: ``True`` (default) runs the lowered model once on the device and on a
+        reference (the ONNX reference evaluator, or ``ort:cpu``; see :mod:`hal.verification`) with
+        seeded inputs and compares every output; a device that disagrees raises
+        :class:`~hal.errors.VerificationError`, or is skipped (WARNING, a ``fallback`` step) when
+        ``auto``, a list or a fallback offers another. The verdict is cached with the lowered
+        model, so a warm ``to()`` does not verify again. ``"each-shape"`` also checks the first
+        run of every new input-shape signature (for models with dynamic dimensions); ``False``
+        skips verification. ``example``: real inputs to verify with (by input name), instead of
+        seeded ones; dynamic dimensions then take the example's sizes.
         """
+        if verify not in (True, False, "each-shape"):
+            msg = f"verify={verify!r} is not one of True, False, 'each-shape'"
+            raise InputError(msg)
         reg = registry()
         options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
         candidates = self._candidates(device)
@@ -216,13 +252,15 @@ class CompiledModel:
                 continue
             tried.add(target.id)
             try:
-                exe = self._prepare(reg.backend(target.backend), target, options)
+                exe = self._prepare(reg.backend(target.backend), target, options, verify, example)
             except (CompileError, UnavailableDeviceError) as exc:
                 failures.append((target, exc))
                 if candidates:  # the caller's own list (or auto's ranking) goes on
                     continue
                 if strict or fallback is None:
                     first, first_exc = failures[0]
+                    if isinstance(first_exc, VerificationError) and len(failures) == 1:
+                        raise first_exc
                     raise _no_fallback(first, first_exc, strict) from exc
                 if explicit:
                     candidates = self._fallbacks(fallback, tried)
@@ -231,7 +269,11 @@ class CompiledModel:
                 first, reason = failures[0]
                 moved = f"all {len(self.model.proto.graph.node)} nodes moved from {first.id} to {target.id}"
                 log.warning("fallback: %s: %s", moved, reason)
-                exe.lowering = (LoweringStep("fallback", f"{moved}: {reason}"), *exe.lowering)
+                skipped = [LoweringStep("fallback", f"{moved}: {reason}")]
+                for other, other_reason in failures[1:]:
+                    log.warning("fallback: %s skipped too: %s", other.id, other_reason)
+                    skipped.append(LoweringStep("fallback", f"{other.id} skipped: {other_reason}"))
+                exe.lowering = (*skipped, *exe.lowering)
             return exe
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or "no available device can run it"
         msg = f"no device could compile {self.model.name!r}: {reasons}"
@@ -256,8 +298,21 @@ class CompiledModel:
             return [d for d, _ in rank(self.model, registry().devices()) if d.id not in tried]
         return [registry().device(fallback)]
 
-    def _prepare(self, backend: Backend, device: Device, options: CompileOptions) -> Executable:
-        proto, steps, digest = self._lowered(backend, device, options)
+    def _prepare(
+        self,
+        backend: Backend,
+        device: Device,
+        options: CompileOptions,
+        verify: bool | str = False,
+        example: Mapping[str, Any] | None = None,
+    ) -> Executable:
+        proto, steps, digest, key = self._lowered(backend, device, options)
+        check = None
+        if verify:
+            check = _Verification(self, device, key, options.reduced_precision, example)
+            if check.cached is not None and not check.cached.passed and check.cached.status == "failed":
+                raise check.cached.error()
+            check.start()
         options = CompileOptions(
             reduced_precision=options.reduced_precision,
             cache_dir=str(backend_cache_dir(backend.name)),
@@ -272,16 +327,27 @@ class CompiledModel:
             msg = f"backend {backend.name} failed to compile for {device.id}: {type(exc).__name__}: {exc}"
             raise CompileError(msg) from exc
         nodes = tuple(n.name or f"{n.op_type}#{i}" for i, n in enumerate(proto.graph.node))
-        return Executable(
+        if check is not None and verify == "each-shape":
+            runner = ShapeCheckedRunner(
+                runner, check.reference, self.model.outputs, device.id,
+                reduced_precision=options.reduced_precision, seen={check.signature},
+            )
+        exe = Executable(
             runner, device, self.model.inputs, self.model.outputs,
             placement=(Placement(device.id, nodes),), lowering=tuple(steps),
         )
+        if check is not None:
+            report = check.finish(exe)
+            kind = "unverified" if report.status == "skipped" else "verified"
+            exe.lowering = (*exe.lowering, LoweringStep(kind, report.summary()))
+            exe.verification = report
+        return exe
 
     def _lowered(
         self, backend: Backend, device: Device, options: CompileOptions
-    ) -> tuple[onnx.ModelProto, list[LoweringStep], str]:
-        """The model lowered for ``device``, its steps and its digest: from the compile cache, or
-        lowered and stored.
+    ) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
+        """The model lowered for ``device``, its steps, its digest and its cache key: from the
+        compile cache, or lowered and stored.
 
         A lowering that changed nothing is stored as its steps alone and answered with this
         model itself, so a warm ``to()`` neither reads nor parses a copy of the model.
@@ -308,8 +374,8 @@ class CompiledModel:
                 meta = json.loads(payload[8 : 8 + size])
                 steps = [LoweringStep(**s) for s in meta["steps"]]
                 if meta["unchanged"]:
-                    return self.model.proto, steps, self.digest
-                return onnx.ModelProto.FromString(payload[8 + size :]), steps, str(meta["digest"])
+                    return self.model.proto, steps, self.digest, key
+                return onnx.ModelProto.FromString(payload[8 + size :]), steps, str(meta["digest"]), key
             except Exception:  # noqa: BLE001 - an entry from an incompatible version: rebuild it
                 log.warning("compile cache entry %s unusable; rebuilding", key[:12])
         if device.capabilities.stability.health.quarantined:
@@ -324,7 +390,130 @@ class CompiledModel:
         entry = {"steps": [s.to_dict() for s in steps], "unchanged": not data, "digest": digest}
         meta = json.dumps(entry).encode()
         cache.put(key, len(meta).to_bytes(8, "little") + meta + data)
-        return proto, list(steps), digest
+        return proto, list(steps), digest, key
+
+
+#: Bump when what a cached verdict means changes (tolerances, seeded inputs, comparison).
+_VERIFY_FORMAT = 1
+
+
+class _Verification:
+    """One device's verification inside ``to()``: the cached verdict, or the reference computed
+    on a thread while the backend compiles, then the device's own run compared with it."""
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        device: Device,
+        lowering_key: str,
+        reduced_precision: bool,
+        example: Mapping[str, Any] | None,
+    ) -> None:
+        from hal.verification import budget_seconds
+
+        self.device = device
+        self.outputs = compiled.model.outputs
+        self.reduced_precision = reduced_precision
+        self.example = example is not None
+        self.feeds = seeded_feeds(compiled.model.inputs, example=example)
+        self.signature = _signature(self.feeds)
+        self.key_of_feeds = _feeds_digest(self.feeds) if example is not None else "seeded"
+        self.reference = compiled._reference(device.id)  # noqa: SLF001 - the model's own helper
+        self.key = cache_key(
+            lowering=lowering_key,
+            verify=_VERIFY_FORMAT,
+            feeds=self.key_of_feeds,
+            reduced_precision=reduced_precision,
+            budget=budget_seconds(),
+        )
+        self.cached = _cached_report(self.key)
+        self._thread: threading.Thread | None = None
+        self._expected: tuple[dict[str, Any], str] | None = None
+        self._problem: HalError | None = None
+
+    def start(self) -> None:
+        """Compute the reference's outputs on a thread (it overlaps the backend's compile)."""
+        if self.cached is not None:
+            return
+        self._thread = threading.Thread(target=self._reference_run, name="hal-verify-reference", daemon=True)
+        self._thread.start()
+
+    def _reference_run(self) -> None:
+        try:
+            self._expected = self.reference.run(self.feeds, key=self.key_of_feeds)
+        except HalError as exc:
+            self._problem = exc
+        except Exception as exc:  # noqa: BLE001 - a reference's own bug leaves the device unverified, said so
+            self._problem = HalError(f"the reference failed: {type(exc).__name__}: {exc}")
+
+    def finish(self, exe: Executable) -> VerificationReport:
+        """The verdict for ``exe``; raises :class:`VerificationError` when the device disagrees."""
+        if self.cached is not None:
+            return self.cached
+        import time
+
+        start = time.perf_counter()
+        assert self._thread is not None
+        self._thread.join()
+        dev = self.device.id
+        if self._expected is None:
+            detail = str(self._problem)
+            report = VerificationReport(dev, "skipped", detail=detail, seconds=time.perf_counter() - start)
+            # INFO, not WARNING: nothing is wrong, and the step on the executable says it.
+            log.info("%s: %s", dev, report.summary())
+        else:
+            device_error: HalError | None = None
+            try:
+                actual = exe.run(self.feeds)
+            except InputError:
+                raise  # an example that does not fit the model: the caller's mistake to hear about
+            except HalError as exc:
+                device_error = exc
+            seconds = time.perf_counter() - start
+            expected, name = self._expected
+            if device_error is not None:
+                report = VerificationReport(
+                    dev, "failed", name, detail=f"{dev} failed on inputs {name} runs: {device_error}", seconds=seconds
+                )
+            else:
+                checks = compare(actual, expected, self.outputs, reduced_precision=self.reduced_precision)
+                status = "passed" if all(c.passed for c in checks) else "failed"
+                report = VerificationReport(dev, status, name, checks, seconds=seconds)
+        _verdicts().put(self.key, json.dumps(report.to_dict()).encode())
+        if report.status == "failed":
+            raise report.error()
+        return report
+
+
+def _verdicts() -> CompileCache:
+    from hal._paths import cache_root
+
+    return CompileCache(cache_root() / "verified")
+
+
+def _cached_report(key: str) -> VerificationReport | None:
+    payload = _verdicts().get(key)
+    if payload is None:
+        return None
+    try:
+        return VerificationReport.from_dict(json.loads(payload))
+    except Exception:  # noqa: BLE001 - an entry from another version: verify again
+        return None
+
+
+def _signature(feeds: Mapping[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((name, tuple(getattr(value, "shape", ()))) for name, value in feeds.items()))
+
+
+def _feeds_digest(feeds: Mapping[str, Any]) -> str:
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(feeds):
+        array = np.asarray(feeds[name])
+        h.update(f"{name}:{array.dtype}:{array.shape}:".encode())
+        h.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
+    return h.hexdigest()
 
 
 def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:

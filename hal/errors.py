@@ -18,6 +18,7 @@ __all__ = [
     "RunError",
     "UnavailableDeviceError",
     "UnknownDeviceError",
+    "VerificationError",
 ]
 
 
@@ -65,6 +66,17 @@ class CompileError(HalError):
 
 class LoweringError(CompileError):
     """A model cannot be lowered for a device without a fallback the caller forbade."""
+
+
+class VerificationError(CompileError):
+    """A device ran the model but its answers differ from the reference's beyond the tolerance.
+
+    ``report`` is the :class:`hal.verification.VerificationReport`: every output's max absolute and
+    relative error and the tolerance it was held to. A subclass of :class:`CompileError`, so
+    ``auto``, device lists and fallback move on to the next device.
+    """
+
+    report = None
 
 
 class RunError(HalError, RuntimeError):

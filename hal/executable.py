@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from attrs import frozen
 
-from hal.errors import InputError, RunError
+from hal.errors import InputError, RunError, VerificationError
 
 if TYPE_CHECKING:
     from hal.backend import Device, Runner
@@ -67,6 +67,9 @@ class Executable:
         self.outputs = tuple(outputs)
         self.placement = tuple(placement)
         self.lowering = tuple(lowering)
+        #: The :class:`~hal.verification.VerificationReport` from placement, or None when
+        #: ``to(..., verify=False)`` skipped it.
+        self.verification = None
         self._run = runner.run
         self._output_names = [o.name for o in self.outputs]
         self._output_set = frozenset(self._output_names)
@@ -140,6 +143,8 @@ class Executable:
                 raise InputError(msg)
         try:
             results = self._run(feeds, names)  # type: ignore[arg-type]
+        except VerificationError:
+            raise  # verify="each-shape" caught the device answering wrong: say so as it is
         except Exception as exc:
             text = str(exc).strip().splitlines()
             msg = f"{self.device.id} failed to run the model: {text[0] if text else type(exc).__name__}"

@@ -1,0 +1,544 @@
+"""Verification: a device's answers checked against a reference before anyone relies on them.
+
+A backend's success is not proof of a right answer. :meth:`hal.CompiledModel.to` runs the lowered
+model once on the device and once on a *reference* with the same seeded inputs and compares every
+output; a device that disagrees beyond the tolerance is refused with a
+:class:`~hal.errors.VerificationError` (and skipped under ``auto``, a device list or a fallback).
+
+The reference is the ONNX reference evaluator (:class:`onnx.reference.ReferenceEvaluator`, which
+defines what each operator means) when its estimated cost for the model fits the budget
+(``HAL_VERIFY_BUDGET_S``, default 0.5 s) and it finishes within four times that; otherwise the
+embedded ``ort:cpu`` device. A device is never verified against itself: when ``ort:cpu`` is
+the device and the evaluator cannot run the model within the budget, the model is left
+unverified and the step says so.
+
+Tolerances, per output element type (:data:`TOLERANCES`), are normwise: an output passes when
+``max|actual - expected| <= atol + rtol * max|expected|`` over its finite elements, with NaN and
+infinities in the same places and the same shape and element type. Integers, booleans and strings
+must match exactly. With ``reduced_precision=True`` float32 outputs get bfloat16's tolerance,
+since the device may compute in bfloat16.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from attrs import field, frozen
+
+from hal.capabilities import NumberFormat
+from hal.errors import HalError, InputError, VerificationError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from hal.model import TensorInfo
+
+__all__ = [
+    "TOLERANCES",
+    "OutputCheck",
+    "Reference",
+    "Tolerance",
+    "ShapeCheckedRunner",
+    "VerificationReport",
+    "compare",
+    "seeded_feeds",
+    "tolerance_for",
+]
+
+log = logging.getLogger("hal.verification")
+
+REFERENCE_EVALUATOR = "onnx-reference"
+
+
+@frozen
+class Tolerance:
+    """Normwise tolerance: ``max|actual - expected| <= atol + rtol * max|expected|``."""
+
+    rtol: float
+    atol: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"rtol": self.rtol, "atol": self.atol}
+
+
+_EXACT = Tolerance(0.0, 0.0)
+
+#: Tolerance per output element type. Float formats allow a few units in the last place of the
+#: format, scaled by the output's largest magnitude: runtimes sum in different orders, and a deep
+#: model accumulates that. Formats absent here (integers, bool, string) must match exactly.
+TOLERANCES: dict[NumberFormat, Tolerance] = {
+    NumberFormat.FLOAT64: Tolerance(1e-9, 1e-12),
+    NumberFormat.FLOAT32: Tolerance(1e-4, 1e-6),
+    NumberFormat.FLOAT16: Tolerance(1e-2, 1e-4),
+    NumberFormat.BFLOAT16: Tolerance(3e-2, 1e-3),
+    NumberFormat.FLOAT8_E4M3FN: Tolerance(0.125, 1e-2),
+    NumberFormat.FLOAT8_E4M3FNUZ: Tolerance(0.125, 1e-2),
+    NumberFormat.FLOAT8_E5M2: Tolerance(0.25, 1e-2),
+    NumberFormat.FLOAT8_E5M2FNUZ: Tolerance(0.25, 1e-2),
+    NumberFormat.FLOAT8_E8M0: Tolerance(0.5, 0.0),
+    NumberFormat.FLOAT4_E2M1: Tolerance(0.5, 0.25),
+}
+
+
+def tolerance_for(fmt: NumberFormat, *, reduced_precision: bool = False) -> Tolerance:
+    """The tolerance an output of ``fmt`` is checked with (see :data:`TOLERANCES`)."""
+    if reduced_precision and fmt is NumberFormat.FLOAT32:
+        return TOLERANCES[NumberFormat.BFLOAT16]
+    return TOLERANCES.get(fmt, _EXACT)
+
+
+@frozen
+class OutputCheck:
+    """One output compared: the largest absolute and relative (to the output's largest
+    magnitude) error, the tolerance, and why it failed if it did."""
+
+    name: str
+    passed: bool
+    max_abs: float
+    max_rel: float
+    tolerance: Tolerance
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "rtol": self.tolerance.rtol,
+            "atol": self.tolerance.atol,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputCheck:
+        return cls(
+            str(data["name"]), bool(data["passed"]), float(data["max_abs"]), float(data["max_rel"]),
+            Tolerance(float(data["rtol"]), float(data["atol"])), data.get("reason"),
+        )
+
+    def describe(self) -> str:
+        if self.reason:
+            return f"output {self.name!r}: {self.reason}"
+        verdict = "within" if self.passed else "exceeds"
+        return (
+            f"output {self.name!r}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
+            f"({verdict} rtol={self.tolerance.rtol:g}, atol={self.tolerance.atol:g})"
+        )
+
+
+@frozen
+class VerificationReport:
+    """A device's outputs against the reference's: ``status`` is ``passed``, ``failed`` or
+    ``skipped`` (no reference could run the model; ``detail`` says why)."""
+
+    device: str
+    status: str
+    reference: str | None = None
+    checks: tuple[OutputCheck, ...] = field(default=(), converter=tuple)
+    detail: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def summary(self) -> str:
+        if self.status == "skipped":
+            return f"not verified: {self.detail}"
+        worst = max(self.checks, key=lambda c: (not c.passed, c.max_rel), default=None)
+        shown = worst.describe() if worst is not None else "no outputs"
+        word = "matches" if self.passed else "does not match"
+        return f"{self.device} {word} {self.reference}: {shown}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "status": self.status,
+            "reference": self.reference,
+            "checks": [c.to_dict() for c in self.checks],
+            "detail": self.detail,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VerificationReport:
+        return cls(
+            str(data["device"]), str(data["status"]), data.get("reference"),
+            tuple(OutputCheck.from_dict(c) for c in data.get("checks", ())),
+            data.get("detail"), float(data.get("seconds", 0.0)),
+        )
+
+    def error(self) -> VerificationError:
+        """The :class:`VerificationError` for a failed report, naming the worst output."""
+        failed = [c for c in self.checks if not c.passed]
+        parts = "; ".join(c.describe() for c in failed) or self.detail or "outputs differ"
+        msg = (
+            f"{self.device} answers differently from {self.reference}: {parts}. The device is not "
+            "used; place the model elsewhere, or pass verify=False to accept it unchecked"
+        )
+        error = VerificationError(msg)
+        error.report = self
+        return error
+
+
+# -- seeded inputs -------------------------------------------------------------------------------
+
+#: Sizes given to dynamic dimensions: the leading (batch) axis gets 1, the others 16 — small, but
+#: large enough for a few stride-2 stages. Pass real inputs as ``example=`` where they matter.
+BATCH_SIZE = 1
+DYNAMIC_SIZE = 16
+
+
+def seeded_feeds(
+    inputs: Sequence[TensorInfo],
+    *,
+    seed: int = 0,
+    example: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """One array per input, drawn from ``seed``, or taken from ``example`` where given.
+
+    Floats are standard normal (rounded to the format), integers in [0, 2) so that they index
+    any non-empty axis, booleans fair coin flips, strings short words. A symbolic dimension gets
+    one size everywhere it appears (from ``example`` where an example input fixes it).
+    """
+    example = dict(example or {})
+    unknown = sorted(set(example) - {i.name for i in inputs})
+    if unknown:
+        msg = f"example inputs {unknown} are not inputs of the model; its inputs are {[i.name for i in inputs]}"
+        raise InputError(msg)
+    symbols: dict[str, int] = {}
+    for info in inputs:
+        if info.name in example and info.shape is not None:
+            shape = np.shape(example[info.name])
+            for d, size in zip(info.shape, shape):
+                if isinstance(d, str) and d:
+                    symbols.setdefault(d, int(size))
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for info in inputs:
+        if info.name in example:
+            feeds[info.name] = np.asarray(example[info.name])
+            continue
+        shape = tuple(
+            d if isinstance(d, int) and d > 0
+            else symbols.setdefault(d, BATCH_SIZE if axis == 0 else DYNAMIC_SIZE) if isinstance(d, str) and d
+            else (BATCH_SIZE if axis == 0 else DYNAMIC_SIZE)
+            for axis, d in enumerate(info.shape or ())
+        )
+        feeds[info.name] = _random(info.format, shape, rng)
+    return feeds
+
+
+def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    dtype = fmt.dtype
+    if fmt is NumberFormat.STRING:
+        return rng.choice(np.array(["a", "bc", "def"], dtype=object), shape)
+    if fmt is NumberFormat.BOOL:
+        return rng.random(shape) < 0.5
+    if fmt.is_float or np.issubdtype(dtype, np.complexfloating):
+        values = rng.standard_normal(shape)
+        if fmt is NumberFormat.FLOAT8_E8M0:
+            values = np.abs(values) + 0.5  # e8m0 holds positive powers of two only
+        return values.astype(np.float32).astype(dtype)
+    return rng.integers(0, 2, shape).astype(dtype)
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+
+def compare(
+    actual: Mapping[str, np.ndarray],
+    expected: Mapping[str, np.ndarray],
+    outputs: Sequence[TensorInfo],
+    *,
+    reduced_precision: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> tuple[OutputCheck, ...]:
+    """Compare every declared output; ``rtol``/``atol`` override the per-type tolerances."""
+    checks = []
+    for info in outputs:
+        tol = tolerance_for(info.format, reduced_precision=reduced_precision)
+        if rtol is not None or atol is not None:
+            tol = Tolerance(tol.rtol if rtol is None else rtol, tol.atol if atol is None else atol)
+        checks.append(_compare_one(info.name, actual.get(info.name), expected.get(info.name), tol))
+    return tuple(checks)
+
+
+def _compare_one(name: str, got: Any, want: Any, tol: Tolerance) -> OutputCheck:
+    def fail(reason: str) -> OutputCheck:
+        return OutputCheck(name, False, math.inf, math.inf, tol, reason)
+
+    if got is None:
+        return fail("missing from the device's outputs")
+    if want is None:
+        return fail("missing from the reference's outputs")
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return fail(f"shape {list(got.shape)}, the reference gives {list(want.shape)}")
+    if got.dtype != want.dtype:
+        return fail(f"element type {got.dtype}, the reference gives {want.dtype}")
+    if got.size == 0:
+        return OutputCheck(name, True, 0.0, 0.0, tol)
+    if got.dtype == object or got.dtype.kind in "biuUSV" or not _is_numeric_float(got.dtype):
+        same = bool(np.array_equal(got, want))
+        mismatched = 0 if same else int(np.count_nonzero(got != want))
+        return OutputCheck(name, same, 0.0 if same else math.inf, 0.0 if same else math.inf, _EXACT,
+                           None if same else f"{mismatched} of {got.size} elements differ (exact match required)")
+    g = got.astype(np.float64)
+    w = want.astype(np.float64)
+    g_nan, w_nan = np.isnan(g), np.isnan(w)
+    if not np.array_equal(g_nan, w_nan):
+        return fail(f"NaN in {int(np.count_nonzero(g_nan != w_nan))} places where the reference has none (or the reverse)")
+    g_inf, w_inf = np.isinf(g), np.isinf(w)
+    if not np.array_equal(np.where(g_inf, g, 0), np.where(w_inf, w, 0)):
+        return fail(f"infinities differ in {int(np.count_nonzero(g_inf != w_inf) or np.count_nonzero(g_inf))} places")
+    finite = ~(w_nan | w_inf)
+    if not finite.any():
+        return OutputCheck(name, True, 0.0, 0.0, tol)
+    diff = np.abs(g[finite] - w[finite])
+    scale = float(np.max(np.abs(w[finite])))
+    max_abs = float(diff.max())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    passed = max_abs <= tol.atol + tol.rtol * scale
+    return OutputCheck(name, passed, max_abs, max_rel, tol)
+
+
+def _is_numeric_float(dtype: np.dtype) -> bool:
+    try:
+        return NumberFormat.from_dtype(dtype).is_float
+    except (KeyError, ValueError, TypeError):
+        return dtype.kind == "f"
+
+
+# -- the reference -------------------------------------------------------------------------------
+
+
+def budget_seconds() -> float:
+    """``HAL_VERIFY_BUDGET_S``: how long the reference evaluator may take for one model."""
+    raw = os.environ.get("HAL_VERIFY_BUDGET_S")
+    if raw is None:
+        return 0.5
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"HAL_VERIFY_BUDGET_S={raw!r} is not a number of seconds; set it to e.g. 0.5 (0 turns the evaluator off)"
+        raise HalError(msg)
+    return value
+
+
+#: Estimated seconds per output element for operators the evaluator runs element by element in
+#: Python (np.vectorize), and for everything else. Measured with onnx 1.23 on a 2-core EPYC.
+_SLOW_ELEMENTWISE = frozenset({"Erf", "Round", "IsInf", "IsNaN", "Cast", "CastLike", "Mod", "BitShift"})
+_PER_ELEMENT_SLOW = 2.5e-7
+_PER_ELEMENT = 5e-9
+_PER_MAC_MATMUL = 2e-10
+_PER_MAC_CONV = 7e-10
+_PER_NODE = 3e-5
+
+
+def estimate_evaluator_seconds(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> float:
+    """A rough estimate of the reference evaluator's time for one run, from the shapes that
+    shape inference left on the model, with symbolic dimensions sized as in ``feeds``.
+
+    Unknown shapes count as small: the evaluator's deadline catches what this misses.
+    """
+    graph = proto.graph
+    sizes: dict[str, int] = {}
+    for value in graph.input:
+        if value.name in feeds:
+            for d, size in zip(value.type.tensor_type.shape.dim, np.shape(feeds[value.name])):
+                if d.dim_param:
+                    sizes.setdefault(d.dim_param, int(size))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tt = value.type.tensor_type
+        if value.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[value.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, DYNAMIC_SIZE) for d in tt.shape.dim
+            )
+    for t in graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    total = 0.0
+    for node in graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        elems = float(np.prod(out)) if out is not None else 0.0
+        total += _PER_NODE
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger") and len(node.input) >= 2:
+            a = shapes.get(node.input[0])
+            k = a[-1] if a else 1
+            if node.op_type == "Gemm" and a and any(x.name == "transA" and x.i for x in node.attribute):
+                k = a[0]
+            total += elems * k * _PER_MAC_MATMUL
+        elif node.op_type in ("Conv", "ConvInteger", "ConvTranspose") and len(node.input) >= 2:
+            w = shapes.get(node.input[1])
+            per_out = float(np.prod(w[1:])) if w else 1.0
+            total += elems * per_out * _PER_MAC_CONV
+        elif node.op_type in _SLOW_ELEMENTWISE:
+            total += elems * _PER_ELEMENT_SLOW
+        else:
+            total += elems * _PER_ELEMENT
+    return total
+
+
+class _Deadline(Exception):
+    pass
+
+
+class Reference:
+    """Runs a model the way its operators are defined, to check a device against.
+
+    ``run(feeds)`` returns ``(outputs, reference name)`` or raises :class:`HalError` when no
+    reference can run the model. ``exclude`` is the device under test (never its own reference).
+    ``ort_cpu`` is a callable returning an ``ort:cpu`` :class:`~hal.Executable` for the model,
+    built only if the evaluator cannot be used.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, *, exclude: str, ort_cpu: Any, budget: float | None = None) -> None:
+        self.proto = proto
+        self.exclude = exclude
+        self._ort_cpu = ort_cpu
+        self.budget = budget_seconds() if budget is None else budget
+        self._lock = threading.Lock()
+        self._evaluator: Any = None
+        self._ort_exe: Any = None
+        self._deadline = threading.local()
+        self._memo: dict[str, tuple[dict[str, np.ndarray], str]] = {}
+
+    def run(self, feeds: Mapping[str, np.ndarray], *, key: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """The reference's outputs for ``feeds`` and its name; ``key`` names the feeds so that
+        verifying a second device on the same inputs reuses the answer."""
+        if key is not None:
+            with self._lock:
+                memo = self._memo.get(key)
+            if memo is not None:
+                return memo
+        result = self._run(feeds)
+        if key is not None:
+            with self._lock:
+                self._memo[key] = result
+        return result
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        why_not = self._evaluator_problem(feeds)
+        if why_not is None:
+            try:
+                return self._evaluate(feeds), REFERENCE_EVALUATOR
+            except _Deadline:
+                why_not = f"the ONNX reference evaluator took over {4 * self.budget:g} s (HAL_VERIFY_BUDGET_S={self.budget:g})"
+            except Exception as exc:  # noqa: BLE001 - the evaluator lacks many ops and types: use ort:cpu
+                why_not = f"the ONNX reference evaluator cannot run it ({type(exc).__name__}: {_first_line(exc)})"
+        if self.exclude == "ort:cpu":
+            msg = f"{why_not}, and ort:cpu is the device under test (never verified against itself)"
+            raise HalError(msg)
+        with self._lock:
+            if self._ort_exe is None:
+                try:
+                    self._ort_exe = self._ort_cpu()
+                except HalError as exc:
+                    msg = f"{why_not}, and ort:cpu cannot run it either: {exc}"
+                    raise HalError(msg) from exc
+        try:
+            return self._ort_exe.run(dict(feeds)), "ort:cpu"
+        except HalError as exc:
+            msg = f"{why_not}, and ort:cpu failed on the seeded inputs: {exc}"
+            raise HalError(msg) from exc
+
+    def _evaluator_problem(self, feeds: Mapping[str, np.ndarray]) -> str | None:
+        if self.budget <= 0:
+            return "the ONNX reference evaluator is turned off (HAL_VERIFY_BUDGET_S=0)"
+        estimate = estimate_evaluator_seconds(self.proto, feeds)
+        if estimate > self.budget:
+            return (
+                f"the ONNX reference evaluator would take about {estimate:.1f} s for this model "
+                f"(budget HAL_VERIFY_BUDGET_S={self.budget:g})"
+            )
+        return None
+
+    def _evaluate(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from onnx.reference import ReferenceEvaluator
+
+        with self._lock:
+            if self._evaluator is None:
+                self._evaluator = ReferenceEvaluator(self.proto)
+                # The evaluator cannot be interrupted; a deadline checked before each node bounds
+                # it. ``rt_nodes_`` is its list of node runners (onnx 1.13 to 1.23); without it,
+                # the estimate alone bounds the time.
+                for node in getattr(self._evaluator, "rt_nodes_", ()):
+                    node.run = _bounded(node.run, self._deadline)
+            evaluator = self._evaluator
+        self._deadline.at = time.perf_counter() + 4 * self.budget
+        names = [o.name for o in self.proto.graph.output]
+        values = evaluator.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+        return {n: np.asarray(v) for n, v in zip(names, values)}
+
+
+def _bounded(run: Any, deadline: threading.local) -> Any:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if time.perf_counter() > getattr(deadline, "at", math.inf):
+            raise _Deadline
+        return run(*args, **kwargs)
+
+    return bounded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+class ShapeCheckedRunner:
+    """A runner that checks the first run of every new input-shape signature against the
+    reference (``verify="each-shape"``), for models whose dynamic dimensions make one check at
+    placement cover one shape only. A mismatch raises :class:`VerificationError`; a shape the
+    reference cannot run is logged once and left unchecked. Later runs of a checked signature
+    cost one set lookup."""
+
+    def __init__(
+        self,
+        runner: Any,
+        reference: Reference,
+        outputs: Sequence[TensorInfo],
+        device: str,
+        *,
+        reduced_precision: bool = False,
+        seen: set[Any] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.reference = reference
+        self.outputs = {o.name: o for o in outputs}
+        self.device = device
+        self.reduced_precision = reduced_precision
+        self._seen = set(seen or ())
+        self._lock = threading.Lock()
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        results = self.runner.run(feeds, output_names)
+        signature = tuple(sorted((name, array.shape) for name, array in feeds.items()))
+        if signature in self._seen:
+            return results
+        try:
+            expected, name = self.reference.run(feeds)
+        except HalError as exc:
+            log.warning("%s: inputs of shape %s not verified: %s", self.device, dict(signature), exc)
+        else:
+            infos = [self.outputs[n] for n in output_names]
+            checks = compare(dict(zip(output_names, results)), expected, infos, reduced_precision=self.reduced_precision)
+            report = VerificationReport(self.device, "passed" if all(c.passed for c in checks) else "failed", name, checks)
+            if not report.passed:
+                error = report.error()
+                error.args = (f"for inputs of shape {dict(signature)}: {error}",)
+                raise error
+        with self._lock:
+            self._seen.add(signature)
+        return results

@@ -1,0 +1,315 @@
+"""Verification at placement: a device's answers against a reference before anyone relies on them.
+
+The wrong device here is an in-process backend that computes with the ONNX reference evaluator and
+then perturbs its answer on purpose (everywhere, or only for some input shapes, as a runtime that
+miscompiles one shape does): a stand-in for hardware answering wrong, which no real runtime on
+this machine does on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import hal
+from hal.errors import HalError, InputError, VerificationError
+from hal.testing import models
+from hal.testing.build import make_model
+from hal.verification import (
+    TOLERANCES,
+    Reference,
+    Tolerance,
+    compare,
+    estimate_evaluator_seconds,
+    seeded_feeds,
+    tolerance_for,
+)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+class Counter:
+    runs = 0
+
+
+class DriftBackend(hal.Backend):
+    """Answers right, then adds ``offset`` to float outputs whose first input's axis 2 is in
+    ``wrong_sizes`` (every size when None)."""
+
+    name = "drift"
+    version = "1"
+
+    def __init__(self, offset: float = 0.1, wrong_sizes: set[int] | None = None) -> None:
+        self.offset = offset
+        self.wrong_sizes = wrong_sizes
+
+    def discover(self):
+        caps = hal.Capabilities.from_levels(native=["float32", "int64", "bool"], opsets=hal.OpsetRange(1, 25))
+        return [hal.Device(id="drift:0", backend="drift", vendor="test", name="drift", kind="gpu", capabilities=caps)]
+
+    def prepare(self, model, device, options):
+        from onnx.reference import ReferenceEvaluator
+
+        session = ReferenceEvaluator(model)
+        backend = self
+
+        class Runner:
+            def run(self, feeds, names):
+                Counter.runs += 1
+                out = session.run(list(names), feeds)
+                first = next(iter(feeds.values()))
+                wrong = backend.wrong_sizes is None or (first.ndim > 2 and first.shape[2] in backend.wrong_sizes)
+                return [o + np.float32(backend.offset) if wrong and o.dtype == np.float32 else o for o in out]
+
+        return Runner()
+
+
+def _register(reg, backend):
+    class Plugin:
+        @hal.hookimpl
+        def hal_register_backends(self, register):
+            register(backend)
+
+    reg.add_plugin(Plugin(), name="drift")
+
+
+@pytest.fixture
+def drift(fresh_registry):
+    reg = fresh_registry()
+    backend = DriftBackend()
+    _register(reg, backend)
+    Counter.runs = 0
+    yield backend
+    reg.remove_plugin("drift")
+
+
+def conv_model(dynamic: bool = True):
+    """Conv + Relu with dynamic height and width, like the OCR models exporters write."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], rng.standard_normal(108).astype(np.float32))
+    dims = ["N", 3, "H", "W"] if dynamic else [1, 3, 8, 8]
+    return make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        [("x", TensorProto.FLOAT, dims)],
+        [("y", TensorProto.FLOAT, ["N", 4, "H", "W"] if dynamic else [1, 4, 8, 8])],
+        initializers=[w],
+    )
+
+
+class TestPlacementVerifies:
+    def test_right_device_is_verified_and_says_against_what(self, linear_model):
+        exe = hal.compile(linear_model).to("ort:cpu")
+        step = exe.lowering[-1]
+        assert step.kind == "verified"
+        assert "onnx-reference" in step.detail
+        assert exe.verification.passed
+        assert exe.verification.checks[0].max_rel < TOLERANCES[hal.NumberFormat.FLOAT32].rtol
+
+    def test_wrong_device_is_refused_with_the_figures(self, drift, linear_model):
+        with pytest.raises(VerificationError) as info:
+            hal.compile(linear_model).to("drift:0", strict=True)
+        message = str(info.value)
+        assert "output 'y'" in message and "max abs error 0.1" in message and "rtol=0.0001" in message
+        report = info.value.report
+        assert report.status == "failed" and report.reference == "onnx-reference"
+        assert report.checks[0].max_abs == pytest.approx(0.1, rel=1e-3)
+
+    def test_auto_skips_a_wrong_device_with_a_warning_and_a_step(self, drift, linear_model, caplog):
+        # drift:0 is a "gpu": auto ranks it first, verification moves the model on.
+        with caplog.at_level(logging.WARNING, logger="hal.compile"):
+            exe = hal.compile(linear_model).to("auto")
+        assert exe.device.id == "ort:cpu"
+        assert exe.lowering[0].kind == "fallback" and "drift:0" in exe.lowering[0].detail
+        assert "answers differently" in exe.lowering[0].detail
+        assert any("drift:0" in r.getMessage() for r in caplog.records)
+        x = np.ones((3, 8), np.float32)
+        np.testing.assert_allclose(exe.run({"x": x})["y"], hal.compile(linear_model).to("ort:cpu").run({"x": x})["y"])
+
+    def test_a_device_list_moves_on_too(self, drift, linear_model):
+        exe = hal.compile(linear_model).to(["drift:0", "ort:cpu"])
+        assert exe.device.id == "ort:cpu"
+        assert "drift:0" in exe.lowering[0].detail
+
+    def test_verify_false_accepts_the_device_unchecked(self, drift, linear_model):
+        exe = hal.compile(linear_model).to("drift:0", verify=False, strict=True)
+        assert exe.device.id == "drift:0"
+        assert not any(s.kind in ("verified", "unverified") for s in exe.lowering)
+
+    def test_bad_verify_value_is_an_input_error(self, linear_model):
+        with pytest.raises(InputError, match="verify="):
+            hal.compile(linear_model).to("ort:cpu", verify="sometimes")
+
+    def test_small_offsets_within_the_tolerance_pass(self, fresh_registry, linear_model):
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=1e-7))
+        try:
+            exe = hal.compile(linear_model).to("drift:0", strict=True)
+            assert exe.verification.passed
+        finally:
+            reg.remove_plugin("drift")
+
+
+class TestVerdictCache:
+    def test_warm_to_does_not_verify_again(self, drift, linear_model, monkeypatch):
+        compiled = hal.compile(linear_model)
+        compiled.to("ort:cpu", verify=True)
+        calls = []
+        monkeypatch.setattr(Reference, "run", lambda self, *a, **k: calls.append(1))
+        again = hal.compile(linear_model).to("ort:cpu")
+        assert calls == []
+        assert again.lowering[-1].kind == "verified"
+
+    def test_a_failed_verdict_is_remembered(self, drift, linear_model):
+        with pytest.raises(VerificationError):
+            hal.compile(linear_model).to("drift:0", strict=True)
+        runs = Counter.runs
+        with pytest.raises(VerificationError):
+            hal.compile(linear_model).to("drift:0", strict=True)
+        assert Counter.runs == runs  # refused from the cached verdict, without running it again
+
+    def test_verdict_depends_on_the_example(self, drift, linear_model):
+        compiled = hal.compile(linear_model)
+        compiled.to("ort:cpu")
+        x = np.full((5, 8), 2.0, np.float32)
+        exe = compiled.to("ort:cpu", example={"x": x})
+        assert exe.verification.passed
+
+
+class TestEachShape:
+    def test_a_shape_the_device_gets_wrong_raises_on_its_first_run(self, fresh_registry):
+        reg = fresh_registry()
+        _register(reg, DriftBackend(wrong_sizes={64}))
+        try:
+            compiled = hal.compile(conv_model())
+            exe = compiled.to("drift:0", strict=True, verify="each-shape")
+            right = np.random.default_rng(1).standard_normal((1, 3, 48, 32)).astype(np.float32)
+            expected = compiled.to("ort:cpu").run({"x": right})["y"]
+            np.testing.assert_allclose(exe.run({"x": right})["y"], expected, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(exe.run({"x": right})["y"], expected, rtol=1e-5, atol=1e-5)
+            wrong = np.ones((1, 3, 64, 64), np.float32)
+            with pytest.raises(VerificationError, match=r"shape \{'x': \(1, 3, 64, 64\)\}.*answers differently"):
+                exe.run({"x": wrong})
+        finally:
+            reg.remove_plugin("drift")
+
+    def test_default_verification_covers_one_shape_only(self, fresh_registry):
+        # What each-shape is for: the same device passes placement and answers wrong later.
+        reg = fresh_registry()
+        _register(reg, DriftBackend(wrong_sizes={64}))
+        try:
+            exe = hal.compile(conv_model()).to("drift:0", strict=True)
+            assert exe.verification.passed
+            out = exe.run({"x": np.ones((1, 3, 64, 64), np.float32)})["y"]
+            assert out.shape == (1, 4, 64, 64)
+        finally:
+            reg.remove_plugin("drift")
+
+
+class TestReference:
+    def test_ort_cpu_is_never_its_own_reference(self, monkeypatch, linear_model):
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "0")
+        exe = hal.compile(linear_model).to("ort:cpu")
+        assert exe.lowering[-1].kind == "unverified"
+        assert "never verified against itself" in exe.lowering[-1].detail
+        assert exe.verification.status == "skipped"
+
+    def test_other_devices_fall_back_to_ort_cpu(self, drift, monkeypatch, linear_model):
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "0")
+        with pytest.raises(VerificationError, match="from ort:cpu"):
+            hal.compile(linear_model).to("drift:0", strict=True)
+
+    def test_over_budget_models_are_estimated_not_run(self):
+        compiled = hal.compile(models.transformer_encoder())  # shape inference leaves the shapes
+        feeds = seeded_feeds(compiled.inputs)
+        assert estimate_evaluator_seconds(compiled.model.proto, feeds) > 0.5
+        small = hal.compile(models.mlp(batch=2, width=16, layers=2))
+        assert estimate_evaluator_seconds(small.model.proto, seeded_feeds(small.inputs)) < 0.05
+
+    def test_the_deadline_stops_a_slow_evaluator(self, monkeypatch, linear_model):
+        import time
+
+        from onnx.reference.ops import op_matmul
+
+        real = op_matmul.MatMul._run
+        monkeypatch.setattr(op_matmul.MatMul, "_run", lambda self, a, b: (time.sleep(0.3), real(self, a, b))[1])
+        reference = Reference(hal.compile(linear_model).model.proto, exclude="", ort_cpu=lambda: hal.compile(linear_model).to("ort:cpu", verify=False), budget=0.05)
+        outputs, name = reference.run(seeded_feeds(hal.load(linear_model).inputs))
+        assert name == "ort:cpu"
+        assert outputs["y"].shape == (1, 4)
+
+    def test_bad_budget_is_named(self, monkeypatch, linear_model):
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "soon")
+        with pytest.raises(HalError, match="HAL_VERIFY_BUDGET_S"):
+            hal.compile(linear_model).to("ort:cpu")
+
+
+class TestSeededFeeds:
+    def test_symbols_get_one_size_and_examples_fix_them(self):
+        inputs = hal.load(make_model(
+            [helper.make_node("Add", ["a", "b"], ["y"])],
+            [("a", TensorProto.FLOAT, ["N", "T"]), ("b", TensorProto.FLOAT, ["N", "T"])],
+            [("y", TensorProto.FLOAT, ["N", "T"])],
+        )).inputs
+        feeds = seeded_feeds(inputs)
+        assert feeds["a"].shape == feeds["b"].shape
+        fixed = seeded_feeds(inputs, example={"a": np.zeros((3, 7), np.float32)})
+        assert fixed["b"].shape == (3, 7)
+        np.testing.assert_array_equal(seeded_feeds(inputs)["a"], feeds["a"])  # seeded: reproducible
+
+    def test_unknown_example_name_is_refused(self, linear_model):
+        with pytest.raises(InputError, match="not inputs of the model"):
+            seeded_feeds(hal.load(linear_model).inputs, example={"z": np.zeros(1)})
+
+    def test_every_format_gets_its_own_dtype(self):
+        from hal.model import TensorInfo
+
+        for fmt in (hal.NumberFormat.BFLOAT16, hal.NumberFormat.FLOAT8_E4M3FN, hal.NumberFormat.INT4,
+                    hal.NumberFormat.INT64, hal.NumberFormat.BOOL, hal.NumberFormat.FLOAT8_E8M0):
+            array = seeded_feeds([TensorInfo("x", fmt, (2, "n"))])["x"]
+            assert array.dtype == fmt.dtype and array.shape == (2, 16)
+            assert np.all(np.isfinite(array.astype(np.float32))) if fmt.is_float else True
+
+
+class TestCompare:
+    def _info(self, fmt=hal.NumberFormat.FLOAT32):
+        from hal.model import TensorInfo
+
+        return [TensorInfo("y", fmt, None)]
+
+    def test_normwise_tolerance(self):
+        want = np.array([1000.0, 1e-3], np.float32)
+        (ok,) = compare({"y": want + np.float32(0.05)}, {"y": want}, self._info())
+        assert ok.passed  # 0.05 <= 1e-6 + 1e-4 * 1000
+        (bad,) = compare({"y": want + np.float32(0.2)}, {"y": want}, self._info())
+        assert not bad.passed and bad.max_rel == pytest.approx(2e-4, rel=1e-2)
+
+    def test_nan_and_inf_must_sit_in_the_same_places(self):
+        want = np.array([np.nan, np.inf, 1.0], np.float32)
+        assert compare({"y": want.copy()}, {"y": want}, self._info())[0].passed
+        assert not compare({"y": np.array([0.0, np.inf, 1.0], np.float32)}, {"y": want}, self._info())[0].passed
+        assert not compare({"y": np.array([np.nan, -np.inf, 1.0], np.float32)}, {"y": want}, self._info())[0].passed
+
+    def test_shape_dtype_and_integers(self):
+        assert "shape" in compare({"y": np.zeros(3, np.float32)}, {"y": np.zeros(4, np.float32)}, self._info())[0].reason
+        assert "element type" in compare({"y": np.zeros(3, np.float64)}, {"y": np.zeros(3, np.float32)}, self._info())[0].reason
+        ints = self._info(hal.NumberFormat.INT64)
+        (check,) = compare({"y": np.array([1, 2, 4])}, {"y": np.array([1, 2, 3])}, ints)
+        assert not check.passed and "1 of 3 elements differ" in check.reason
+
+    def test_overrides_and_reduced_precision(self):
+        want = np.array([1.0, 2.0], np.float32)
+        got = want * np.float32(1.01)
+        assert not compare({"y": got}, {"y": want}, self._info())[0].passed
+        assert compare({"y": got}, {"y": want}, self._info(), reduced_precision=True)[0].passed
+        assert compare({"y": got}, {"y": want}, self._info(), rtol=0.05)[0].passed
+        assert tolerance_for(hal.NumberFormat.INT8) == Tolerance(0.0, 0.0)
+
+    def test_missing_outputs_fail(self):
+        assert "missing" in compare({}, {"y": np.zeros(1, np.float32)}, self._info())[0].reason
+
