@@ -42,6 +42,7 @@ __all__ = [
     "Stability",
     "Support",
     "TensorInfo",
+    "VerificationReport",
     "compile",
     "devices",
     "load_compiled",
@@ -79,6 +80,7 @@ _LAZY = {
     "TensorInfo": "hal.model",
     "load": "hal.model",
     "PluginInfo": "hal._plugins",
+    "VerificationReport": "hal.verification",
 }
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
     from hal.compiled import CompiledModel, compile, load_compiled
     from hal.executable import Executable, LoweringStep, Placement
     from hal.model import Model, Requirements, TensorInfo, load
+    from hal.verification import VerificationReport
 
 
 def devices(*, refresh: bool = False) -> tuple[Device, ...]:

@@ -306,6 +306,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import hal
+
+    compiled = hal.compile(args.model)
+    expected = {i.name: i.dtype for i in compiled.inputs}
+    example = {name: _load_npy(name, path, expected.get(name)) for name, path in _parse_inputs(args.input).items()}
+    reports = compiled.verify(args.devices or None, example=example or None, rtol=args.rtol, atol=args.atol,
+                              reduced_precision=args.reduced_precision)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        rows = []
+        for r in reports:
+            if not r.checks:
+                rows.append([r.device, r.status, r.reference or "-", "-", "-", "-", r.detail or ""])
+            for c in r.checks:
+                rows.append([r.device, "pass" if c.passed else "FAIL", r.reference or "-", c.name,
+                             f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", c.reason or f"rtol={c.tolerance.rtol:g} atol={c.tolerance.atol:g}"])
+        _print_table(rows, ["device", "result", "reference", "output", "max abs", "max rel", "tolerance / why"])
+    return 0 if all(r.status in ("passed", "skipped") for r in reports) and reports else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hal import __version__
 
@@ -351,7 +373,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     p.add_argument("--output-dir", help="write each output to DIR/NAME.npy")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="check each device's outputs against the reference (exit 1 if any differs)")
+    p.add_argument("model")
+    p.add_argument("--devices", nargs="+", metavar="D", help="device ids (default: every available device)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="real inputs instead of seeded ones")
+    p.add_argument("--rtol", type=float, help="relative tolerance for every output (default: per element type)")
+    p.add_argument("--atol", type=float, help="absolute tolerance for every output (default: per element type)")
+    p.add_argument("--reduced-precision", action="store_true", help="allow narrower compute types than declared")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("conformance", help="run onnx's node test cases: passed / wrong / errors per device")
+    p.add_argument("--device", action="append", metavar="D", help="device id or auto; repeat (default: all available and auto)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="run every N-th case by name (default 1: all)")
+    p.add_argument("--json", action="store_true", help="one object per device: device, total, passed, wrong, errors, reasons")
+    p.set_defaults(func=cmd_conformance)
     return parser
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from hal.testing import conformance
+
+    if args.every < 1:
+        raise HalError(f"--every must be at least 1, got {args.every}")
+    live = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} cases", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    summaries = conformance.survey(args.device, every=args.every, progress=progress if live else None)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in summaries], indent=2))
+        return 0
+    sample = "every case" if args.every == 1 else f"every {args.every}th case by name"
+    print(f"onnx node test cases, {sample}: {summaries[0].total if summaries else 0}")
+    _print_table([[s.device, str(s.total), str(s.passed), str(s.wrong), str(s.errors)] for s in summaries],
+                 ["DEVICE", "TOTAL", "PASSED", "WRONG", "ERRORS"])
+    for s in summaries:
+        print(f"\n{s.device}: most common reasons")
+        for text, count in s.reasons:
+            print(f"  {count:5d}  {text}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -194,6 +194,53 @@ class CompiledModel:
         proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(self.manifest, sort_keys=True))
         atomic_write(Path(path), proto.SerializeToString())
 
+    def verify(
+        self,
+        devices: Sequence[str] | None = None,
+        *,
+        example: Mapping[str, Any] | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        reduced_precision: bool = False,
+    ) -> list[VerificationReport]:
+        """Check each device (default: every available one) against the reference, fresh (no
+        cached verdict): one :class:`~hal.verification.VerificationReport` per device, with every
+        output's max absolute and relative error. ``rtol``/``atol`` replace the per-type
+        tolerances; ``example`` gives real inputs instead of seeded ones. A device that cannot
+        place the model gets status ``error``. ``hal verify`` prints this.
+        """
+        import time
+
+        reg = registry()
+        targets = list(devices) if devices else [d.id for d in reg.devices() if d.available]
+        feeds = seeded_feeds(self.model.inputs, example=example)
+        key = _feeds_digest(feeds)
+        reports = []
+        for device_id in targets:
+            start = time.perf_counter()
+            reg.device(device_id, require_available=False)  # an unknown id is the caller's mistake
+            try:
+                exe = self.to(device_id, strict=True, verify=False, reduced_precision=reduced_precision)
+            except HalError as exc:
+                reports.append(VerificationReport(device_id, "error", detail=f"cannot place the model: {exc}"))
+                continue
+            try:
+                expected, name = self._reference(device_id).run(feeds, key=key)
+            except HalError as exc:
+                reports.append(VerificationReport(device_id, "skipped", detail=str(exc)))
+                continue
+            try:
+                actual = exe.run(feeds)
+            except InputError:
+                raise
+            except HalError as exc:
+                reports.append(VerificationReport(device_id, "failed", name, detail=f"failed on inputs {name} runs: {exc}"))
+                continue
+            checks = compare(actual, expected, self.model.outputs, reduced_precision=reduced_precision, rtol=rtol, atol=atol)
+            status = "passed" if all(c.passed for c in checks) else "failed"
+            reports.append(VerificationReport(device_id, status, name, checks, seconds=time.perf_counter() - start))
+        return reports
+
     def explain(self, device: str | Device) -> Verdict:
         """Whether ``device`` runs this model as is, after lowering, or cannot (and why)."""
         target = device if isinstance(device, Device) else registry().device(device, require_available=False)

@@ -313,3 +313,36 @@ class TestCompare:
     def test_missing_outputs_fail(self):
         assert "missing" in compare({}, {"y": np.zeros(1, np.float32)}, self._info())[0].reason
 
+
+
+class TestVerifyCommand:
+    def test_every_device_with_figures(self, drift, linear_model):
+        reports = {r.device: r for r in hal.compile(linear_model).verify()}
+        assert reports["ort:cpu"].passed
+        assert reports["drift:0"].status == "failed"
+        assert reports["drift:0"].checks[0].max_abs == pytest.approx(0.1, rel=1e-3)
+
+    def test_overridden_tolerance_and_example(self, drift, linear_model):
+        (loose,) = hal.compile(linear_model).verify(["drift:0"], rtol=1.0, example={"x": np.ones((2, 8), np.float32)})
+        assert loose.passed and loose.checks[0].tolerance.rtol == 1.0
+
+    def test_unknown_device_is_the_callers_mistake(self, linear_model):
+        with pytest.raises(hal.errors.UnknownDeviceError):
+            hal.compile(linear_model).verify(["nope:0"])
+
+    def test_cli_exits_1_when_a_device_differs(self, drift, linear_model, tmp_path, capsys):
+        import json
+
+        import onnx
+
+        from hal.cli import main
+
+        path = tmp_path / "m.onnx"
+        onnx.save(linear_model, path)
+        assert main(["verify", str(path), "--devices", "ort:cpu"]) == 0
+        assert "pass" in capsys.readouterr().out
+        assert main(["verify", str(path), "--devices", "ort:cpu", "drift:0", "--json"]) == 1
+        rows = {r["device"]: r for r in json.loads(capsys.readouterr().out)}
+        assert rows["drift:0"]["status"] == "failed" and rows["ort:cpu"]["status"] == "passed"
+        np.save(tmp_path / "x.npy", np.ones((3, 8), np.float32))
+        assert main(["verify", str(path), "--devices", "drift:0", "--input", f"x={tmp_path / 'x.npy'}", "--atol", "0.5"]) == 0
