@@ -1,16 +1,22 @@
 """Runs one compiled OpenVINO model: the hot path of the plugin.
 
-One infer request is created per runner and reused. Inputs are wrapped as ``ov.Tensor`` sharing
-the caller's memory (no copy for C-contiguous arrays); ml_dtypes inputs (bfloat16, fp8, e8m0) are
-wrapped by their raw bits with OpenVINO's element type, 4-bit ones packed as ONNX packs them.
-Outputs are copied out of the request's buffers, so a result never changes under the caller
-when the executable runs again.
+Thread-safe: each call takes an infer request from a pool (one is made up front, more only when
+several threads call at once, so the pool grows to the peak number of concurrent callers) and
+gives it back after copying the outputs out. OpenVINO runs requests of one compiled model
+concurrently; a lock around a single request was measured against the pool (BENCHMARKS.md).
 
-Not thread-safe: one runner serves one call at a time, like the request it holds.
+Inputs are wrapped as ``ov.Tensor`` sharing the caller's memory (no copy for C-contiguous,
+writable arrays; others are copied once); ml_dtypes inputs (bfloat16, fp8, e8m0) are wrapped by
+their raw bits with OpenVINO's element type, 4-bit ones packed as ONNX packs them. A request
+keeps only a pointer to an input's memory, never a reference to the array, so every tensor of a
+call (and the copy it may wrap) is held until the request has finished reading it. Outputs are
+copied out of the request's buffers, so a result never changes under the caller when the
+executable runs again.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -71,21 +77,26 @@ def _port_index(ports: Sequence[Any]) -> dict[str, int]:
 
 
 class OpenVinoRunner:
-    """A compiled OpenVINO model behind :class:`hal.Runner`'s ``run(feeds, output_names)``."""
+    """A compiled OpenVINO model behind :class:`hal.Runner`'s ``run(feeds, output_names)``.
+
+    ``inference_precision`` is the precision OpenVINO says it computes floating-point layers in
+    (``INFERENCE_PRECISION_HINT`` read back from the compiled model: ``"f32"`` unless the caller
+    allowed reduced precision and the device has a faster type, e.g. ``"bf16"`` on AVX-512 BF16
+    and AMX CPUs).
+    """
 
     def __init__(self, compiled: Any, model: onnx.ModelProto) -> None:
         import openvino
         from openvino import _pyopenvino
 
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        self.inference_precision = _precision_name(compiled)
         initializers = {t.name for t in model.graph.initializer}
         in_ports = _port_index(compiled.inputs)
         out_ports = _port_index(compiled.outputs)
-        tensor = _pyopenvino.Tensor
 
-        # (feed name, request input index, converter or None for the zero-copy path)
-        inputs: list[tuple[str, int, Callable[[np.ndarray], Any] | None]] = []
+        # (feed name, request input index, converter to a Tensor)
+        inputs: list[tuple[str, int, Callable[[np.ndarray], Any]]] = []
         for info in model.graph.input:
             if info.name in initializers:
                 continue
@@ -107,21 +118,27 @@ class OpenVinoRunner:
             produced = compiled.outputs[index].get_element_type()
             outputs[info.name] = (index, self._output_converter(fmt, produced, openvino))
         self._outputs = outputs
-        self._tensor = tensor
-        self._set_input = self.request.set_input_tensor
-        self._get_output = self.request.get_output_tensor
+        # Idle infer requests. One request serves one call at a time ("Infer Request is busy"
+        # otherwise, or worse, another caller's inputs). deque.pop/append are atomic, so taking
+        # and returning one needs no lock; last in, first out keeps the most recently used
+        # (cache-warm) request in use when calls come one at a time.
+        self._idle: deque[Any] = deque()
+        self._idle.append(compiled.create_infer_request())
+        self._new_request = compiled.create_infer_request
         # The binding's own infer, not the Python wrapper's: the wrapper re-dispatches feeds and
         # builds a dict of every output per call (about half the cost of a small model here).
         self._infer = _pyopenvino.InferRequest.infer
 
     @staticmethod
-    def _input_converter(fmt: NumberFormat | None, openvino: Any) -> Callable[[np.ndarray], Any] | None:
-        if fmt is None or fmt not in OV_TYPES or (fmt not in _RAW and fmt not in _PACKED):
-            return None
-        ov_type = getattr(openvino.Type, OV_TYPES[fmt])
+    def _input_converter(fmt: NumberFormat | None, openvino: Any) -> Callable[[np.ndarray], Any]:
         tensor = openvino.Tensor
+        if fmt is None or fmt not in OV_TYPES or (fmt not in _RAW and fmt not in _PACKED):
+            return lambda array: _shared_tensor(array, tensor)
+        ov_type = getattr(openvino.Type, OV_TYPES[fmt])
         if fmt in _PACKED:
+            # pack() returns a new array: the Tensor holds it, the caller holds the Tensor.
             return lambda array: tensor(pack(array, fmt), list(array.shape), ov_type)
+        # bits_view() copies non-contiguous arrays; the Tensor holds that copy too.
         return lambda array: tensor(bits_view(array), list(array.shape), ov_type)
 
     @staticmethod
@@ -142,19 +159,42 @@ class OpenVinoRunner:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run once on feeds already checked by the core; one array per requested output."""
-        tensor = self._tensor
-        set_input = self._set_input
-        for name, index, convert in self._inputs:
-            array = feeds[name]
-            if convert is None:
-                flags = array.flags
-                if not (flags.c_contiguous and flags.writeable):
-                    # OpenVINO shares only contiguous, writable memory; copy the rest once.
-                    array = np.array(array, order="C")
-                set_input(index, tensor(array, shared_memory=True))
-            else:
-                set_input(index, convert(array))
-        self._infer(self.request, {}, True, False)
+        idle = self._idle
+        try:
+            request = idle.pop()
+        except IndexError:  # every request is busy in another thread: make one more
+            request = self._new_request()
+        try:
+            return self.run_on(request, feeds, output_names)
+        finally:
+            idle.append(request)
+
+    def run_on(self, request: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Run on ``request``, which no other thread may use until this returns."""
+        # The dict holds every Tensor, and so every array (or copy) it wraps, until infer returns:
+        # the request itself keeps only pointers.
+        tensors = {index: convert(feeds[name]) for name, index, convert in self._inputs}
+        self._infer(request, tensors, True, False)
         outputs = self._outputs
-        get_output = self._get_output
+        get_output = request.get_output_tensor
+        # Copied out here, before the request can serve another call.
         return [convert(get_output(index)) for index, convert in (outputs[name] for name in output_names)]
+
+
+def _shared_tensor(array: np.ndarray, tensor: Any) -> Any:
+    """``array`` as an ``ov.Tensor`` over the same memory, or over a contiguous copy."""
+    flags = array.flags
+    if not (flags.c_contiguous and flags.writeable):
+        # OpenVINO shares only contiguous, writable memory: read-only, strided, Fortran-order and
+        # broadcast views are copied once (the Tensor holds the copy).
+        array = np.array(array, order="C")
+    return tensor(array, shared_memory=True)
+
+
+def _precision_name(compiled: Any) -> str:
+    """The compiled model's INFERENCE_PRECISION_HINT as OpenVINO's short type name (``f32``)."""
+    try:
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    except Exception:  # noqa: BLE001 - a device without the property computes in its own types
+        return "dynamic"
+    return str(getattr(precision, "get_type_name", lambda: precision)())
