@@ -1,11 +1,15 @@
 """The OpenVINO backend: discovers ``Core().available_devices`` and compiles models for them.
 
 Precision contract: unless the caller passes ``reduced_precision=True``, every model is compiled
-with ``INFERENCE_PRECISION_HINT=f32``, so a float32 model is computed in float32 (OpenVINO's own
-default on AMX CPUs is bf16, on GPUs f16) and float16/bfloat16 models are computed no less
+with the properties in ``EXACT_PRECISION`` that the device lists: ``INFERENCE_PRECISION_HINT=f32``
+(OpenVINO's own default is bf16 on AVX-512 BF16 and AMX CPUs, f16 on GPUs and ARM), execution mode
+``ACCURACY``, no dynamic quantization of activations (``DYNAMIC_QUANTIZATION_GROUP_SIZE=0``; the CPU
+default of 32 quantizes MatMul inputs to int8 when the weights are int8/int4) and an f32 KV cache
+(the CPU default is u8). So a float32 model is computed in float32 and float16/bfloat16 models no less
 precisely than they declare. A device that cannot compute in f32 (no ``FP32`` in its
 ``OPTIMIZATION_CAPABILITIES``, e.g. an NPU) refuses the model unless reduced precision is allowed.
-With ``reduced_precision=True`` the hint is left to OpenVINO, which picks bf16 or f16 where faster.
+With ``reduced_precision=True`` all of these are left to OpenVINO, which picks bf16 or f16 where
+faster; the runner's ``inference_precision`` says what it picked.
 
 The CPU format table was probed on OpenVINO 2026.4 (see ``tests/test_openvino_capabilities.py``, which
 checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIES`` alone.
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
 
     from hal_openvino.runner import OpenVinoRunner
 
-__all__ = ["OpenVinoBackend", "capabilities_for", "first_message"]
+__all__ = ["EXACT_PRECISION", "OpenVinoBackend", "capabilities_for", "exact_precision", "first_message"]
 
 log = logging.getLogger("hal_openvino")
 
@@ -105,6 +109,22 @@ _CPU_BAD_CAST_TARGETS = frozenset(
 )
 #: Highest default-domain opset the 2026.4 ONNX frontend was seen to read and run.
 _MAX_OPSET = 28
+#: Properties set for exact precision (unless ``reduced_precision=True``), each where the device
+#: lists it in SUPPORTED_PROPERTIES. Every one is an OpenVINO 2026.4 default that trades accuracy
+#: for speed (read from the CPU plugin's config.cpp and checked with ``core.get_property``).
+EXACT_PRECISION: dict[str, Any] = {
+    # Defaults to bf16 on AVX-512 BF16 / AMX CPUs, f16 on GPUs and ARM CPUs.
+    "INFERENCE_PRECISION_HINT": "f32",
+    # PERFORMANCE (the default) is what allows the narrower types above and ARM's ACL "fast math".
+    "EXECUTION_MODE_HINT": "ACCURACY",
+    # 32 on the CPU: MatMul activations are quantized to int8 in groups of 32 on the fly when the
+    # weights are compressed (int8/int4 DequantizeLinear), 6e-3 off on VNNI CPUs. 0 turns it off.
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+    # u8 on the CPU: the KV cache of stateful attention models is stored quantized.
+    "KV_CACHE_PRECISION": "f32",
+    "KEY_CACHE_PRECISION": "f32",
+    "VALUE_CACHE_PRECISION": "f32",
+}
 
 
 def capabilities_for(kind: DeviceKind, optimization: Sequence[str], memory_bytes: int | None) -> Capabilities:
@@ -144,6 +164,17 @@ def capabilities_for(kind: DeviceKind, optimization: Sequence[str], memory_bytes
         opsets=OpsetRange(7, _MAX_OPSET),
         dynamic_shapes=kind is not DeviceKind.NPU,  # the NPU plugin compiles static shapes only
     )
+
+
+def exact_precision(device: Device) -> dict[str, Any]:
+    """The ``EXACT_PRECISION`` properties ``device`` lists (all it needs to compute as declared).
+
+    The precision hint is always set: every OpenVINO device accepts it, and a device record
+    without the list (a device whose SUPPORTED_PROPERTIES could not be read) still gets it.
+    """
+    listed = dict(device.details).get("precision_properties", "")
+    names = {"INFERENCE_PRECISION_HINT", *listed.split(",")}
+    return {key: value for key, value in EXACT_PRECISION.items() if key in names}
 
 
 def first_message(exc: BaseException) -> str:
@@ -197,8 +228,8 @@ class OpenVinoBackend(Backend):
 
     ``CompileOptions.extra`` keys: ``num_threads`` (INFERENCE_NUM_THREADS), ``performance_hint``
     (PERFORMANCE_HINT, default ``LATENCY``: one synchronous request per executable), ``config``
-    (a dict of further OpenVINO properties, passed to ``compile_model`` as is; it may not set
-    INFERENCE_PRECISION_HINT unless ``reduced_precision`` is True).
+    (a dict of further OpenVINO properties, passed to ``compile_model`` as is; it may not change
+    the ``EXACT_PRECISION`` properties unless ``reduced_precision`` is True).
 
     OpenVINO's model cache (``CACHE_DIR``) is the core's cache directory for this backend.
     ``compile_count`` and ``cache_hits`` count what :meth:`prepare` did, as OpenVINO reports it
@@ -254,6 +285,7 @@ class OpenVinoBackend(Backend):
                         "openvino_device": ov_name,
                         "optimization_capabilities": ",".join(optimization),
                         "architecture": str(props.get("DEVICE_ARCHITECTURE", "")),
+                        "precision_properties": ",".join(k for k in EXACT_PRECISION if k in props["SUPPORTED_PROPERTIES"]),
                     },
                 )
             )
@@ -267,7 +299,7 @@ class OpenVinoBackend(Backend):
             supported = set(core.get_property(ov_name, "SUPPORTED_PROPERTIES"))
         except Exception:  # noqa: BLE001 - a device without the list still gets a record
             supported = set(wanted)
-        props = {}
+        props: dict[str, Any] = {"SUPPORTED_PROPERTIES": supported}
         for key in wanted:
             if key in supported:
                 try:
@@ -287,19 +319,21 @@ class OpenVinoBackend(Backend):
                     "pass reduced_precision=True to let OpenVINO compute in a narrower type"
                 )
                 raise CompileError(msg)
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+            config.update(exact_precision(device))
         if options.cache_dir is not None:
             config["CACHE_DIR"] = str(options.cache_dir)
         threads = options.extra.get("num_threads")
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         extra_config = dict(options.extra.get("config") or {})
-        if "INFERENCE_PRECISION_HINT" in extra_config and not options.reduced_precision:
-            msg = (
-                f"config sets INFERENCE_PRECISION_HINT for {device.id} without reduced_precision=True; "
-                "the model's declared precision is kept unless reduced precision is allowed"
-            )
-            raise CompileError(msg)
+        if not options.reduced_precision:
+            for key, value in extra_config.items():
+                if key in EXACT_PRECISION and str(value).upper() != str(EXACT_PRECISION[key]).upper():
+                    msg = (
+                        f"config sets {key}={value} for {device.id} without reduced_precision=True; "
+                        "the model's declared precision is kept unless reduced precision is allowed"
+                    )
+                    raise CompileError(msg)
         config.update(extra_config)
         return config
 
@@ -343,7 +377,11 @@ class OpenVinoBackend(Backend):
                 self.cache_hits += 1
             else:
                 self.compile_count += 1
-        return OpenVinoRunner(compiled, model)
+        runner = OpenVinoRunner(compiled, model)
+        if options.reduced_precision:
+            # Allowed, but never silent: say what OpenVINO chose.
+            log.info("%s computes floating point in %s (reduced_precision=True)", device.id, runner.inference_precision)
+        return runner
 
 
 def _loaded_from_cache(compiled: Any) -> bool:

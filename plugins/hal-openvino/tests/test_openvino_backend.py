@@ -86,9 +86,62 @@ def test_non_contiguous_and_read_only_feeds():
     np.testing.assert_array_equal(exe.run({"x": frozen})["y"], want)
 
 
-def test_f32_precision_hint_is_set_by_default():
-    exe = hal.compile(mlp()).to("openvino:CPU")
-    assert str(exe.runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32", "float32")
+def _property_text(value) -> str:
+    """OpenVINO property values as comparable text: ``f32``, ``ACCURACY``, ``0``."""
+    if hasattr(value, "get_type_name"):
+        return value.get_type_name()
+    return str(getattr(value, "name", value))
+
+
+class TestPrecisionProperties:
+    """Every OpenVINO default that lowers precision is turned off unless reduced precision is allowed."""
+
+    def test_device_lists_which_it_has(self, cpu):
+        from hal_openvino.backend import EXACT_PRECISION
+
+        supported = registry().backend("openvino").core().get_property("CPU", "SUPPORTED_PROPERTIES")
+        listed = dict(cpu.details)["precision_properties"].split(",")
+        assert listed == [key for key in EXACT_PRECISION if key in supported]
+        assert {"INFERENCE_PRECISION_HINT", "DYNAMIC_QUANTIZATION_GROUP_SIZE"} <= set(listed)
+
+    def test_exact_by_default_as_the_compiled_model_reports(self, cpu):
+        from hal_openvino.backend import exact_precision
+
+        compiled = hal.compile(mlp()).to("openvino:CPU", strict=True).runner.compiled
+        wanted = exact_precision(cpu)
+        assert wanted["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+        for key, value in wanted.items():
+            assert _property_text(compiled.get_property(key)) == str(value), key
+        assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
+
+    def test_reduced_precision_leaves_openvinos_defaults(self, cpu, caplog):
+        from hal_openvino.backend import exact_precision
+
+        core = registry().backend("openvino").core()
+        with caplog.at_level("INFO", logger="hal_openvino"):
+            exe = hal.compile(mlp()).to("openvino:CPU", strict=True, verify=False, reduced_precision=True)
+        for key in exact_precision(cpu):
+            default = core.get_property("CPU", key)
+            assert _property_text(exe.runner.compiled.get_property(key)) == _property_text(default), key
+        assert f"computes floating point in {exe.runner.inference_precision}" in caplog.text
+
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [("INFERENCE_PRECISION_HINT", "bf16"), ("DYNAMIC_QUANTIZATION_GROUP_SIZE", 32), ("KV_CACHE_PRECISION", "u8"),
+         ("EXECUTION_MODE_HINT", "PERFORMANCE")],
+    )
+    def test_config_may_not_lower_them_without_reduced_precision(self, key, value):
+        with pytest.raises(CompileError, match=f"{key}.*reduced_precision"):
+            hal.compile(mlp()).to("openvino:CPU", strict=True, config={key: value})
+        exe = hal.compile(mlp()).to("openvino:CPU", strict=True, verify=False, reduced_precision=True, config={key: value})
+        # What OpenVINO makes of the value on this CPU (it ignores bf16 without BF16 hardware).
+        core = registry().backend("openvino").core()
+        direct = core.compile_model(core.read_model(mlp().SerializeToString(), b""), "CPU", {key: value})
+        assert _property_text(exe.runner.compiled.get_property(key)) == _property_text(direct.get_property(key))
+
+    def test_config_may_repeat_the_exact_value(self):
+        exe = hal.compile(mlp()).to("openvino:CPU", strict=True, config={"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
+        assert exe.runner.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
 
 
 def test_f32_is_honoured_and_bf16_only_on_request(cpu):
