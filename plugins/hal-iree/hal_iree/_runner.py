@@ -3,10 +3,16 @@
 Everything that does not depend on the feeds (function lookup, element types, output indices,
 allocator and memory flags) is resolved once in :class:`IreeRunner`'s constructor; a call packs
 the inputs into buffer views, invokes the function and copies the outputs to host arrays.
+
+Thread-safe: an IREE VM context is thread-compatible, not thread-safe (one invocation at a time),
+and the binding releases the GIL while it invokes, so each call takes a context from a pool (one
+made up front, more only while several threads call at once) and gives it back after the outputs
+are copied out. Modules are immutable and shared; each context holds its own module state.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,11 +88,14 @@ class IreeRunner:
     ) -> None:
         import iree.runtime as rt
 
-        self.vm_module = vm_module  # kept alive as long as the context uses it
-        self._context = rt.VmContext(instance, modules=[hal_module, vm_module])
+        self.vm_module = vm_module  # kept alive as long as a context uses it
+        self._instance = instance
+        self._modules = [hal_module, vm_module]
+        # Idle VM contexts; one per concurrent caller at most (see the module docstring).
+        self._idle: deque[Any] = deque()
+        self._idle.append(self.new_context())
         self._function = function
         self._device = device
-        self._invoke = self._context.invoke
         self._allocate = device.allocator.allocate_buffer_copy
         self._memory_type = rt.MemoryType.DEVICE_LOCAL
         self._usage = rt.BufferUsage.DEFAULT
@@ -103,8 +112,26 @@ class IreeRunner:
         self._all_names = [name for name, _ in outputs]
         self._mappable: bool | None = None  # learnt from the first result buffer
 
+    def new_context(self) -> Any:
+        """A fresh VM context for :meth:`run_on` (the module state of one caller)."""
+        import iree.runtime as rt
+
+        return rt.VmContext(self._instance, modules=self._modules)
+
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run the entry function; return host copies of ``output_names``, in that order."""
+        idle = self._idle
+        try:
+            context = idle.pop()
+        except IndexError:  # every context is invoking in another thread: make one more
+            context = self.new_context()
+        try:
+            return self.run_on(context, feeds, output_names)
+        finally:
+            idle.append(context)
+
+    def run_on(self, context: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Run in ``context``, which no other thread may use until this returns."""
         args = self._list(self._n_in)
         allocate, memory_type, usage, device = self._allocate, self._memory_type, self._usage, self._device
         for name, element_type, raw in self._in_specs:
@@ -118,7 +145,7 @@ class IreeRunner:
                          element_type=element_type)
             )
         rets = self._list(self._n_out)
-        self._invoke(self._function, args, rets)
+        context.invoke(self._function, args, rets)
         if output_names == self._all_names or output_names is self._all_names:
             specs = self._out_specs
         else:
