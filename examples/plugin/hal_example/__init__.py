@@ -9,11 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 import hal
 
 
 class ReferenceRunner:
-    """What ``prepare`` returns: ``run(feeds, output_names) -> list of arrays``."""
+    """What ``prepare`` returns: ``run(feeds, output_names) -> list of arrays``.
+
+    ``run`` may be called from many threads at once (the evaluator keeps no state between runs),
+    and each output it returns must belong to the caller alone.
+    """
 
     def __init__(self, model: Any) -> None:
         from onnx.reference import ReferenceEvaluator  # the "vendor runtime", imported lazily
@@ -21,7 +27,9 @@ class ReferenceRunner:
         self._session = ReferenceEvaluator(model)
 
     def run(self, feeds: dict[str, Any], output_names: Sequence[str]) -> list[Any]:
-        return list(self._session.run(list(output_names), feeds))
+        # The evaluator may return views of its constants or of the caller's inputs (Reshape
+        # does): a copy keeps a caller's writes out of the model and out of its own inputs.
+        return [np.array(value, copy=True) for value in self._session.run(list(output_names), feeds)]
 
 
 class ReferenceBackend(hal.Backend):
