@@ -38,7 +38,7 @@ from hal.errors import (
 )
 from hal.executable import Executable, LoweringStep, Placement
 from hal.model import Model, load
-from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, compare, seeded_feeds
+from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -209,36 +209,22 @@ class CompiledModel:
         tolerances; ``example`` gives real inputs instead of seeded ones. A device that cannot
         place the model gets status ``error``. ``hal verify`` prints this.
         """
-        import time
-
         reg = registry()
         targets = list(devices) if devices else [d.id for d in reg.devices() if d.available]
         feeds = seeded_feeds(self.model.inputs, example=example)
         key = _feeds_digest(feeds)
         reports = []
         for device_id in targets:
-            start = time.perf_counter()
             reg.device(device_id, require_available=False)  # an unknown id is the caller's mistake
             try:
                 exe = self.to(device_id, strict=True, verify=False, reduced_precision=reduced_precision)
             except HalError as exc:
                 reports.append(VerificationReport(device_id, "error", detail=f"cannot place the model: {exc}"))
                 continue
-            try:
-                expected, name = self._reference(device_id).run(feeds, key=key)
-            except HalError as exc:
-                reports.append(VerificationReport(device_id, "skipped", detail=str(exc)))
-                continue
-            try:
-                actual = exe.run(feeds)
-            except InputError:
-                raise
-            except HalError as exc:
-                reports.append(VerificationReport(device_id, "failed", name, detail=f"failed on inputs {name} runs: {exc}"))
-                continue
-            checks = compare(actual, expected, self.model.outputs, reduced_precision=reduced_precision, rtol=rtol, atol=atol)
-            status = "passed" if all(c.passed for c in checks) else "failed"
-            reports.append(VerificationReport(device_id, status, name, checks, seconds=time.perf_counter() - start))
+            reports.append(judge(
+                device_id, exe.run, feeds, self._reference(device_id), self.model.outputs, key=key,
+                real_inputs=example is not None, reduced_precision=reduced_precision, rtol=rtol, atol=atol,
+            ))
         return reports
 
     def explain(self, device: str | Device) -> Verdict:
@@ -509,35 +495,16 @@ class _Verification:
         """The verdict for ``exe``; raises :class:`VerificationError` when the device disagrees."""
         if self.cached is not None:
             return self.cached
-        import time
-
-        start = time.perf_counter()
         assert self._thread is not None
         self._thread.join()
-        dev = self.device.id
-        if self._expected is None:
-            detail = str(self._problem)
-            report = VerificationReport(dev, "skipped", detail=detail, seconds=time.perf_counter() - start)
-            # INFO, not WARNING: nothing is wrong, and the step on the executable says it.
-            log.info("%s: %s", dev, report.summary())
-        else:
-            device_error: HalError | None = None
-            try:
-                actual = exe.run(self.feeds)
-            except InputError:
-                raise  # an example that does not fit the model: the caller's mistake to hear about
-            except HalError as exc:
-                device_error = exc
-            seconds = time.perf_counter() - start
-            expected, name = self._expected
-            if device_error is not None:
-                report = VerificationReport(
-                    dev, "failed", name, detail=f"{dev} failed on inputs {name} runs: {device_error}", seconds=seconds
-                )
-            else:
-                checks = compare(actual, expected, self.outputs, reduced_precision=self.reduced_precision)
-                status = "passed" if all(c.passed for c in checks) else "failed"
-                report = VerificationReport(dev, status, name, checks, seconds=seconds)
+        report = judge(
+            self.device.id, exe.run, self.feeds, self.reference, self.outputs,
+            expected=self._problem or self._expected, real_inputs=self.example,
+            reduced_precision=self.reduced_precision,
+        )
+        if report.status == "skipped":
+            # INFO, not WARNING, when nothing looks wrong; the step on the executable says it.
+            log.log(logging.WARNING if report.checks else logging.INFO, "%s: %s", self.device.id, report.summary())
         _verdicts().put(self.key, json.dumps(report.to_dict()).encode())
         if report.status == "failed":
             raise report.error()

@@ -1,7 +1,6 @@
 """Verification at placement: a device's answers against a reference before anyone relies on them.
 
-The wrong device here is an in-process backend that computes with the ONNX reference evaluator and
-then perturbs its answer on purpose (everywhere, or only for some input shapes, as a runtime that
+The wrong device here is an in-process backend that computes with onnxruntime and then perturbs its answer on purpose (everywhere, or only for some input shapes, as a runtime that
 miscompiles one shape does): a stand-in for hardware answering wrong, which no real runtime on
 this machine does on demand.
 """
@@ -39,31 +38,36 @@ class Counter:
 
 
 class DriftBackend(hal.Backend):
-    """Answers right, then adds ``offset`` to float outputs whose first input's axis 2 is in
+    """Answers right (onnxruntime), then adds ``offset`` to float outputs whose first input's axis 2 is in
     ``wrong_sizes`` (every size when None)."""
 
     name = "drift"
     version = "1"
 
-    def __init__(self, offset: float = 0.1, wrong_sizes: set[int] | None = None) -> None:
+    def __init__(self, offset: float = 0.1, wrong_sizes: set[int] | None = None, refuse_batch: int | None = None) -> None:
         self.offset = offset
         self.wrong_sizes = wrong_sizes
+        self.refuse_batch = refuse_batch
 
     def discover(self):
         caps = hal.Capabilities.from_levels(native=["float32", "int64", "bool"], opsets=hal.OpsetRange(1, 25))
         return [hal.Device(id="drift:0", backend="drift", vendor="test", name="drift", kind="gpu", capabilities=caps)]
 
     def prepare(self, model, device, options):
-        from onnx.reference import ReferenceEvaluator
+        import onnxruntime
 
-        session = ReferenceEvaluator(model)
+        # onnxruntime's own session, not the HAL's ort:cpu, and not the ONNX reference evaluator
+        # (which TestDisputes breaks on purpose).
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         backend = self
 
         class Runner:
             def run(self, feeds, names):
                 Counter.runs += 1
-                out = session.run(list(names), feeds)
                 first = next(iter(feeds.values()))
+                if first.shape[0] == backend.refuse_batch:
+                    raise RuntimeError(f"Expected dim size > {backend.refuse_batch}")
+                out = session.run(list(names), dict(feeds))
                 wrong = backend.wrong_sizes is None or (first.ndim > 2 and first.shape[2] in backend.wrong_sizes)
                 return [o + np.float32(backend.offset) if wrong and o.dtype == np.float32 else o for o in out]
 
@@ -346,3 +350,49 @@ class TestVerifyCommand:
         assert rows["drift:0"]["status"] == "failed" and rows["ort:cpu"]["status"] == "passed"
         np.save(tmp_path / "x.npy", np.ones((3, 8), np.float32))
         assert main(["verify", str(path), "--devices", "drift:0", "--input", f"x={tmp_path / 'x.npy'}", "--atol", "0.5"]) == 0
+
+
+class TestDisputes:
+    """The ONNX reference evaluator is not always right (onnx 1.23 computes LpNormalization p=1
+    without the absolute value): a device that matches ort:cpu is not refused on its word alone.
+    Here the evaluator's Relu is broken on purpose."""
+
+    @pytest.fixture
+    def broken_evaluator(self, monkeypatch):
+        from onnx.reference.ops import op_relu
+
+        monkeypatch.setattr(op_relu.Relu, "_run", lambda self, x: (x,))
+
+    def relu_model(self):
+        return make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])])
+
+    def test_a_device_matching_ort_cpu_passes_with_the_dispute_noted(self, fresh_registry, broken_evaluator):
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0))
+        try:
+            exe = hal.compile(self.relu_model()).to("drift:0", strict=True)
+        finally:
+            reg.remove_plugin("drift")
+        assert exe.verification.passed and exe.verification.reference == "ort:cpu"
+
+    def test_ort_cpu_against_a_wrong_evaluator_is_left_unverified(self, broken_evaluator):
+        exe = hal.compile(self.relu_model()).to("ort:cpu", strict=True)
+        assert exe.verification.status == "skipped"
+        assert "disputed" in exe.verification.detail and exe.lowering[-1].kind == "unverified"
+
+    def test_a_device_wrong_against_both_is_refused(self, drift, broken_evaluator):
+        with pytest.raises(VerificationError):
+            hal.compile(self.relu_model()).to("drift:0", strict=True)
+
+
+class TestSeededInputsTheDeviceRefuses:
+    def test_seeded_inputs_leave_it_unverified_real_ones_refuse_it(self, fresh_registry, linear_model):
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0, refuse_batch=1))  # seeded batch is 1
+        try:
+            exe = hal.compile(linear_model).to("drift:0", strict=True)
+            assert exe.verification.status == "skipped" and "refused the seeded inputs" in exe.verification.detail
+            with pytest.raises(VerificationError, match="Expected dim size"):
+                hal.compile(linear_model).to("drift:0", strict=True, example={"x": np.ones((1, 8), np.float32)})
+        finally:
+            reg.remove_plugin("drift")
