@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
+
+log = logging.getLogger("hal.cache")
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
 
 
 def cache_root() -> Path:
@@ -15,8 +22,33 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "onnx-hal"
 
 
-def backend_cache_dir(backend: str) -> Path:
-    """A directory a backend may keep its own artifacts in (OpenVINO's model cache, IREE vmfbs)."""
+def cache_skipped(where: Path, exc: OSError) -> None:
+    """Log, once per process for each place and reason, that the cache at ``where`` is skipped
+    because ``exc`` (a read-only or full disk, a path through a file, ...): the compile goes on
+    without it."""
+    reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+    with _warned_lock:
+        if (str(where), reason) in _warned:
+            return
+        _warned.add((str(where), reason))
+    log.warning("compile cache skipped: cannot write %s (%s); compiling without it", where, reason)
+
+
+def backend_cache_dir(backend: str) -> str:
+    """A directory a backend may keep its own artifacts in (OpenVINO's model cache, IREE vmfbs),
+    created on first use: ``<cache root>/backends/<backend>``.
+
+    Never raises. When the directory cannot be created or written (``HAL_CACHE_DIR`` names a
+    file or lies under one, a read-only directory, ...) it logs a WARNING and returns ``""``, which
+    backends read like ``CompileOptions.cache_dir=None``: no cache. A disk that fills up later is
+    each write's business (see :class:`hal.cache.Artifact`).
+    """
     path = cache_root() / "backends" / backend
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):  # mkdir of an existing directory checks nothing
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as exc:
+        cache_skipped(path, exc)
+        return ""
+    return str(path)

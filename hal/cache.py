@@ -3,13 +3,24 @@
 Entries live under ``HAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/onnx-hal`` or
 ``~/.cache/onnx-hal``): ``compiled/`` holds models lowered for a device, ``verified/`` the
 verdicts of checking them against a reference (:mod:`hal.verification`), ``backends/<name>/``
-holds each backend's own artifacts (onnxruntime's optimized models, OpenVINO's blobs, IREE's
-vmfbs).
+holds each backend's own artifacts (onnxruntime's optimized models, OpenVINO's model files and
+blobs, IREE's vmfbs).
 
-Every entry is written to a temporary file in the same directory and renamed into place, so a
-reader sees a whole entry or none, and two processes compiling the same model at once both
-succeed and leave one valid entry. Each entry carries a sha256 of its payload; a corrupt or
-truncated entry is detected on read, removed and rebuilt.
+Every file is written to a temporary name in the same directory and renamed into place, so a
+reader sees a whole file or none, and two processes compiling the same model at once both
+succeed and leave one valid entry.
+
+What is checked on read, before anything is used:
+
+- a :class:`CompileCache` entry carries a sha256 over its key and its payload: an entry that is
+  damaged, truncated or was copied to another key's name is removed with a WARNING and rebuilt;
+- a backend's :class:`Artifact` (a file its runtime reads) has a record next to it holding the key
+  it was built for and the size and sha256 of its bytes, or is named by its own sha256: a changed
+  byte, a truncated file or another model's file copied over it is removed with a WARNING naming
+  the file, and rebuilt.
+
+A cache that cannot be written (a read-only or full disk, ``HAL_CACHE_DIR`` naming a file) is
+skipped with a WARNING; it never fails a compile.
 """
 
 from __future__ import annotations
@@ -20,16 +31,25 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hal._paths import cache_root
+from attrs import field, frozen
 
-__all__ = ["CompileCache", "atomic_write", "cache_key"]
+from hal._paths import cache_root, cache_skipped
+
+__all__ = ["RECORD_SUFFIX", "Artifact", "CompileCache", "atomic_write", "cache_key"]
 
 log = logging.getLogger("hal.cache")
 
-_MAGIC = b"HALC\x01"
+#: Entry format 2: the sha256 covers the key, then the payload. Format 1 (payload only) is read
+#: as stale and rebuilt.
+_MAGIC = b"HALC\x02"
+_OLD_MAGICS = (b"HALC\x01",)
+#: An artifact's record is the artifact's name plus this suffix.
+RECORD_SUFFIX = ".record"
 
 
 def cache_key(**parts: Any) -> str:
@@ -39,7 +59,8 @@ def cache_key(**parts: Any) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so no reader ever sees a partial file."""
+    """Write ``data`` to ``path`` so no reader ever sees a partial file. Raises :class:`OSError`
+    (the caller decides whether a failed write matters)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -51,8 +72,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _entry_digest(key: str, payload: bytes | memoryview) -> bytes:
+    digest = hashlib.sha256(key.encode())
+    digest.update(b"\0")
+    digest.update(payload)
+    return digest.digest()
+
+
 class CompileCache:
-    """Integrity-checked blobs by key, under ``root`` (default: the HAL cache's ``compiled/``)."""
+    """Integrity-checked blobs by key, under ``root`` (default: the HAL cache's ``compiled/``).
+
+    :meth:`get` answers a payload only if its checksum, which covers ``key`` too, holds: an entry
+    moved or copied to another key's file is refused like a damaged one.
+    """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "compiled"
@@ -61,32 +93,202 @@ class CompileCache:
         return self.root / key[:2] / key
 
     def get(self, key: str) -> bytes | None:
-        """The payload stored under ``key``, or None (a corrupt entry is removed)."""
+        """The payload stored under ``key``, or None (a corrupt or foreign entry is removed)."""
         path = self._path(key)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             log.warning("compile cache entry %s unreadable (%s); rebuilding", path, exc)
             return None
         header = len(_MAGIC) + 32
-        payload = data[header:]
-        if data[: len(_MAGIC)] != _MAGIC or data[len(_MAGIC) : header] != hashlib.sha256(payload).digest():
-            log.warning("compile cache entry %s is corrupt or truncated; removing it and rebuilding", path)
-            path.unlink(missing_ok=True)
+        magic = data[: len(_MAGIC)]
+        if magic in _OLD_MAGICS:
+            log.info("compile cache entry %s was written by an older onnx-hal; rebuilding it", path)
+            return None  # put() replaces it
+        payload = memoryview(data)[header:]
+        if magic != _MAGIC or data[len(_MAGIC) : header] != _entry_digest(key, payload):
+            log.warning(
+                "compile cache entry %s is corrupt, truncated or belongs to another key; removing it and rebuilding",
+                path,
+            )
+            _unlink(path)
             return None
-        return payload
+        return bytes(payload)
 
     def put(self, key: str, payload: bytes) -> None:
+        """Store ``payload`` under ``key``; a cache that cannot be written is skipped (WARNING)."""
         try:
-            atomic_write(self._path(key), _MAGIC + hashlib.sha256(payload).digest() + payload)
+            atomic_write(self._path(key), _MAGIC + _entry_digest(key, payload) + payload)
         except OSError as exc:  # a full or read-only disk must not fail the compile
-            log.warning("could not write compile cache entry %s: %s", key, exc)
+            cache_skipped(self.root, exc)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # a read-only cache: the entry stays, and is refused again next time
+        log.debug("cannot remove %s: %s", path, exc)
+
+
+@frozen
+class Artifact:
+    """A file a backend keeps in its cache directory, checked before its runtime uses it.
+
+    ``path`` is the file the runtime reads (an optimized model, a vmfb, a model file handed to
+    the runtime by name); ``key`` is the cache key it was built for. Next to it a record,
+    ``<path>.record`` (JSON: ``key``, ``size``, ``sha256`` of the bytes, and whatever ``info`` the
+    backend adds), is written atomically *after* the file, so a file is used only when a record
+    says it was built for ``key`` and its bytes still hash to what was written. A file named by its
+    own content passes ``sha256`` instead and has no record: its bytes must hash to that.
+
+    Reading (:meth:`read` for bytes, :meth:`check` for a runtime that opens the path itself)
+    answers None / False for a missing file; a changed byte, a truncated file, another model's
+    file copied over it or a record for another key is logged as a WARNING naming the file, the
+    file and its record are removed, and the backend builds it again. A file without a record (an
+    older onnx-hal's, or a writer that has not finished) is not used and is replaced by the
+    rebuild (INFO). Writing (:meth:`write`, :meth:`adopt`) never raises :class:`OSError`: a cache
+    that cannot be written is skipped with a WARNING and the compile goes on.
+
+    Hashing is the cost of a warm hit: about 1 ms per 1.5 MB here (sha256), paid on every read.
+
+    Example, a backend whose runtime returns bytes::
+
+        artifact = Artifact(Path(options.cache_dir) / f"{key}.bin", key)
+        data = artifact.read()
+        if data is None:
+            data = build()
+            artifact.write(data)
+    """
+
+    path: Path = field(converter=Path)
+    key: str
+    sha256: str | None = None
+
+    @property
+    def record(self) -> Path:
+        """Where the record of a keyed artifact lives (``<path>.record``)."""
+        return self.path.with_name(self.path.name + RECORD_SUFFIX)
+
+    def read(self) -> bytes | None:
+        """The file's bytes if present and intact, else None (a damaged file is removed)."""
+        try:
+            data = self.path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            log.warning("cached artifact %s is unreadable (%s); rebuilding it", self.path, exc)
+            return None
+        return data if self._verify(len(data), lambda: hashlib.sha256(data).hexdigest()) else None
+
+    def check(self) -> bool:
+        """Whether the file is present and intact, for a runtime that reads it by path (a damaged
+        file is removed). The file is hashed, not read into memory."""
+        try:
+            with self.path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                return self._verify(size, lambda: hashlib.file_digest(fh, "sha256").hexdigest())
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            log.warning("cached artifact %s is unreadable (%s); rebuilding it", self.path, exc)
+            return False
+
+    def write(self, data: bytes, info: Mapping[str, Any] | None = None) -> bool:
+        """Store ``data`` as the file, then its record (``info`` adds fields to the record).
+        False, with a WARNING, when the cache cannot be written."""
+        digest = hashlib.sha256(data).hexdigest()
+        if self.sha256 is not None and digest != self.sha256:
+            log.warning("not caching %s: its bytes hash to %s, not to the name it must have", self.path, digest[:16])
+            return False
+        try:
+            atomic_write(self.path, data)
+            self._write_record(len(data), digest, info)
+        except OSError as exc:
+            cache_skipped(self.path.parent, exc)
+            self.discard()
+            return False
+        return True
+
+    def adopt(self, written: Path, info: Mapping[str, Any] | None = None) -> bool:
+        """Move a file the runtime wrote itself (at :meth:`temp_path`) into place and record it.
+        False, with a WARNING, when that fails; ``written`` is removed either way."""
+        try:
+            with written.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            if self.sha256 is not None and digest != self.sha256:
+                log.warning("not caching %s: its bytes hash to %s, not to its name", self.path, digest[:16])
+                _unlink(written)
+                return False
+            os.replace(written, self.path)
+            self._write_record(size, digest, info)
+        except OSError as exc:
+            _unlink(written)
+            cache_skipped(self.path.parent, exc)
+            self.discard()
+            return False
+        return True
+
+    def temp_path(self) -> Path:
+        """A private name next to :attr:`path` for a runtime that writes the file itself; pass
+        it to :meth:`adopt` afterwards (or remove it)."""
+        return self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+    def discard(self) -> None:
+        """Remove the file and its record (missing ones and read-only caches are fine)."""
+        _unlink(self.path)
+        if self.sha256 is None:
+            _unlink(self.record)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _write_record(self, size: int, digest: str, info: Mapping[str, Any] | None) -> None:
+        if self.sha256 is None:
+            record = {**dict(info or {}), "key": self.key, "size": size, "sha256": digest}
+            atomic_write(self.record, json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def _expected(self) -> tuple[str, int | None] | str:
+        """(sha256, size or None) the file must have, or why nothing is known."""
+        if self.sha256 is not None:
+            return self.sha256, None
+        try:
+            record = json.loads(self.record.read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing"
+        except (OSError, ValueError) as exc:
+            return f"its record {self.record.name} is damaged ({type(exc).__name__})"
+        if not isinstance(record, dict):
+            return f"its record {self.record.name} is damaged"
+        if record.get("key") != self.key:
+            return f"its record says it was built for another cache key ({str(record.get('key'))[:16]})"
+        sha, size = record.get("sha256"), record.get("size")
+        if not isinstance(sha, str) or not isinstance(size, int):
+            return f"its record {self.record.name} is damaged"
+        return sha, size
+
+    def _verify(self, size: int, digest: Any) -> bool:
+        expected = self._expected()
+        if expected == "missing":
+            log.info("cached artifact %s has no record (an older onnx-hal's, or still being written); rebuilding it",
+                     self.path)
+            return False
+        if isinstance(expected, str):
+            problem = expected
+        elif expected[1] is not None and expected[1] != size:
+            problem = f"is {size} bytes where {expected[1]} were written (truncated or replaced)"
+        elif digest() != expected[0]:
+            problem = "does not match its sha256 (changed, damaged, or another model's file)"
+        else:
+            return True
+        log.warning("cached artifact %s %s; removing it and rebuilding", self.path, problem)
+        self.discard()
+        return False
 
 
 def info() -> dict[str, Any]:
-    """Entries and bytes per cache section, for ``hal cache info``."""
+    """Files (artifact records not counted) and bytes per cache section, for ``hal cache info``."""
     root = cache_root()
     sections: dict[str, dict[str, int]] = {}
     candidates = [root / "compiled", root / "verified"]
@@ -98,7 +300,8 @@ def info() -> dict[str, Any]:
             continue
         files = [p for p in section.rglob("*") if p.is_file()]
         name = str(section.relative_to(root))
-        sections[name] = {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        entries = sum(1 for p in files if not p.name.endswith(RECORD_SUFFIX))
+        sections[name] = {"files": entries, "bytes": sum(p.stat().st_size for p in files)}
     return {"root": str(root), "sections": sections}
 
 

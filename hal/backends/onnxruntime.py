@@ -12,9 +12,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -23,8 +21,8 @@ import numpy as np
 from attrs import evolve
 
 from hal.backend import Backend, CompileOptions, Device
-from hal._paths import cache_root
-from hal.cache import atomic_write, cache_key
+from hal._paths import cache_root, cache_skipped
+from hal.cache import Artifact, atomic_write, cache_key
 from hal.capabilities import (
     Capabilities,
     FormatTable,
@@ -219,8 +217,8 @@ def runtime_limits() -> RuntimeLimits:
     limits = probe_runtime_limits()
     try:
         atomic_write(path, json.dumps(limits._asdict()).encode())
-    except OSError as exc:
-        log.debug("cannot keep onnxruntime's limits in %s: %s", path, exc)
+    except OSError as exc:  # a read-only or full disk: probe again in the next process
+        cache_skipped(path.parent, exc)
     return limits
 
 
@@ -334,11 +332,11 @@ class OrtBackend(Backend):
         if digest is None:
             data = model.SerializeToString()
             digest = hashlib.sha256(data).hexdigest()
-        path = self._cache_path(digest, model, device, options, providers)
-        session = self._cached_session(path, device, options, providers)
+        artifact = self._cache_artifact(digest, model, device, options, providers)
+        session = self._cached_session(artifact, device, options, providers)
         if session is None:
             data = data if data is not None else model.SerializeToString()
-            session = self._new_session(data, path, device, options, providers)
+            session = self._new_session(data, artifact, device, options, providers)
         used = session.get_providers()
         if not used or used[0] != wanted:
             msg = (
@@ -355,54 +353,63 @@ class OrtBackend(Backend):
             data, sess_options=so, providers=[n for n, _ in providers], provider_options=[o for _, o in providers]
         )
 
-    def _cache_path(
+    def _cache_artifact(
         self, digest: str, model: onnx.ModelProto, device: Device, options: CompileOptions, providers: list[Any]
-    ) -> Path | None:
+    ) -> Artifact | None:
+        """onnxruntime's optimized model of this compile, ``<cache_dir>/<key>.ort.onnx``, checked
+        on read against its record (see :class:`hal.cache.Artifact`); None when not cached."""
         if not options.cache_dir or options.extra.get("session_config") or model.ByteSize() > 2**30:
             return None  # custom session configs may change what gets optimized: do not share
         key = cache_key(
             model=digest, device=device.id, providers=providers,
             onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
         )
-        return Path(options.cache_dir) / f"{key}.ort.onnx"
+        return Artifact(Path(options.cache_dir) / f"{key}.ort.onnx", key)
 
-    def _cached_session(self, path: Path | None, device: Device, options: CompileOptions, providers: list[Any]) -> Any:
-        """A session from onnxruntime's optimized model of an earlier compile, or None."""
+    def _cached_session(
+        self, artifact: Artifact | None, device: Device, options: CompileOptions, providers: list[Any]
+    ) -> Any:
+        """A session from onnxruntime's optimized model of an earlier compile, or None (a damaged
+        or foreign file is removed with a WARNING and rebuilt)."""
         import onnxruntime as ort
 
-        if path is None or not path.exists():
+        data = artifact.read() if artifact is not None else None
+        if data is None:
             return None
         so = self.session_options(device, options)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
         try:
-            session = self._create(path.read_bytes(), so, providers)
-        except Exception as exc:  # truncated or from an incompatible build: rebuild it
-            log.warning("cached onnxruntime model %s unusable (%s); rebuilding", path.name, _first_line(exc))
-            path.unlink(missing_ok=True)
+            session = self._create(data, so, providers)
+        except Exception as exc:  # intact but from an incompatible build: rebuild it
+            log.warning("cached onnxruntime model %s unusable (%s); rebuilding", artifact.path, _first_line(exc))
+            artifact.discard()
             return None
         self.cache_hits += 1
         return session
 
     def _new_session(
-        self, data: bytes, path: Path | None, device: Device, options: CompileOptions, providers: list[Any]
+        self, data: bytes, artifact: Artifact | None, device: Device, options: CompileOptions, providers: list[Any]
     ) -> Any:
         so = self.session_options(device, options)
         tmp = None
-        if path is not None:
-            # onnxruntime writes the optimized model while creating the session; write it to a
-            # private name and rename it into place so readers never see half a file.
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        if artifact is not None:
+            # onnxruntime writes the optimized model while creating the session; it goes to a
+            # private name and is moved into place with its record, so readers never see half a file.
+            tmp = artifact.temp_path()
             so.optimized_model_filepath = str(tmp)
         try:
             session = self._create(data, so, providers)
         except Exception as exc:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-            msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
-            raise CompileError(msg, operators=_missing_kernels(exc)) from exc
-        if tmp is not None and path is not None:
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
+            if tmp is None or _missing_kernels(exc):  # the model is at fault, not the cache
+                msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
+                raise CompileError(msg, operators=_missing_kernels(exc)) from exc
+            # Saving the optimized model may be what failed (a full disk: "Protobuf serialization
+            # failed"): compile again without the cache, which also says whether the model is at fault.
+            session = self._new_session(data, None, device, options, providers)
+            cache_skipped(tmp.parent, OSError(f"onnxruntime could not save its optimized model: {_first_line(exc)}"))
+            return session
+        if tmp is not None and artifact is not None:
+            artifact.adopt(tmp)
         return session
