@@ -151,9 +151,13 @@ def test_f32_is_honoured_and_bf16_only_on_request(cpu):
     want = compiled.to("ort:cpu").run({"x": x})["y"]
     exact = compiled.to("openvino:CPU").run({"x": x})["y"]
     np.testing.assert_allclose(exact, want, rtol=1e-6)
-    if "BF16" not in dict(cpu.details)["optimization_capabilities"].split(","):
-        pytest.skip(f"{cpu.name} has no BF16 in OPTIMIZATION_CAPABILITIES (no AMX/avx512_bf16): cannot show bf16 drift")
-    reduced = compiled.to("openvino:CPU", reduced_precision=True).run({"x": x})["y"]
+    # verify=False: placement's check would refuse bf16 answers, which is what this test shows.
+    reduced_exe = compiled.to("openvino:CPU", reduced_precision=True, strict=True, verify=False)
+    if reduced_exe.runner.inference_precision == "f32":
+        # What OpenVINO chose, not a guess from OPTIMIZATION_CAPABILITIES (AVX2-VNNI-2 CPUs list BF16
+        # but compute f32 by default).
+        pytest.skip(f"OpenVINO keeps f32 on {cpu.name} even with reduced precision (no AVX-512 BF16 / AMX)")
+    reduced = reduced_exe.run({"x": x})["y"]
     assert abs(float(reduced[0, 0]) - float(want[0, 0])) / float(want[0, 0]) > 1e-4, (reduced, want)
 
 
