@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hal.backend import Backend, CompileOptions, Device
-from hal.cache import atomic_write
+from hal.cache import Artifact
 from hal.capabilities import (
     Capabilities,
     DeviceKind,
@@ -392,21 +392,42 @@ def _loaded_from_cache(compiled: Any) -> bool:
 
 
 def _model_file(model: onnx.ModelProto, options: CompileOptions) -> Path | None:
-    """The model as ``<cache_dir>/models/<sha256>.onnx`` (written on first use), or None without
-    a cache directory or a digest from the core.
+    """The model as ``<cache_dir>/models/<sha256>.onnx``, checked or written, or None without a
+    cache directory, a digest from the core or a disk to write it on.
 
-    Given a path, OpenVINO keys its model cache by the path, the file's size and modification time
-    and the compile properties, so a warm compile loads the blob without reading, converting or
-    hashing the model (given an ``ov.Model``, it hashes the whole graph and its weights first). The
-    name is the model's sha256, so one name always means one model.
+    Given a path, OpenVINO keys its model cache by the path and the compile properties, and keeps
+    the file's size and modification time (in whole seconds) in the blob, so a warm compile loads
+    the blob without reading, converting or hashing the model (given an ``ov.Model``, it hashes the
+    whole graph and its weights first). The name is the model's sha256, and the file is hashed
+    before OpenVINO gets the path (:class:`hal.cache.Artifact`): a changed byte, a truncated file or
+    another model's file under this name is removed with a WARNING (this compile reads the model
+    from memory; the next writes the file again).
     """
     if not options.cache_dir or not options.model_digest:
         return None
-    path = Path(options.cache_dir) / "models" / f"{options.model_digest}.onnx"
-    if not path.is_file():
+    cache_dir = Path(options.cache_dir)
+    artifact = Artifact(cache_dir / "models" / f"{options.model_digest}.onnx", options.model_digest,
+                        sha256=options.model_digest)
+    if not artifact.path.is_file():
+        if not artifact.write(model.SerializeToString(deterministic=True)):
+            return None  # a full or read-only disk: compile from memory, uncached
+        return artifact.path
+    if artifact.check():
+        return artifact.path
+    # check() removed a damaged file: this compile reads the model from memory and the next one
+    # writes the file again. OpenVINO may hold a blob compiled from the damaged file, and a rewrite
+    # of the same size within the same second would match that blob's size and time: drop
+    # OpenVINO's blobs (each is compiled again on its next use).
+    _drop_blobs(cache_dir)
+    return None
+
+
+def _drop_blobs(cache_dir: Path) -> None:
+    dropped = 0
+    for blob in cache_dir.glob("*.blob"):
         try:
-            atomic_write(path, model.SerializeToString(deterministic=True))
-        except OSError as exc:  # a full or read-only disk must not fail the compile
-            log.warning("could not write %s for OpenVINO's model cache: %s", path, exc)
-            return None
-    return path
+            blob.unlink()
+            dropped += 1
+        except OSError as exc:  # already gone (another process), or a read-only cache
+            log.debug("cannot remove OpenVINO blob %s: %s", blob, exc)
+    log.info("removed %d OpenVINO blob(s) from %s after a damaged model file", dropped, cache_dir)
