@@ -7,13 +7,14 @@ the first meaningful line for a :class:`~hal.errors.CompileError`.
 
 Cache layout (one directory per backend, given by the core)::
 
-    <cache_dir>/<key>.vmfb   the module, loadable by ``iree-run-module`` as is
-    <cache_dir>/<key>.json   {"sha256", "size", "flags", "compiler", ...}
+    <cache_dir>/<key>.vmfb          the module, loadable by ``iree-run-module`` as is
+    <cache_dir>/<key>.vmfb.record   {"key", "sha256", "size", "flags", "compiler", ...}
 
 ``key`` hashes the model's sha256, the target flags, the compiler version and the host CPU (for
-``--iree-llvmcpu-target-cpu=host``). Both files are written to temporary names and moved into
-place with ``os.replace``, so a reader sees a whole file or none. A vmfb whose size or sha256
-does not match its ``.json`` (truncated, overwritten, half-copied) is rebuilt.
+``--iree-llvmcpu-target-cpu=host``). The pair is a :class:`hal.cache.Artifact`: the vmfb is moved
+into place first, then its record, and a vmfb is loaded only when its record names this key and
+its bytes still hash to the recorded sha256. A truncated, overwritten or foreign vmfb is removed
+with a WARNING and rebuilt; a cache that cannot be written is skipped with a WARNING.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hal.cache import Artifact
 from hal.errors import CompileError
 
 if TYPE_CHECKING:
@@ -199,50 +201,13 @@ def cache_key(model_sha256: str, target: str, flags: Sequence[str], compiler: st
 
 
 def read_cached(cache_dir: Path, key: str) -> bytes | None:
-    """The cached vmfb for ``key`` if present and intact (size and sha256 match), else None."""
-    vmfb, meta = cache_dir / f"{key}.vmfb", cache_dir / f"{key}.json"
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        data = vmfb.read_bytes()
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("IREE cache entry %s is unreadable (%s); rebuilding it", key[:16], exc)
-        return None
-    if not isinstance(info, dict) or info.get("size") != len(data) or \
-            info.get("sha256") != hashlib.sha256(data).hexdigest():
-        log.warning("IREE cache entry %s is corrupt (size or checksum mismatch); rebuilding it", key[:16])
-        return None
-    return data
+    """The cached vmfb for ``key`` if present and intact, else None (a damaged one is removed)."""
+    return Artifact(cache_dir / f"{key}.vmfb", key).read()
 
 
 def write_cached(cache_dir: Path, key: str, data: bytes, info: dict[str, Any]) -> None:
-    """Store a vmfb and its metadata atomically; a failure to write only loses the cache entry."""
-    info = {**info, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # The vmfb goes first: a reader that finds the new .json next to an old vmfb sees a
-        # checksum mismatch and rebuilds, never runs the wrong code.
-        _atomic_write(cache_dir / f"{key}.vmfb", data)
-        _atomic_write(cache_dir / f"{key}.json", json.dumps(info, indent=1, sort_keys=True).encode())
-    except OSError as exc:
-        log.warning("could not write IREE cache entry in %s: %s", cache_dir, exc)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Store a vmfb and its record (with ``info``); a failure to write only loses the cache entry."""
+    Artifact(cache_dir / f"{key}.vmfb", key).write(data, info)
 
 
 def build_vmfb(model: onnx.ModelProto, flags: Sequence[str], device_id: str, workdir: str | None = None) -> bytes:
