@@ -3,7 +3,10 @@
     HAL_LOAD_PLUGINS=openvino python plugins/hal-openvino/benchmarks/overhead.py [--repeat 7] [--number 2000]
 
 Prints the median per-call time (us) of 7 repeats for: OpenVINO's ``compiled_model(feeds)``,
-``request.infer(feeds, share_inputs=True)`` on a kept request, and ``hal`` ``exe.run(feeds)``.
+``request.infer(feeds, share_inputs=True)`` on a kept request, and ``hal`` ``exe.run(feeds)``, all
+compiled with the plugin's exact-precision properties (``EXACT_PRECISION``), plus a kept request
+compiled with ``INFERENCE_PRECISION_HINT=f32`` alone (the plugin's settings before those
+properties) to show what they cost.
 Models: a tiny MLP (batch 1, 2x Gemm 64 + Relu: overhead-bound) and the issue's MLP
 (batch 32, 4x Gemm 1024 + GELU).
 """
@@ -21,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import hal  # noqa: E402
+from hal_openvino.backend import EXACT_PRECISION  # noqa: E402
 from ov_models import mlp  # noqa: E402
 
 
@@ -50,10 +54,11 @@ def main() -> None:
     ):
         width = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
         x = np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)
-        compiled = core.compile_model(
-            core.read_model(model.SerializeToString(), b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        )
+        ov_model = core.read_model(model.SerializeToString(), b"")
+        compiled = core.compile_model(ov_model, "CPU", {**EXACT_PRECISION, "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
+        hint_only = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+        hint_only_request = hint_only.create_infer_request()
         exe = hal.compile(model).to("openvino:CPU")
         ref = compiled({"x": x})[0]
         np.testing.assert_allclose(exe.run({"x": x})["y"], ref, rtol=1e-5, atol=1e-6)
@@ -61,6 +66,9 @@ def main() -> None:
             "openvino compiled_model(feeds)": timed(lambda: compiled({"x": x}), number, args.repeat),
             "openvino request.infer(share_inputs=True)": timed(lambda: request.infer({"x": x}, share_inputs=True), number, args.repeat),
             "hal exe.run(feeds)": timed(lambda: exe.run({"x": x}), number, args.repeat),
+            "openvino request.infer, f32 hint only": timed(
+                lambda: hint_only_request.infer({"x": x}, share_inputs=True), number, args.repeat
+            ),
         }
         for name, us in results.items():
             print(f"{label:22s} {name:44s} {us:9.1f} us")

@@ -1,9 +1,11 @@
 """Runs one compiled OpenVINO model: the hot path of the plugin.
 
-Thread-safe: each call takes an infer request from a pool (one is made up front, more only when
-several threads call at once, so the pool grows to the peak number of concurrent callers) and
-gives it back after copying the outputs out. OpenVINO runs requests of one compiled model
-concurrently; a lock around a single request was measured against the pool (BENCHMARKS.md).
+Thread-safe: each call takes an infer request from a pool and gives it back after copying the
+outputs out. The pool holds at most OPTIMAL_NUMBER_OF_INFER_REQUESTS requests (1 under the default
+LATENCY hint, one per stream under THROUGHPUT), made as callers first need them; a caller that finds
+none idle waits for one. More concurrent requests than OpenVINO's optimum were measured to halve the
+throughput of a compute-bound model on 2 cores (each infer already uses every core), against 1.4x
+for a tiny one (BENCHMARKS.md, "Many threads on one executable").
 
 Inputs are wrapped as ``ov.Tensor`` sharing the caller's memory (no copy for C-contiguous,
 writable arrays; others are copied once); ml_dtypes inputs (bfloat16, fp8, e8m0) are wrapped by
@@ -16,7 +18,8 @@ executable runs again.
 
 from __future__ import annotations
 
-from collections import deque
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -119,11 +122,13 @@ class OpenVinoRunner:
             outputs[info.name] = (index, self._output_converter(fmt, produced, openvino))
         self._outputs = outputs
         # Idle infer requests. One request serves one call at a time ("Infer Request is busy"
-        # otherwise, or worse, another caller's inputs). deque.pop/append are atomic, so taking
-        # and returning one needs no lock; last in, first out keeps the most recently used
-        # (cache-warm) request in use when calls come one at a time.
-        self._idle: deque[Any] = deque()
-        self._idle.append(compiled.create_infer_request())
+        # otherwise, or worse, another caller's inputs). SimpleQueue's get/put are C calls that
+        # cost well under a microsecond when uncontended, and get() waits without the GIL.
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle.put(compiled.create_infer_request())
+        self._made = 1
+        self._limit = _optimal_requests(compiled)
+        self._grow = threading.Lock()  # taken only when no request is idle
         self._new_request = compiled.create_infer_request
         # The binding's own infer, not the Python wrapper's: the wrapper re-dispatches feeds and
         # builds a dict of every output per call (about half the cost of a small model here).
@@ -161,13 +166,21 @@ class OpenVinoRunner:
         """Run once on feeds already checked by the core; one array per requested output."""
         idle = self._idle
         try:
-            request = idle.pop()
-        except IndexError:  # every request is busy in another thread: make one more
-            request = self._new_request()
+            request = idle.get_nowait()
+        except queue.Empty:  # every request is busy in another thread
+            request = self._another_request()
         try:
             return self.run_on(request, feeds, output_names)
         finally:
-            idle.append(request)
+            idle.put(request)
+
+    def _another_request(self) -> Any:
+        """A new request while fewer than OpenVINO's optimum exist, else the next one returned."""
+        with self._grow:
+            if self._made < self._limit:
+                self._made += 1
+                return self._new_request()
+        return self._idle.get()
 
     def run_on(self, request: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run on ``request``, which no other thread may use until this returns."""
@@ -189,6 +202,15 @@ def _shared_tensor(array: np.ndarray, tensor: Any) -> Any:
         # broadcast views are copied once (the Tensor holds the copy).
         array = np.array(array, order="C")
     return tensor(array, shared_memory=True)
+
+
+def _optimal_requests(compiled: Any) -> int:
+    """OPTIMAL_NUMBER_OF_INFER_REQUESTS: how many requests OpenVINO runs at once without the
+    streams competing for cores (at least 1)."""
+    try:
+        return max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    except Exception:  # noqa: BLE001 - a device without the property: one request at a time
+        return 1
 
 
 def _precision_name(compiled: Any) -> str:

@@ -185,3 +185,37 @@ class TestThreads:
             }
 
         self._hammer(narrow2, feeds_for, lambda f: f["a"].astype(np.float32) + f["b"].astype(np.float32))
+
+
+@pytest.mark.parametrize("hint", ["LATENCY", "THROUGHPUT"])
+def test_requests_in_flight_are_distinct_and_at_most_openvinos_optimum(hint, monkeypatch):
+    """No request serves two calls at once, and no more run at once than OpenVINO says is optimal
+    (more oversubscribe the cores: BENCHMARKS.md). The window is widened with a short sleep."""
+    model = make([helper.make_node("Relu", ["x"], ["y"])], [vi("x", TensorProto.FLOAT, [4])], [vi("y", TensorProto.FLOAT, [4])])
+    exe = hal.compile(model).to("openvino:CPU", strict=True, performance_hint=hint)
+    runner = exe.runner
+    optimal = runner.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+    run_on, active, problems, most, guard = runner.run_on, [], [], [0], threading.Lock()
+
+    def spy(request, feeds, output_names):
+        with guard:
+            if any(r is request for r in active):
+                problems.append("a request served two calls at once")
+            active.append(request)
+            most[0] = max(most[0], len(active))
+        try:
+            threading.Event().wait(0.002)
+            return run_on(request, feeds, output_names)
+        finally:
+            with guard:
+                active.remove(request)
+
+    monkeypatch.setattr(runner, "run_on", spy)
+    x = np.arange(4, dtype=np.float32) - 2
+    threads = [threading.Thread(target=lambda: [exe.run({"x": x}) for _ in range(10)]) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not problems, problems
+    assert 1 <= most[0] <= optimal, (most[0], optimal)
