@@ -114,9 +114,11 @@ class Backend(abc.ABC):
     name: str = ""
 
     @property
+    @abc.abstractmethod
     def version(self) -> str:
-        """The runtime's version; part of compile-cache keys. Override to import lazily."""
-        return "unknown"
+        """The runtime's version (and the plugin's, where its code changes what is compiled):
+        part of every compile-cache key, so a new runtime never reuses an old artifact.
+        Required; a property may import the runtime lazily, or a class attribute may give it."""
 
     @abc.abstractmethod
     def discover(self) -> Iterable[Device]:

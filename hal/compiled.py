@@ -32,6 +32,7 @@ from hal.errors import (
     HalError,
     LoweringError,
     ModelError,
+    PluginError,
     InputError,
     UnavailableDeviceError,
     VerificationError,
@@ -90,7 +91,7 @@ _KIND_ORDER = {"gpu": 0, "npu": 0, "cpu": 1, "simulated": 2}
 _MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
 
 
-def rank(model: Model, devices: Sequence[Device]) -> list[tuple[Device, Verdict]]:
+def rank(model: Model, devices: Sequence[Device], policy: str | None = None) -> list[tuple[Device, Verdict]]:
     """Devices that can run ``model``, best first, each with its verdict.
 
     The default policy: devices that run the model as it is written before those whose lowering
@@ -98,10 +99,13 @@ def rank(model: Model, devices: Sequence[Device]) -> list[tuple[Device, Verdict]
     count against a device, since they keep every operator's meaning; then accelerators before
     CPUs before simulated chips; declared maturity; then the embedded ``ort:cpu`` first among
     equals, as the reference implementation. Devices that cannot run the model are left out.
+
+    ``policy`` names a ranking policy a plugin registered (``hal_register_policies``): it is
+    given the default order and returns the devices to try, in its order.
     """
     verdicts = [(d, assess(model, d)) for d in devices]
     usable = [(d, v) for d, v in verdicts if v.status != "cannot"]
-    return sorted(
+    ordered = sorted(
         usable,
         key=lambda dv: (
             any(step.kind not in _MEANING_KEEPING for step in dv[1].steps),
@@ -111,6 +115,29 @@ def rank(model: Model, devices: Sequence[Device]) -> list[tuple[Device, Verdict]
             dv[0].id,
         ),
     )
+    return ordered if policy is None else _apply_policy(policy, model, ordered)
+
+
+def _apply_policy(name: str, model: Model, ordered: list[tuple[Device, Verdict]]) -> list[tuple[Device, Verdict]]:
+    policies = registry().policies()
+    policy = policies.get(name)
+    if policy is None:
+        msg = f"unknown ranking policy {name!r}; registered: {', '.join(sorted(policies)) or 'none'}"
+        raise InputError(msg)
+    by_id = {d.id: (d, v) for d, v in ordered}
+    try:
+        chosen = list(policy.rank(model, [d for d, _ in ordered]))
+    except HalError:
+        raise
+    except Exception as exc:  # a plugin's bug: name the plugin, not a raw traceback
+        msg = f"ranking policy {name!r} (plugin {policy.plugin}) failed: {type(exc).__name__}: {exc}"
+        raise PluginError(msg) from exc
+    ids = [getattr(d, "id", None) for d in chosen]
+    unknown = [i for i in ids if i not in by_id]
+    if unknown or len(set(ids)) != len(ids):
+        msg = f"ranking policy {name!r} (plugin {policy.plugin}) returned devices that were not candidates or twice: {ids}"
+        raise PluginError(msg)
+    return [by_id[i] for i in ids]
 
 
 # -- the compiled model ------------------------------------------------------------------------
@@ -241,6 +268,7 @@ class CompiledModel:
         reduced_precision: bool = False,
         verify: bool | str = True,
         example: Mapping[str, Any] | None = None,
+        policy: str | None = None,
         **extra: Any,
     ) -> Executable:
         """Lower the model for ``device`` and prepare it there.
@@ -269,13 +297,16 @@ class CompiledModel:
         run of every new input-shape signature (for models with dynamic dimensions); ``False``
         skips verification. ``example``: real inputs to verify with (by input name), instead of
         seeded ones; dynamic dimensions then take the example's sizes.
+
+        ``policy``: with ``"auto"``, the name of a ranking policy a plugin registered
+        (``hal plugins`` lists them) instead of the default order.
         """
         if verify not in (True, False, "each-shape"):
             msg = f"verify={verify!r} is not one of True, False, 'each-shape'"
             raise InputError(msg)
         reg = registry()
         options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
-        candidates = self._candidates(device)
+        candidates = self._candidates(device, policy)
         explicit = not (isinstance(device, str) and device == "auto")
         failures: list[tuple[Device, HalError]] = []
         tried: set[str] = set()
@@ -314,13 +345,16 @@ class CompiledModel:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _candidates(self, device: str | Device | Sequence[str | Device]) -> list[Device]:
+    def _candidates(self, device: str | Device | Sequence[str | Device], policy: str | None = None) -> list[Device]:
         reg = registry()
+        if policy is not None and not (isinstance(device, str) and device == "auto"):
+            msg = f"policy={policy!r} ranks devices for to('auto'); a device or a list is tried as given"
+            raise InputError(msg)
         if isinstance(device, Device):
             return [reg.device(device.id)]
         if isinstance(device, str):
             if device == "auto":
-                return [d for d, _ in rank(self.model, reg.devices())]
+                return [d for d, _ in rank(self.model, reg.devices(), policy)]
             return [reg.device(device)]
         return [reg.device(d.id if isinstance(d, Device) else d) for d in device]
 
@@ -359,6 +393,9 @@ class CompiledModel:
         except Exception as exc:  # a plugin's bug must still reach the caller as a HalError
             msg = f"backend {backend.name} failed to compile for {device.id}: {type(exc).__name__}: {exc}"
             raise CompileError(msg) from exc
+        if not callable(getattr(runner, "run", None)):
+            msg = f"backend {backend.name} returned {type(runner).__name__} from prepare(), not a runner with run(feeds, output_names)"
+            raise CompileError(msg)
         nodes = tuple(n.name or f"{n.op_type}#{i}" for i, n in enumerate(proto.graph.node))
         if check is not None and verify == "each-shape":
             runner = ShapeCheckedRunner(
@@ -395,7 +432,7 @@ class CompiledModel:
             device=device.id,
             capabilities=device.capabilities.to_dict(),
             backend=backend.name,
-            backend_version=backend.version,
+            backend_version=_version_of(backend),
             hal=_versions(),
             reduced_precision=options.reduced_precision,
         )
@@ -540,6 +577,20 @@ def _feeds_digest(feeds: Mapping[str, Any]) -> str:
         h.update(f"{name}:{array.dtype}:{array.shape}:".encode())
         h.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
     return h.hexdigest()
+
+
+def _version_of(backend: Backend) -> str:
+    """The backend's version, part of cache keys; a plugin whose ``version`` fails or is empty
+    cannot be cached safely, so it cannot compile."""
+    try:
+        version = backend.version
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported under its name
+        msg = f"backend {backend.name}: reading its version failed ({type(exc).__name__}: {exc}); it is part of every cache key"
+        raise CompileError(msg) from exc
+    if not isinstance(version, str) or not version.strip():
+        msg = f"backend {backend.name}: version must be a non-empty string, got {version!r}; it is part of every cache key"
+        raise CompileError(msg)
+    return version
 
 
 def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:

@@ -16,6 +16,7 @@ __all__ = [
     "ModelError",
     "PluginError",
     "RunError",
+    "SettingError",
     "UnavailableDeviceError",
     "UnknownDeviceError",
     "VerificationError",
@@ -47,6 +48,11 @@ class UnknownDeviceError(DeviceError, KeyError):
 
 class UnavailableDeviceError(DeviceError):
     """The device is registered but cannot run anything here (no driver, no toolkit, ...)."""
+
+
+class SettingError(HalError, ValueError):
+    """A setting the HAL reads (an environment variable such as ``HAL_DISCOVERY_TIMEOUT``) has a
+    value it cannot use; the message names the variable and what it takes."""
 
 
 class PluginError(HalError):

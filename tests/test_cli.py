@@ -47,6 +47,7 @@ class TestDevices:
 
         class Offline(hal.Backend):
             name = "offline"
+            version = "1"
 
             def discover(self):
                 return [hal.Device(id="offline:0", backend="offline", vendor="V", name="N", kind="gpu",

@@ -58,6 +58,7 @@ class ReferenceBackend(hal.Backend):
     """A second real backend for fallback tests: ONNX's reference evaluator, any format."""
 
     name = "ref"
+    version = "1"
 
     def discover(self):
         caps = hal.Capabilities.from_levels(native=[f for f in hal.NumberFormat if not f.value.startswith(("float6", "complex", "string"))],

@@ -14,6 +14,8 @@ from hal import _plugins
 
 
 class OneDeviceBackend(hal.Backend):
+    version = "1.0"
+
     def __init__(self, name="acme", devices=None):
         self.name = name
         self._devices = devices
@@ -157,6 +159,7 @@ def installed(tmp_path, monkeypatch):
 
             class Backend(hal.Backend):
                 name = "good"
+                version = "1.2.3"
                 def discover(self):
                     return [hal.Device(id="good:0", backend="good", vendor="Good", name="G1", kind="gpu")]
                 def prepare(self, model, device, options):
@@ -228,3 +231,231 @@ class TestEntryPoints:
         monkeypatch.delitem(sys.modules, "hal_goodvendor", raising=False)
         self.load(monkeypatch, allow="")
         assert "hal_goodvendor" not in sys.modules
+
+
+class TestHooksThroughPluggy:
+    def test_a_misspelled_hook_is_a_reported_error(self, fresh_registry):
+        class Misspelled:
+            @hal.hookimpl
+            def hal_register_backend(self, register):  # missing the final "s"
+                register(OneDeviceBackend())
+
+        reg = fresh_registry()
+        reg.add_plugin(Misspelled(), name="typo")
+        info = {p.name: p for p in reg.plugins()}["typo"]
+        assert info.status == "error"
+        assert "hal_register_backend (did you mean hal_register_backends?)" in info.error
+        assert ids(reg) == ["ort:cpu"]
+
+    def test_wrapper_hooks_wrap_every_plugins_registration(self, fresh_registry):
+        seen = []
+
+        class Tracer:
+            @hal.hookimpl(wrapper=True)
+            def hal_register_backends(self, register):
+                seen.append("before")
+                result = yield
+                seen.append("after")
+                return result
+
+        reg = fresh_registry()
+        reg.add_plugin(Tracer(), name="tracer")
+        reg.add_plugin(Plugin(OneDeviceBackend()), name="acme")
+        assert seen[-2:] == ["before", "after"]  # it wrapped acme's registration too
+        assert "acme:0" in ids(reg)
+
+    def test_a_plugin_that_hangs_in_its_hook_is_bounded(self, fresh_registry, monkeypatch):
+        class Sleepy:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                time.sleep(3)
+                register(OneDeviceBackend(name="late"))
+
+        monkeypatch.setenv("HAL_PLUGIN_TIMEOUT", "0.3")
+        reg = fresh_registry()
+        start = time.monotonic()
+        reg.add_plugin(Sleepy(), name="sleepy")
+        assert time.monotonic() - start < 2
+        info = {p.name: p for p in reg.plugins()}["sleepy"]
+        assert info.status == "error" and "did not finish within 0.3 s" in info.error
+        time.sleep(3.2)  # it wakes up and registers: refused, never half-added
+        assert "late" not in reg.backends()
+
+    def test_a_plugin_that_hangs_at_import_is_bounded(self, tmp_path, monkeypatch):
+        (tmp_path / "hal_sleeps_at_import.py").write_text("import time\ntime.sleep(5)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setenv("HAL_PLUGIN_TIMEOUT", "0.3")
+        reg = _plugins.Registry(builtins={**_plugins.DEFAULT_PLUGINS, "sleeper": "hal_sleeps_at_import"})
+        start = time.monotonic()
+        assert reg.device("ort:cpu").available
+        assert time.monotonic() - start < 3
+        info = {p.name: p for p in reg.plugins()}["sleeper"]
+        assert info.status == "error" and "import did not finish within 0.3 s" in info.error
+
+    def test_a_named_device_does_not_wait_for_another_backends_discovery(self, fresh_registry):
+        class Slow(OneDeviceBackend):
+            def discover(self):
+                time.sleep(5)
+                return super().discover()
+
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(Slow(name="slow")), name="slow")
+        start = time.monotonic()
+        assert reg.device("ort:cpu").id == "ort:cpu"
+        assert time.monotonic() - start < 2
+
+    def test_an_endless_device_generator_is_stopped(self, fresh_registry, monkeypatch):
+        made = []
+
+        class Endless(OneDeviceBackend):
+            def discover(self):
+                i = 0
+                while True:
+                    time.sleep(0.001)
+                    made.append(i)
+                    yield hal.Device(id=f"endless:{i}", backend="endless", vendor="x", name="x", kind="gpu")
+                    i += 1
+
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(Endless(name="endless")), name="endless")
+        assert ids(reg) == ["ort:cpu"]
+        assert any("more than" in p.error for p in reg.problems())
+        count = len(made)
+        time.sleep(0.2)
+        assert len(made) == count  # nothing keeps generating after discovery gave up
+
+
+class TestSettings:
+    @pytest.mark.parametrize("value", ["abc", "inf", "0", "-1", "nan"])
+    @pytest.mark.parametrize("variable", ["HAL_DISCOVERY_TIMEOUT", "HAL_PLUGIN_TIMEOUT"])
+    def test_bad_timeouts_are_named(self, fresh_registry, monkeypatch, variable, value):
+        from hal.errors import SettingError
+
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(SettingError, match=f"{variable}={value!r}"):
+            fresh_registry().devices()
+
+    def test_cli_reports_a_bad_setting_in_one_line(self, fresh_registry, monkeypatch, capsys):
+        from hal.cli import main
+
+        monkeypatch.setenv("HAL_DISCOVERY_TIMEOUT", "soon")
+        fresh_registry()
+        assert main(["devices"]) == 1
+        assert "HAL_DISCOVERY_TIMEOUT='soon'" in capsys.readouterr().err
+
+
+def runs_float32(name):
+    caps = hal.Capabilities.from_levels(native=["float32", "int64"], opsets=hal.OpsetRange(1, 25))
+    return [hal.Device(id=f"{name}:0", backend=name, vendor="Acme", name="Acme X1", kind="npu", capabilities=caps)]
+
+
+class TestMalformedPlugins:
+    """What a plugin hands the host is checked where it enters; every other device stays usable."""
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [("capabilities", None, "capabilities must be a hal.Capabilities"), ("available", "no", "available must be True or False")],
+    )
+    def test_malformed_devices_are_left_out(self, fresh_registry, linear_model, field, value, message):
+        bad = hal.Device(id="acme:0", backend="acme", vendor="x", name="x", kind="gpu")
+        object.__setattr__(bad, field, value)  # what a plugin bypassing attrs' checks hands over
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(OneDeviceBackend(devices=[bad])), name="acme")
+        assert ids(reg) == ["ort:cpu"]
+        assert any(message in p.error for p in reg.problems())
+        assert hal.compile(linear_model).to("auto").device.id == "ort:cpu"
+
+    def test_a_backend_without_version_cannot_register(self, fresh_registry):
+        class NoVersion(hal.Backend):
+            name = "nover"
+
+            def discover(self):
+                return []
+
+            def prepare(self, model, device, options):
+                raise NotImplementedError
+
+        class Registers:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                register(NoVersion())
+
+        reg = fresh_registry()
+        reg.add_plugin(Registers(), name="nover")
+        info = {p.name: p for p in reg.plugins()}["nover"]
+        assert info.status == "error" and "version" in info.error
+
+    @pytest.mark.parametrize("prepared", [None, object()])
+    def test_prepare_returning_no_runner_is_a_compile_error_and_auto_moves_on(self, fresh_registry, linear_model, prepared):
+        from hal.errors import CompileError
+
+        class Broken(OneDeviceBackend):
+            def prepare(self, model, device, options):
+                return prepared
+
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(Broken(name="broken", devices=runs_float32("broken"))), name="broken")
+        with pytest.raises(CompileError, match="not a runner"):
+            hal.compile(linear_model).to("broken:0", strict=True)
+        exe = hal.compile(linear_model).to("auto")  # broken:0 is an "npu": ranked first, skipped
+        assert exe.device.id == "ort:cpu" and "broken:0" in exe.lowering[0].detail
+
+    def test_a_version_that_raises_is_a_compile_error(self, fresh_registry, linear_model):
+        from hal.errors import CompileError
+
+        class Raises(OneDeviceBackend):
+            @property
+            def version(self):
+                raise RuntimeError("runtime not importable")
+
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(Raises(name="raises")), name="raises")
+        with pytest.raises(CompileError, match="reading its version failed"):
+            hal.compile(linear_model).to("raises:0", strict=True)
+
+
+class TestPoliciesAndHealth:
+    def test_a_plugin_policy_orders_auto(self, fresh_registry, linear_model):
+        class Right(OneDeviceBackend):
+            def prepare(self, model, device, options):
+                return hal._plugins.registry().backend("ort").prepare(model, hal._plugins.registry().device("ort:cpu"), options)
+
+        class Policies:
+            @hal.hookimpl
+            def hal_register_policies(self, register):
+                register("cpu-first", lambda model, devices: sorted(devices, key=lambda d: d.kind.value != "cpu"), "CPUs first")
+
+        reg = fresh_registry()
+        reg.add_plugin(Plugin(Right(name="acme", devices=runs_float32("acme"))), name="acme")
+        reg.add_plugin(Policies(), name="policies")
+        assert {p.name: p for p in reg.plugins()}["policies"].policies == ("cpu-first",)
+        compiled = hal.compile(linear_model)
+        assert compiled.to("auto").device.id == "acme:0"  # default: the npu first
+        assert compiled.to("auto", policy="cpu-first").device.id == "ort:cpu"
+        with pytest.raises(hal.errors.InputError, match="unknown ranking policy 'fastest'; registered: cpu-first"):
+            compiled.to("auto", policy="fastest")
+
+    def test_policy_names_clash_is_reported(self, fresh_registry):
+        class P:
+            @hal.hookimpl
+            def hal_register_policies(self, register):
+                register("same", lambda model, devices: devices)
+
+        reg = fresh_registry()
+        reg.add_plugin(P(), name="one")
+        reg.add_plugin(P(), name="two")
+        info = {p.name: p for p in reg.plugins()}["two"]
+        assert info.status == "error" and "already registered by plugin one" in info.error
+
+    def test_health_probes_are_collected_from_every_plugin(self, fresh_registry):
+        class Probe:
+            @hal.hookimpl
+            def hal_probe_health(self, device):
+                if device.id == "ort:cpu":
+                    return hal.Health(probes=3, failures=1)
+                return None
+
+        reg = fresh_registry()
+        reg.add_plugin(Probe(), name="probe")
+        (health,) = reg.hooks.probe_health(reg.device("ort:cpu"))
+        assert health.failures == 1 and health.error_rate == pytest.approx(1 / 3)
