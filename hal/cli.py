@@ -396,7 +396,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     from hal.testing import conformance
 
     if args.every < 1:
-        raise HalError(f"--every must be at least 1, got {args.every}")
+        msg = f"--every must be at least 1, got {args.every}"
+        raise HalError(msg)
     live = sys.stderr.isatty() and not args.json
 
     def progress(done: int, total: int) -> None:

@@ -18,7 +18,16 @@ target:
   cannot express: those are errors for every target alike;
 - ``crash``: anything else: the device accepted the model and then failed to run it
   (:class:`~hal.errors.RunError`), or an exception that is not a ``HalError``. The message says
-  which.
+  which, and ``CaseResult.hal_error`` is False for the latter (a bug: every failure a caller can
+  meet must be a ``HalError``).
+
+Inputs are fed as onnx's backend test runner reads them from a case's ``.pb`` files
+(:func:`onnx.numpy_helper.to_array` of the serialized tensor) and read-only, as users have
+them (``np.frombuffer``, ``np.load(..., mmap_mode="r")``): a runner that writes into its inputs
+or frees a copy it still reads shows here.
+
+:func:`survey` runs a sample on several targets and :func:`summarize` reduces a result to what
+``hal conformance`` prints: passed / wrong / errors per target and the most common reasons.
 
 Example::
 
@@ -40,10 +49,14 @@ Cases run one after another in this process, with no time limit per case: over a
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import re
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,12 +73,18 @@ __all__ = [
     "OUTCOMES",
     "CaseResult",
     "ConformanceResult",
+    "TargetSummary",
+    "as_read",
     "collect_cases",
     "compare_outputs",
     "isolated_cache",
+    "quiet_runtimes",
+    "reason",
     "run",
     "run_case",
     "sample",
+    "summarize",
+    "survey",
 ]
 
 #: Every outcome a case can have on a target, in report order.
@@ -84,6 +103,7 @@ class CaseResult:
     seconds: float
     device: str | None = None  # the device that prepared the model (auto's choice), if any
     message: str = ""
+    hal_error: bool = True  # False: an exception that is not a HalError ended the case (a bug)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +113,7 @@ class CaseResult:
             "seconds": round(self.seconds, 4),
             "device": self.device,
             "message": self.message,
+            "hal_error": self.hal_error,
         }
 
 
@@ -158,13 +179,19 @@ def sample(cases: Sequence[TestCase], *, every: int, offset: int = 0) -> list[Te
 
 
 def _all_cases() -> list[TestCase]:
+    return list(_generated_cases())
+
+
+@functools.cache
+def _generated_cases() -> tuple[TestCase, ...]:
+    """Generated once per process: the kit and the core's tests may both ask in one session."""
     from onnx.backend.test.case.node import collect_testcases
 
     # Generating the cases computes their expected outputs, with numpy warnings (overflow in
     # casts, division by zero) that some cases exercise on purpose.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return list(collect_testcases())
+        return tuple(collect_testcases())
 
 
 def _unexpressible(model: onnx.ModelProto) -> str | None:
@@ -188,6 +215,28 @@ def _normalize(value: Any) -> Any:
     if isinstance(value, onnx.TensorProto):
         return numpy_helper.to_array(value)
     return value
+
+
+def as_read(value: Any) -> Any:
+    """``value`` as onnx's backend test runner reads it from a case's ``.pb`` file, read-only.
+
+    The runner reads inputs with :func:`onnx.numpy_helper.to_array`, which gives read-only views
+    of the file's bytes for most element types; here every array is made read-only, so a backend
+    that writes into its inputs, or copies them and frees the copy too early, shows.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(value, onnx.TensorProto):
+        array = numpy_helper.to_array(value)
+    elif isinstance(value, (np.ndarray, np.generic)):
+        array = numpy_helper.to_array(numpy_helper.from_array(np.asarray(value)))
+    else:
+        return value  # sequences, optionals, maps: the HAL cannot pass them anyway
+    array = array.view()
+    array.flags.writeable = False
+    return array
 
 
 # -- comparison ----------------------------------------------------------------------------------
@@ -228,10 +277,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _prepare(compiled: hal.CompiledModel, target: str) -> hal.Executable:
+def _prepare(compiled: hal.CompiledModel, target: str, verify: bool | None) -> hal.Executable:
+    options: dict[str, Any] = {} if verify is None else {"verify": verify}
     if target == AUTO:
-        return compiled.to(AUTO)
-    return compiled.to(target, strict=True, fallback=None)
+        return compiled.to(AUTO, **options)
+    return compiled.to(target, strict=True, fallback=None, **options)
 
 
 def _run_target(
@@ -241,26 +291,29 @@ def _run_target(
     feeds_list: list[dict[str, Any]],
     expected_list: list[list[Any]],
     output_names: list[str],
+    verify: bool | None,
 ) -> CaseResult:
     start = time.perf_counter()
 
-    def result(outcome: str, message: str = "", device: str | None = None) -> CaseResult:
-        return CaseResult(case.name, target, outcome, time.perf_counter() - start, device, message)
+    def result(outcome: str, message: str = "", device: str | None = None, *, hal_error: bool = True) -> CaseResult:
+        return CaseResult(case.name, target, outcome, time.perf_counter() - start, device, message, hal_error)
 
     try:
-        exe = _prepare(compiled, target)
+        exe = _prepare(compiled, target, verify)
     except HalError as exc:
         return result("error", _first_line(exc))
     except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
-        return result("crash", f"in to(): {_first_line(exc)}")
+        return result("crash", f"in to(): {_first_line(exc)}", hal_error=False)
     device = exe.device.id
     for feeds, expected in zip(feeds_list, expected_list):
         try:
             outputs = exe.run(feeds)
         except RunError as exc:
             return result("crash", _first_line(exc), device)
-        except Exception as exc:  # noqa: BLE001 - as above
+        except HalError as exc:  # an InputError for feeds the case's own model declares
             return result("crash", f"in run(): {_first_line(exc)}", device)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return result("crash", f"in run(): {_first_line(exc)}", device, hal_error=False)
         try:
             compare_outputs(expected, [outputs[n] for n in output_names], rtol=case.rtol, atol=case.atol)
         except Exception as exc:  # noqa: BLE001 - the comparison's TypeErrors are mismatches too
@@ -268,8 +321,10 @@ def _run_target(
     return result("pass", device=device)
 
 
-def run_case(case: TestCase, targets: Sequence[str]) -> dict[str, CaseResult]:
-    """Run one case on each target: compiled once with :func:`hal.compile`, then ``to(target)``."""
+def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | None = None) -> dict[str, CaseResult]:
+    """Run one case on each target: compiled once with :func:`hal.compile`, then ``to(target)``.
+
+    ``verify`` is passed to ``to()`` when given (None: the HAL's default)."""
     start = time.perf_counter()
 
     def everywhere(outcome: str, message: str) -> dict[str, CaseResult]:
@@ -284,13 +339,15 @@ def run_case(case: TestCase, targets: Sequence[str]) -> dict[str, CaseResult]:
     except HalError as exc:
         return everywhere("error", f"hal.compile: {_first_line(exc)}")
     except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
-        return everywhere("crash", f"hal.compile: {_first_line(exc)}")
+        elapsed = time.perf_counter() - start
+        message = f"hal.compile: {_first_line(exc)}"
+        return {t: CaseResult(case.name, t, "crash", elapsed, None, message, False) for t in targets}
     initializers = {t.name for t in case.model.graph.initializer}
     input_names = [v.name for v in case.model.graph.input if v.name not in initializers]
     output_names = [v.name for v in case.model.graph.output]
-    feeds_list = [{n: _normalize(v) for n, v in zip(input_names, inputs)} for inputs, _ in case.data_sets]
+    feeds_list = [{n: as_read(v) for n, v in zip(input_names, inputs)} for inputs, _ in case.data_sets]
     expected_list = [[_normalize(v) for v in outputs] for _, outputs in case.data_sets]
-    return {t: _run_target(case, compiled, t, feeds_list, expected_list, output_names) for t in targets}
+    return {t: _run_target(case, compiled, t, feeds_list, expected_list, output_names, verify) for t in targets}
 
 
 def run(
@@ -298,13 +355,15 @@ def run(
     targets: Sequence[str] | Mapping[str, Iterable[str] | None],
     *,
     progress: Callable[[int, TestCase, dict[str, CaseResult]], None] | None = None,
+    verify: bool | None = None,
 ) -> ConformanceResult:
     """Run ``cases`` on ``targets``.
 
     ``targets`` is a list of device ids and ``"auto"``, or a mapping from target to the names
     of the cases it should run (``None``: all), so slow devices can run a sample while the
     others run everything; a case is compiled once for all the targets that run it.
-    ``progress(index, case, results)`` is called after each case.
+    ``progress(index, case, results)`` is called after each case. ``verify`` is passed to
+    ``to()`` when given (None: the HAL's default, which is what users get).
     """
     wanted: dict[str, frozenset[str] | None] = (
         {t: None if names is None else frozenset(names) for t, names in targets.items()}
@@ -320,9 +379,135 @@ def run(
             these = [t for t, only in wanted.items() if only is None or case.name in only]
             if not these:
                 continue
-            outcome = run_case(case, these)
+            outcome = run_case(case, these, verify=verify)
             for target, res in outcome.items():
                 results[target][case.name] = res
             if progress is not None:
                 progress(index, case, outcome)
     return ConformanceResult(tuple(wanted), tuple(names), results)
+
+
+# -- the table `hal conformance` prints ----------------------------------------------------------
+
+#: What ``CaseResult.message`` says that differs from case to case (values, names, sizes), and the
+#: core's wording around a device's own refusal; dropped so that equal reasons count together.
+_STRICT_PREFIX = re.compile(r"^(\w+): \S+ cannot run the model(?: \(operators: [^)]*\))? and \S+ forbids moving it elsewhere: ")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
+_REASON_LENGTH = 120
+
+
+def reason(result: CaseResult) -> str:
+    """Why a case did not pass, worded so that the same cause on other cases reads the same:
+    the outcome (``wrong`` or ``error``), then the first line of the message with quoted names,
+    numbers and the device id replaced. Empty for a pass."""
+    if result.outcome == "pass":
+        return ""
+    text = _STRICT_PREFIX.sub(r"\1: ", result.message)
+    for device in {result.target, result.device} - {None, AUTO}:
+        text = text.replace(str(device), "<device>")
+    text = _NUMBER.sub("N", _QUOTED.sub("'…'", text))
+    if len(text) > _REASON_LENGTH:
+        text = text[: _REASON_LENGTH - 1] + "…"
+    return f"{'wrong' if result.outcome == 'fail' else 'error'}: {text}"
+
+
+@frozen
+class TargetSummary:
+    """One target's line of ``hal conformance``: ``errors`` counts refusals and failures to run
+    (outcomes ``error`` and ``crash``), ``wrong`` the cases that ran and answered wrong."""
+
+    device: str
+    total: int
+    passed: int
+    wrong: int
+    errors: int
+    reasons: tuple[tuple[str, int], ...]  # the most common reasons, most frequent first
+    every: int = 1
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "total": self.total,
+            "passed": self.passed,
+            "wrong": self.wrong,
+            "errors": self.errors,
+            "reasons": [{"reason": r, "count": n} for r, n in self.reasons],
+            "every": self.every,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def summarize(result: ConformanceResult, *, top: int = 5, every: int = 1) -> list[TargetSummary]:
+    """One :class:`TargetSummary` per target of ``result``, with its ``top`` reasons."""
+    out = []
+    for target in result.targets:
+        counts = result.counts(target)
+        reasons = Counter(reason(r) for r in result.results[target].values() if r.outcome != "pass")
+        out.append(
+            TargetSummary(
+                device=target,
+                total=sum(counts.values()),
+                passed=counts["pass"],
+                wrong=counts["fail"],
+                errors=counts["error"] + counts["crash"],
+                reasons=tuple(reasons.most_common(top)),
+                every=every,
+                seconds=result.seconds(target),
+            )
+        )
+    return out
+
+
+@contextlib.contextmanager
+def quiet_runtimes() -> Iterator[None]:
+    """Silence what thousands of refused cases would print: the HAL's fallback WARNINGs and
+    onnxruntime's own error log lines. Outcomes and messages are in the result anyway."""
+    hal_log = logging.getLogger("hal")
+    level = hal_log.level
+    hal_log.setLevel(logging.ERROR)
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency of onnx-hal
+        onnxruntime = None
+    if onnxruntime is not None:
+        onnxruntime.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        hal_log.setLevel(level)
+        if onnxruntime is not None:
+            onnxruntime.set_default_logger_severity(2)  # onnxruntime's default, WARNING
+
+
+def survey(
+    targets: Sequence[str] | None = None,
+    *,
+    every: int = 1,
+    top: int = 5,
+    verify: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TargetSummary]:
+    """Run every ``every``-th node case on ``targets`` and summarize, in a fresh compile cache.
+
+    ``targets``: device ids and ``"auto"``; default every available device, then ``"auto"``.
+    An unknown or unavailable device raises a :class:`~hal.errors.DeviceError` before anything
+    runs. ``progress(done, total)`` is called after each case. This is ``hal conformance``.
+    """
+    from hal._plugins import registry
+
+    if targets is None:
+        targets = [d.id for d in hal.devices() if d.available] + [AUTO]
+    for target in targets:
+        if target != AUTO:
+            registry().device(target)  # raises UnknownDeviceError / UnavailableDeviceError
+    cases = collect_cases(every=every)
+    with isolated_cache(), quiet_runtimes():
+        result = run(
+            cases,
+            list(dict.fromkeys(targets)),
+            verify=verify,
+            progress=None if progress is None else lambda i, _case, _res: progress(i + 1, len(cases)),
+        )
+    return summarize(result, top=top, every=every)
