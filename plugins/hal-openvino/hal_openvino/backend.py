@@ -398,8 +398,9 @@ def _model_file(model: onnx.ModelProto, options: CompileOptions) -> Path | None:
     Given a path, OpenVINO keys its model cache by the path and the compile properties, and keeps
     the file's size and modification time (in whole seconds) in the blob, so a warm compile loads
     the blob without reading, converting or hashing the model (given an ``ov.Model``, it hashes the
-    whole graph and its weights first). The name is the model's sha256, and the file is hashed
-    before OpenVINO gets the path (:class:`hal.cache.Artifact`): a changed byte, a truncated file or
+    whole graph and its weights first). The name is the model's sha256, and the file is checked
+    against it before OpenVINO gets the path (:class:`hal.cache.Artifact`; a file unchanged since it
+    was checked is not hashed again): a changed byte, a truncated file or
     another model's file under this name is removed with a WARNING (this compile reads the model
     from memory; the next writes the file again).
     """
