@@ -184,10 +184,17 @@ class OpenVinoRunner:
 
     def run_on(self, request: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run on ``request``, which no other thread may use until this returns."""
-        # The dict holds every Tensor, and so every array (or copy) it wraps, until infer returns:
-        # the request itself keeps only pointers.
-        tensors = {index: convert(feeds[name]) for name, index, convert in self._inputs}
-        self._infer(request, tensors, True, False)
+        set_input = request.set_input_tensor
+        # The list holds every Tensor, and so every array (or copy) it wraps, until infer returns:
+        # the request itself keeps only pointers. (Setting them one by one, then infer with no
+        # inputs, measured ~1.5 us a call cheaper than passing them to infer as a dict.)
+        held = []
+        for name, index, convert in self._inputs:
+            tensor = convert(feeds[name])
+            held.append(tensor)
+            set_input(index, tensor)
+        self._infer(request, {}, True, False)
+        del held  # read by infer; only now may a copy go
         outputs = self._outputs
         get_output = request.get_output_tensor
         # Copied out here, before the request can serve another call.
