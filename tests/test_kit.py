@@ -235,7 +235,7 @@ class TestTheKitCatches:
             pytest.param("shared-output", "alias_between", {"test_outputs_do_not_alias_between_runs"}, id="shared-output"),
             pytest.param("memoized", "writing", {"test_writing_to_a_result_does_not_change_the_next"}, id="memoized-output"),
             pytest.param("racy", "Threads", {"test_one_executable_from_eight_threads"}, id="not-thread-safe"),
-            pytest.param("silent", "run_time", {"test_failure_at_run_time_is_a_run_error"}, id="swallowed-error"),
+            pytest.param("silent", "dynamic_shapes", {"test_dynamic_shapes_broadcast_or_fail_at_run_time"}, id="swallowed-error"),
             pytest.param(
                 "accepts-anything", "cannot_compile", {"test_model_the_device_cannot_compile_is_refused"}, id="no-refusal"
             ),

@@ -150,10 +150,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from hal.testing import contract
 
+    kind = marker.args[0]
     params: list[Any] = []
     for device_id in ids:
-        for value, label in contract.device_params(marker.args[0], _device(device_id)):
-            params.append(pytest.param(device_id, value, id=f"{device_id}-{label}"))
+        found = contract.device_params(kind, _device(device_id))
+        params.extend(pytest.param(device_id, value, id=f"{device_id}-{label}") for value, label in found)
+        if not found:
+            skip = pytest.mark.skip(reason=f"{device_id} declares no {kind.replace('-', ' ')}")
+            params.append(pytest.param(device_id, None, id=f"{device_id}-none-declared", marks=skip))
     metafunc.parametrize(("hal_device_id", "hal_param"), params)
 
 
