@@ -357,12 +357,18 @@ class OpsetRange:
 
     ``max_loadable``: a newer opset the backend still reads though some kernels are missing there
     (onnxruntime 1.32 reads opset 28 but has no CPU QuantizeLinear-28): a model up to it is
-    converted down to ``max`` when possible and otherwise tried as it is."""
+    converted down to ``max`` when possible and otherwise tried as it is.
+
+    ``domains``: operator domains besides ONNX's own (``ai.onnx``, ``ai.onnx.ml``,
+    ``ai.onnx.preview.training``) whose operators the backend implements, e.g. ``com.microsoft``
+    for onnxruntime. Lowering refuses a model using any other domain (unless the model defines
+    the operator as a function), so a device never claims to run an operator nobody declared."""
 
     min: int = 7
     max: int = 25
     max_ir_version: int | None = None
     max_loadable: int | None = None
+    domains: tuple[str, ...] = field(default=(), converter=_strs)
 
     def __attrs_post_init__(self) -> None:
         if self.min > self.max:

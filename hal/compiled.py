@@ -29,9 +29,11 @@ from hal.backend import Backend, CompileOptions, Device
 from hal.cache import CompileCache, atomic_write, cache_key
 from hal.errors import (
     CompileError,
+    DeviceError,
     HalError,
     LoweringError,
     ModelError,
+    OutputPathError,
     PluginError,
     InputError,
     UnavailableDeviceError,
@@ -211,15 +213,25 @@ class CompiledModel:
         return self.model.outputs
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the compiled model as one ONNX file carrying its manifest."""
-        from pathlib import Path
+        """Write the compiled model as one ONNX file carrying its manifest.
 
+        The file appears whole or not at all, with the permissions a new file gets under the
+        process's umask. Raises :class:`~hal.errors.OutputPathError` naming the path when it is a
+        directory, its directory does not exist, or the file cannot be written there.
+        """
         import onnx
 
+        target = _writable_file(path)
         proto = onnx.ModelProto()
         proto.CopyFrom(self.model.proto)
         proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(self.manifest, sort_keys=True))
-        atomic_write(Path(path), proto.SerializeToString())
+        try:
+            atomic_write(target, proto.SerializeToString())
+            # atomic_write's temporary file is private (0600); a saved model is not.
+            os.chmod(target, 0o666 & ~_umask())
+        except OSError as exc:
+            msg = f"cannot write the compiled model to {target}: {exc.strerror or exc}; choose another path"
+            raise OutputPathError(msg) from None
 
     def verify(
         self,
@@ -346,6 +358,7 @@ class CompiledModel:
     # -- internals ---------------------------------------------------------------------------
 
     def _candidates(self, device: str | Device | Sequence[str | Device], policy: str | None = None) -> list[Device]:
+        _check_target(device)
         reg = registry()
         if policy is not None and not (isinstance(device, str) and device == "auto"):
             msg = f"policy={policy!r} ranks devices for to('auto'); a device or a list is tried as given"
@@ -591,6 +604,58 @@ def _version_of(backend: Backend) -> str:
         msg = f"backend {backend.name}: version must be a non-empty string, got {version!r}; it is part of every cache key"
         raise CompileError(msg)
     return version
+
+
+def _check_target(device: Any) -> None:
+    """Refuse what ``to()`` cannot take as a device: anything but an id, a Device or a non-empty
+    list of them."""
+    if isinstance(device, (str, Device)):
+        return
+    items = device if isinstance(device, (list, tuple)) else None
+    if items and all(isinstance(d, (str, Device)) for d in items):
+        return
+    if items is None:
+        got = "None" if device is None else f"{type(device).__name__} {device!r}"
+    elif not items:
+        got = "an empty list"
+    else:
+        odd = sorted({type(d).__name__ for d in items if not isinstance(d, (str, Device))})
+        got = f"a list holding {', '.join(odd)}"
+    msg = (
+        f"to() takes a device id such as 'ort:cpu', 'auto', a hal.Device or a non-empty list of them "
+        f"(tried in order), not {got}; hal.devices() lists the ids"
+    )
+    raise DeviceError(msg)
+
+
+def _writable_file(path: Any) -> Path:
+    """``path`` as a Path, or an OutputPathError naming it when no file can be written there."""
+    from pathlib import Path
+
+    try:
+        target = Path(path)
+    except TypeError:
+        msg = f"cannot save to {path!r}: pass a file path (str or os.PathLike)"
+        raise OutputPathError(msg) from None
+    if "\0" in str(target):
+        msg = f"cannot save to {str(target)!r}: the path contains a NUL byte"
+        raise OutputPathError(msg)
+    if target.is_dir():
+        msg = f"cannot save to {target}: it is a directory; name a file in it, e.g. {target / 'model.halc.onnx'}"
+        raise OutputPathError(msg)
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        msg = f"cannot save to {target}: its directory {parent} {what}; create it first or choose another path"
+        raise OutputPathError(msg)
+    return target
+
+
+def _umask() -> int:
+    # Nothing reads the umask without setting it; this is the usual pair (pip does the same).
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def _no_fallback(device: Device, exc: HalError, strict: bool) -> HalError:

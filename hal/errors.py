@@ -14,6 +14,7 @@ __all__ = [
     "InputError",
     "LoweringError",
     "ModelError",
+    "OutputPathError",
     "PluginError",
     "RunError",
     "SettingError",
@@ -29,6 +30,11 @@ class HalError(Exception):
 
 class ModelError(HalError, ValueError):
     """A model file or object cannot be used: unreadable, invalid, unsafe or too large."""
+
+
+class OutputPathError(HalError, OSError):
+    """A path the HAL was asked to write cannot take the file: a directory, a missing or read-only
+    directory, a special file system such as /proc. The message names the path."""
 
 
 class InputError(HalError, ValueError):

@@ -135,7 +135,7 @@ class TestCapabilities:
         assert back.peak("float8_e4m3fn") == 1979.0
         assert data["movable"] == ["float8_e4m3fnuz", "float8_e8m0"]  # in the table's order
         assert back.movable == {NumberFormat.FLOAT8_E8M0, NumberFormat.FLOAT8_E4M3FNUZ}
-        assert data["opsets"] == {"min": 7, "max": 25, "max_ir_version": 13, "max_loadable": None}
+        assert data["opsets"] == {"min": 7, "max": 25, "max_ir_version": 13, "max_loadable": None, "domains": []}
 
     def test_cann_e8m0_encoding_round_trips(self):
         caps = Capabilities(e8m0_encoding="cann-zero")

@@ -62,7 +62,7 @@ class ReferenceBackend(hal.Backend):
 
     def discover(self):
         caps = hal.Capabilities.from_levels(native=[f for f in hal.NumberFormat if not f.value.startswith(("float6", "complex", "string"))],
-                                            opsets=hal.OpsetRange(1, 25))
+                                            opsets=hal.OpsetRange(1, 25, domains=("com.acme",)))
         return [hal.Device(id="ref:0", backend="ref", vendor="ONNX", name="reference", kind="cpu", capabilities=caps)]
 
     def prepare(self, model, device, options):
@@ -355,3 +355,57 @@ class TestExplainCli:
         assert main(["inspect", str(tmp_path / "i4.onnx")]) == 0
         out = capsys.readouterr().out
         assert "ort:cpu: runs after lowering: Identity" in out
+
+    def test_inspect_says_cannot_for_an_undeclared_operator_domain(self, tmp_path, fresh_registry, capsys):
+        onnx.save(acme_model(), tmp_path / "acme.onnx")
+        assert main(["inspect", str(tmp_path / "acme.onnx")]) == 0
+        out = capsys.readouterr().out
+        assert "ort:cpu: cannot: operators com.acme.Double are from a domain the device does not declare" in out
+        assert "runs as is" not in out
+
+
+class TestTargets:
+    @pytest.mark.parametrize(
+        ("target", "shown"),
+        [(None, "not None"), (123, "not int 123"), ([], "not an empty list"), (["ort:cpu", None], "a list holding NoneType")],
+    )
+    def test_what_to_cannot_take_is_a_device_error_naming_the_fix(self, fresh_registry, linear_model, target, shown):
+        with pytest.raises(hal.errors.DeviceError, match=r"to\(\) takes a device id such as 'ort:cpu', 'auto'") as info:
+            hal.compile(linear_model).to(target)
+        assert shown in str(info.value)
+
+
+class TestSave:
+    @pytest.mark.parametrize(
+        ("where", "message"),
+        [
+            (lambda tmp: tmp, "is a directory; name a file in it"),
+            (lambda tmp: tmp / "missing" / "m.onnx", "its directory .*missing does not exist; create it first"),
+            (lambda tmp: tmp / "file.txt" / "m.onnx", "its directory .*file.txt is not a directory"),
+            (lambda tmp: "/proc/hal-test.onnx", "cannot write the compiled model to /proc/hal-test.onnx"),
+        ],
+    )
+    def test_unwritable_paths_are_an_output_path_error_naming_the_path(self, tmp_path, linear_model, where, message):
+        (tmp_path / "file.txt").write_text("x")
+        path = where(tmp_path)
+        with pytest.raises(hal.errors.OutputPathError, match=message) as info:
+            hal.compile(linear_model).save(path)
+        assert str(path) in str(info.value)
+        assert isinstance(info.value, OSError)  # also an OSError, for callers who do not know the HAL
+        assert not (tmp_path / "missing").exists()
+
+    @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+    def test_the_file_honours_the_umask(self, tmp_path, linear_model, umask):
+        old = os.umask(umask)
+        try:
+            hal.compile(linear_model).save(tmp_path / "m.onnx")
+        finally:
+            os.umask(old)
+        assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def test_cli_compile_to_a_directory_is_one_line_and_exit_1(self, tmp_path, linear_model, capsys):
+        onnx.save(linear_model, tmp_path / "m.onnx")
+        assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("hal: error: cannot save to") and "is a directory" in err
+        assert len(err.strip().splitlines()) == 1

@@ -634,6 +634,100 @@ class TestLowerFor:
         np.testing.assert_array_equal(got, expected)
 
 
+class TestDomains:
+    """An operator from a domain the device does not declare makes the verdict "cannot", from the
+    device's Capabilities.opsets, before any backend is asked."""
+
+    @staticmethod
+    def _acme(*, function: bool = False, in_branch: bool = False) -> onnx.ModelProto:
+        double = h.make_node("Double", ["x"], ["y"], domain="com.acme")
+        if in_branch:
+            branch = h.make_graph([double], "then", [], [_vi("y", T.FLOAT, [4])])
+            neg = h.make_graph([h.make_node("Neg", ["x"], ["y"])], "else", [], [_vi("y", T.FLOAT, [4])])
+            nodes = [h.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=neg)]
+            inputs = [_vi("x", T.FLOAT, [4]), _vi("c", T.BOOL, [])]
+        else:
+            nodes, inputs = [double], [_vi("x", T.FLOAT, [4])]
+        graph = h.make_graph(nodes, "acme", inputs, [_vi("y", T.FLOAT, [4])])
+        functions = []
+        if function:
+            functions = [h.make_function("com.acme", "Double", ["x"], ["y"], [h.make_node("Add", ["x", "x"], ["y"])],
+                                         [h.make_opsetid("", 17)])]
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.acme", 1)],
+                            functions=functions, ir_version=9)
+
+    @pytest.mark.parametrize("in_branch", [False, True])
+    def test_an_undeclared_domain_is_refused_naming_the_operators(self, in_branch: bool) -> None:
+        with pytest.raises(LoweringError, match="com.acme.Double are from a domain the device does not declare") as info:
+            lower_for(self._acme(in_branch=in_branch), CPU_CAPABILITIES)
+        assert info.value.operators == ("com.acme.Double",)
+
+    def test_a_declared_domain_is_lowered_as_is(self) -> None:
+        caps = evolve(CPU_CAPABILITIES, opsets=evolve(CPU_CAPABILITIES.opsets, domains=("com.microsoft", "com.acme")))
+        model = self._acme()
+        assert lower_for(model, caps) == (model, [])
+
+    def test_a_model_function_of_that_domain_is_the_models_own(self) -> None:
+        model = self._acme(function=True)
+        out, steps = lower_for(model, CPU_CAPABILITIES)
+        assert steps == []
+        x = np.arange(4, dtype=np.float32)
+        np.testing.assert_array_equal(hal.compile(out).to("ort:cpu", fallback=None).run({"x": x})["y"], 2 * x)
+
+    def test_onnx_ml_is_onnx_own(self) -> None:
+        model = h.make_model(
+            h.make_graph([h.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)], "ml",
+                         [_vi("x", T.FLOAT, [4])], [_vi("y", T.FLOAT, [4])]),
+            opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)], ir_version=9,
+        )
+        assert lower_for(model, CPU_CAPABILITIES)[1] == []
+
+    def test_ort_cpu_declares_onnxruntime_contrib_operators_and_runs_them(self) -> None:
+        cpu = next(d for d in hal.devices() if d.id == "ort:cpu")
+        assert "com.microsoft" in cpu.capabilities.opsets.domains  # kept through fit_capabilities
+        model = h.make_model(
+            h.make_graph([h.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "gelu",
+                         [_vi("x", T.FLOAT, [3])], [_vi("y", T.FLOAT, [3])]),
+            opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)], ir_version=9,
+        )
+        y = hal.compile(model).to("ort:cpu", fallback=None).run({"x": np.array([-1, 0, 1], np.float32)})["y"]
+        np.testing.assert_allclose(y, [-0.158655, 0, 0.841345], rtol=1e-5, atol=1e-6)
+
+    def test_domains_survive_json(self) -> None:
+        caps = evolve(CPU_CAPABILITIES, opsets=OpsetRange(7, 25, domains=["com.acme"]))
+        back = Capabilities.from_json(caps.to_json())
+        assert back.opsets.domains == ("com.acme",) and back == caps
+
+
+class TestDeepGraphs:
+    @staticmethod
+    def _nested(depth: int) -> onnx.ModelProto:
+        """If inside If, ``depth`` levels, built in place (copying would hit protobuf's depth limit)."""
+        model = onnx.ModelProto(ir_version=9)
+        model.opset_import.add(domain="", version=17)
+        leaf = h.make_graph([h.make_node("Constant", [], ["y"], value=nh.from_array(np.ones(1, np.float32)))], "leaf", [],
+                            [_vi("y", T.FLOAT, [1])])
+        graph = model.graph
+        graph.name = "top"
+        graph.input.append(_vi("c", T.BOOL, []))
+        for level in range(depth):
+            graph.output.append(_vi("y", T.FLOAT, [1]))
+            node = graph.node.add(op_type="If", input=["c"], output=["y"])
+            node.attribute.add(name="else_branch", type=onnx.AttributeProto.GRAPH).g.CopyFrom(leaf)
+            graph = node.attribute.add(name="then_branch", type=onnx.AttributeProto.GRAPH).g
+            graph.name = f"level{level}"
+        graph.CopyFrom(leaf)
+        return model
+
+    def test_a_thousand_levels_is_a_model_error_not_a_recursion_error(self) -> None:
+        with pytest.raises(hal.errors.ModelError, match=f"more than {hal.model.MAX_GRAPH_DEPTH} levels deep"):
+            hal.compile(self._nested(1000))
+
+    def test_the_deepest_accepted_nesting_compiles_and_runs(self) -> None:
+        exe = hal.compile(self._nested(hal.model.MAX_GRAPH_DEPTH)).to("ort:cpu", fallback=None)
+        assert exe.run({"c": np.array(True)})["y"].tolist() == [1.0]
+
+
 class TestFitIrVersion:
     """Older onnxruntime builds (gpu 1.31, cann 1.24) read at most IR 13; onnx 1.23 writes 14."""
 

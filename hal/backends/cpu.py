@@ -65,7 +65,9 @@ CPU_CAPABILITIES = Capabilities.from_levels(
         for scale in ("float32", "float16")
         for block in ((1, 32), (1, 128), (128, 128))
     ],
-    opsets=OpsetRange(7, 25),
+    # com.microsoft: onnxruntime's contrib operators (Gelu, FusedMatMul, ...), which its own
+    # graph optimizer and transformer exporters write.
+    opsets=OpsetRange(7, 25, domains=("com.microsoft",)),
 )
 
 

@@ -250,13 +250,13 @@ def fit_capabilities(caps: Capabilities, *, cpu_kernels: bool = True) -> Capabil
     limits = runtime_limits()
     opsets = caps.opsets
     top = max(opsets.min, min(opsets.max, limits.max_opset))
-    fitted = OpsetRange(
-        opsets.min,
-        top,
-        limits.max_ir_version
+    fitted = evolve(
+        opsets,
+        max=top,
+        max_ir_version=limits.max_ir_version
         if opsets.max_ir_version is None
         else min(opsets.max_ir_version, limits.max_ir_version),
-        limits.max_opset if limits.max_opset > top else None,
+        max_loadable=limits.max_opset if limits.max_opset > top else None,
     )
     changes: dict[str, Any] = {"opsets": fitted}
     if cpu_kernels and not limits.float8_e8m0 and caps.formats[NumberFormat.FLOAT8_E8M0] is not Support.NONE:
@@ -307,7 +307,9 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.log_severity_level = 3  # onnxruntime prints warnings to stderr; the HAL logs its own
+        # onnxruntime prints its warnings and errors to stderr in colour (a failed run logs the
+        # error it also raises); the HAL raises and logs its own, so its sessions keep quiet.
+        so.log_severity_level = 4
         for key, value in dict(options.extra.get("session_config", {})).items():
             so.add_session_config_entry(str(key), str(value))
         threads = options.extra.get("intra_op_num_threads")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hal.compiler.legalize import legalize_formats
-from hal.compiler.opset import convert_opset
+from hal.compiler.opset import check_domains, convert_opset
 from hal.compiler.optimize import optimize
 
 if TYPE_CHECKING:
@@ -20,14 +20,16 @@ if TYPE_CHECKING:
     from hal.capabilities import Capabilities
     from hal.executable import LoweringStep
 
-__all__ = ["convert_opset", "legalize_formats", "lower_for", "optimize"]
+__all__ = ["check_domains", "convert_opset", "legalize_formats", "lower_for", "optimize"]
 
 
 def lower_for(
     proto: onnx.ModelProto, capabilities: Capabilities
 ) -> tuple[onnx.ModelProto, list[LoweringStep]]:
-    """Fit ``proto`` to a device: :func:`convert_opset` into ``capabilities.opsets``, then
-    :func:`legalize_formats`. Raises :class:`~hal.errors.LoweringError` when either cannot."""
+    """Fit ``proto`` to a device: refuse operator domains it does not declare
+    (:func:`check_domains`), :func:`convert_opset` into ``capabilities.opsets``, then
+    :func:`legalize_formats`. Raises :class:`~hal.errors.LoweringError` when any cannot."""
+    check_domains(proto, capabilities.opsets)
     proto, steps = convert_opset(proto, capabilities.opsets)
     proto, more = legalize_formats(proto, capabilities)
     return proto, [*steps, *more]

@@ -17,9 +17,35 @@ from hal.compiler._graph import all_nodes, subgraphs
 from hal.errors import LoweringError
 from hal.executable import LoweringStep
 
-__all__ = ["convert_opset", "default_opset", "fit_ir_version", "min_ir_version"]
+__all__ = ["check_domains", "convert_opset", "default_opset", "fit_ir_version", "min_ir_version"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+#: ONNX's own operator domains: whether a backend has a kernel for one of their operators is its
+#: compile's answer. Any other domain must be declared in ``OpsetRange.domains``.
+_ONNX_DOMAINS = frozenset({*_DEFAULT_DOMAINS, "ai.onnx.ml", "ai.onnx.preview.training"})
+
+
+def check_domains(proto: onnx.ModelProto, opsets: OpsetRange) -> None:
+    """Raise :class:`~hal.errors.LoweringError` naming the operators of ``proto`` (subgraphs
+    included) from a domain that is neither ONNX's own nor declared in ``opsets.domains``, and
+    that the model does not define as a function of its own."""
+    known = _ONNX_DOMAINS.union(opsets.domains)
+    functions = {(fn.domain, fn.name) for fn in proto.functions}
+    foreign = sorted(
+        {
+            f"{node.domain}.{node.op_type}"
+            for node in all_nodes(proto.graph)
+            if node.domain not in known and (node.domain, node.op_type) not in functions
+        }
+    )
+    if foreign:
+        declared = ", ".join(opsets.domains) or "none"
+        msg = (
+            f"operators {', '.join(foreign)} are from a domain the device does not declare (its domains "
+            f"besides ONNX's own: {declared}); run the model on a device whose backend implements them, "
+            "or replace them with standard ONNX operators"
+        )
+        raise LoweringError(msg, operators=tuple(foreign))
 
 
 def default_opset(proto: onnx.ModelProto) -> int | None:
