@@ -3,7 +3,8 @@
     HAL_LOAD_PLUGINS=openvino,iree python benchmarks/threads.py [--threads 8] [--calls 200] [--rounds 5] [--json out.json]
 
 For each device and model, ways to make one executable safe from many threads, interleaved in
-``--rounds`` rounds so machine noise hits them alike:
+``--rounds`` rounds (each starting with another variant) so machine noise hits them alike,
+all single-thread rounds before the multi-thread ones:
 
 - ``shipped``: ``exe.run`` as shipped. OpenVINO: a pool of at most OPTIMAL_NUMBER_OF_INFER_REQUESTS
   infer requests; IREE: a VM context per concurrent caller; onnxruntime: the session (thread-safe).
@@ -131,12 +132,24 @@ def bench(device: str, label: str, model: Any, batch: int, args: argparse.Namesp
     lat: dict[str, list[float]] = {v: [] for v in variants}
     thr: dict[str, list[float]] = {v: [] for v in variants}
     wrong = dict.fromkeys(variants, 0)
-    for run in variants.values():  # warm up (and, for the pool, let it grow)
+    names = list(variants)
+
+    def rotated(round_: int) -> list[str]:
+        # Each round starts with another variant, so no variant always follows the same one.
+        return names[round_ % len(names):] + names[: round_ % len(names)]
+
+    # Single-thread rounds first: right after an 8-thread phase a single caller measured 15-20%
+    # slower whichever variant it was (wakeups, caches), which is not the variant's cost.
+    for run in variants.values():
+        latency_us(run, inputs[0][0], max(single_calls // 10, 5))
+    for round_ in range(args.rounds):
+        for name in rotated(round_):
+            lat[name].append(latency_us(variants[name], inputs[0][0], single_calls))
+    for run in variants.values():  # warm up (and let the pools grow)
         throughput(run, inputs, wants, 5)
-    for _ in range(args.rounds):
-        for name, run in variants.items():
-            lat[name].append(latency_us(run, inputs[0][0], single_calls))
-            rate, bad = throughput(run, inputs, wants, calls)
+    for round_ in range(args.rounds):
+        for name in rotated(round_):
+            rate, bad = throughput(variants[name], inputs, wants, calls)
             thr[name].append(rate)
             wrong[name] += bad
     row = {"device": device, "model": label}
