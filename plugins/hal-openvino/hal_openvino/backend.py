@@ -227,7 +227,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO's own runtime (not onnxruntime's OpenVINO execution provider).
 
     ``CompileOptions.extra`` keys: ``num_threads`` (INFERENCE_NUM_THREADS), ``performance_hint``
-    (PERFORMANCE_HINT, default ``LATENCY``: one synchronous request per executable), ``config``
+    (PERFORMANCE_HINT, default ``LATENCY``: one request in flight per executable), ``config``
     (a dict of further OpenVINO properties, passed to ``compile_model`` as is; it may not change
     the ``EXACT_PRECISION`` properties unless ``reduced_precision`` is True).
 

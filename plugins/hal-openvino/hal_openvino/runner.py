@@ -3,9 +3,10 @@
 Thread-safe: each call takes an infer request from a pool and gives it back after copying the
 outputs out. The pool holds at most OPTIMAL_NUMBER_OF_INFER_REQUESTS requests (1 under the default
 LATENCY hint, one per stream under THROUGHPUT), made as callers first need them; a caller that finds
-none idle waits for one. More concurrent requests than OpenVINO's optimum were measured to halve the
-throughput of a compute-bound model on 2 cores (each infer already uses every core), against 1.4x
-for a tiny one (BENCHMARKS.md, "Many threads on one executable").
+none idle waits for one. A request per concurrent caller was measured at 0.46-1.05x (median 0.84x)
+a lock's throughput for a compute-bound model on 2 cores (each infer already uses every core), against
+1.2-1.8x for a tiny one; this bounded pool was at 1.02-1.36x (BENCHMARKS.md, "Many threads on one
+executable").
 
 Inputs are wrapped as ``ov.Tensor`` sharing the caller's memory (no copy for C-contiguous,
 writable arrays; others are copied once); ml_dtypes inputs (bfloat16, fp8, e8m0) are wrapped by
