@@ -154,6 +154,8 @@ class VerificationReport:
     def summary(self) -> str:
         if self.status == "skipped":
             return f"not verified: {self.detail}"
+        if self.status == "error":
+            return f"{self.device}: {self.detail}"
         worst = max(self.checks, key=lambda c: (not c.passed, c.max_rel), default=None)
         shown = worst.describe() if worst is not None else "no outputs"
         word = "matches" if self.passed else "does not match"

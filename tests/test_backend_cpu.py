@@ -122,3 +122,42 @@ class TestOptimizedModelCache:
         other = CompileOptions(cache_dir=str(tmp_path), model_digest="cd" * 32)
         backend.prepare(model, device, other)  # another digest is another entry
         assert backend.cache_hits == hits + 1 and len(list(tmp_path.glob("*.ort.onnx"))) == 2
+
+
+class TestExactPrecision:
+    """onnxruntime fuses DequantizeLinear + MatMul on int4/int8 weights into MatMulNBits and by
+    default quantizes the activations to int8 (0.6% off); at the default precision ort:cpu must
+    compute in float32, as the model says."""
+
+    @staticmethod
+    def block_dequantized(elem: int, dtype):
+        from onnx import TensorProto, helper
+
+        from hal.testing.build import make_model
+
+        rng = np.random.default_rng(3)
+        k, n, block = 128, 16, 32
+        q = rng.integers(-7, 8, (k, n)).astype(dtype)
+        scale = rng.uniform(0.01, 0.1, (k // block, n)).astype(np.float32)
+        inits = [
+            helper.make_tensor("q", elem, [k, n], q.reshape(-1).tolist()),
+            helper.make_tensor("s", TensorProto.FLOAT, list(scale.shape), scale.reshape(-1)),
+        ]
+        model = make_model(
+            [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0, block_size=block),
+             helper.make_node("MatMul", ["x", "w"], ["y"])],
+            [("x", TensorProto.FLOAT, [4, k])], [("y", TensorProto.FLOAT, [4, n])], initializers=inits, opset=21,
+        )
+        x = rng.standard_normal((4, k)).astype(np.float32)
+        want = x.astype(np.float64) @ (q.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=0))
+        return model, x, want
+
+    @pytest.mark.parametrize("elem", ["int4", "int8"])
+    def test_block_dequantized_weights_compute_in_float32(self, elem):
+        import ml_dtypes
+        from onnx import TensorProto
+
+        code, dtype = {"int4": (TensorProto.INT4, ml_dtypes.int4), "int8": (TensorProto.INT8, np.int8)}[elem]
+        model, x, want = self.block_dequantized(code, dtype)
+        got = hal.compile(model).to("ort:cpu", strict=True, verify=False).run({"x": x})["y"]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
