@@ -129,6 +129,10 @@ class TestExactPrecision:
     default quantizes the activations to int8 (0.6% off); at the default precision ort:cpu must
     compute in float32, as the model says."""
 
+    @pytest.fixture(autouse=True)
+    def private_cache(self, tmp_path, monkeypatch):  # an optimized model cached earlier must not answer
+        monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path))
+
     @staticmethod
     def block_dequantized(elem: int, dtype):
         from onnx import TensorProto, helper
