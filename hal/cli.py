@@ -1,12 +1,16 @@
 """The ``hal`` command: devices, plugins, inspect, run.
 
-Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+Errors print one line and exit non-zero (1 for a mistake the caller can fix, 3 for a bug);
+``--debug`` shows the traceback instead. Output cut short by a closed pipe (``hal explain | head``)
+ends quietly with 141, as a command killed by SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -17,6 +21,7 @@ from hal.errors import HalError
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 3
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -258,18 +263,58 @@ def _parse_inputs(pairs: Sequence[str]) -> dict[str, Path]:
 
 
 def _load_npy(name: str, path: Path, expected: Any) -> Any:
+    """The array in a .npy file, its header checked against the file's size before anything is
+    allocated (a header may claim any shape)."""
     import numpy as np
 
     from hal.errors import InputError
 
+    where = f"input {name}: {path}"
     try:
-        array = np.load(path, allow_pickle=False)
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the checks
     except FileNotFoundError:
         msg = f"input {name}: file {path} does not exist"
         raise InputError(msg) from None
-    except (ValueError, OSError, EOFError) as exc:
-        msg = f"input {name}: {path} is not a readable .npy file ({exc})"
+    except OSError as exc:
+        msg = f"{where} cannot be read: {exc.strerror or exc}"
         raise InputError(msg) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            what = "a .npz archive (several arrays)" if magic[:2] == b"PK" else "not a .npy file"
+            msg = f"{where} is {what}; save one array per input with np.save(FILE.npy, array) and pass NAME=FILE.npy"
+            raise InputError(msg)
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                msg = f"{where} is .npy format version {version[0]}.{version[1]}; save it with np.save (format 1.0 or 2.0)"
+                raise InputError(msg)
+        except (ValueError, EOFError) as exc:
+            msg = f"{where} is not a readable .npy file ({exc}); save it again with np.save"
+            raise InputError(msg) from None
+        if dtype.hasobject:
+            msg = f"{where} holds Python objects, which are never unpickled; save a numeric array"
+            raise InputError(msg)
+        need = math.prod(shape) * dtype.itemsize
+        have = size - f.tell()
+        if need > have:
+            msg = (
+                f"{where}: its header says shape {list(shape)} of {dtype} ({need} bytes), but the file holds "
+                f"{have} bytes of data; it is truncated or damaged: save it again with np.save"
+            )
+            raise InputError(msg)
+        f.seek(0)
+        try:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            msg = f"{where} is not a readable .npy file ({exc}); save it again with np.save"
+            raise InputError(msg) from None
     # np.save writes ml_dtypes arrays (bfloat16, FP8, int4) as raw void bytes: reinterpret them.
     if expected is not None and array.dtype.kind == "V" and array.dtype.itemsize == expected.itemsize:
         array = array.view(expected)
@@ -280,25 +325,62 @@ def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".") or "output"
 
 
+def _output_files(names: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    """A distinct file for every output, even when names differ only in characters a file name
+    cannot hold (``a/b`` and ``a_b``) or in case (on file systems that ignore it)."""
+    files: dict[str, Path] = {}
+    used: set[str] = set()
+    for name in names:
+        base = stem = _safe_filename(name)
+        n = 1
+        while stem.lower() in used:
+            n += 1
+            stem = f"{base}_{n}"
+        used.add(stem.lower())
+        files[name] = out_dir / f"{stem}.npy"
+    return files
+
+
+def _output_dir(value: str) -> Path:
+    from hal.errors import OutputPathError
+
+    out_dir = Path(value)
+    if out_dir.exists() and not out_dir.is_dir():
+        msg = f"--output-dir {out_dir} is a file, not a directory; name a directory (a missing one is created)"
+        raise OutputPathError(msg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"--output-dir {out_dir} cannot be created: {exc.strerror or exc}"
+        raise OutputPathError(msg) from None
+    return out_dir
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import hal
 
+    from hal.errors import OutputPathError
+
+    inputs = _parse_inputs(args.input)
+    out_dir = _output_dir(args.output_dir) if args.output_dir else None
     compiled = hal.compile(args.model)
     exe = compiled.to(args.device)
     expected = {i.name: i.dtype for i in exe.inputs}
-    feeds = {name: _load_npy(name, path, expected.get(name)) for name, path in _parse_inputs(args.input).items()}
+    feeds = {name: _load_npy(name, path, expected.get(name)) for name, path in inputs.items()}
     outputs = exe.run(feeds)
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    files = _output_files(list(outputs), out_dir) if out_dir is not None else {}
     print(f"ran {compiled.model.name} on {exe.device.id}")
     for name, array in outputs.items():
         line = f"  {name}: {array.dtype} {list(array.shape)}"
         if out_dir is not None:
-            target = out_dir / f"{_safe_filename(name)}.npy"
-            np.save(target, array, allow_pickle=False)
+            target = files[name]
+            try:
+                np.save(target, array, allow_pickle=False)
+            except OSError as exc:
+                msg = f"cannot write output {name!r} to {target}: {exc.strerror or exc}"
+                raise OutputPathError(msg) from None
             line += f" -> {target}"
         elif array.size <= 16:
             line += f" {array.tolist()}"
@@ -427,7 +509,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG)
         return int(args.func(args))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader left (``| head``): what is left to print goes nowhere, quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except HalError as exc:
         print(f"hal: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,12 +1,19 @@
 """The :class:`Executable`: a model prepared for one device, ready to run.
 
-Feeds are checked before any runtime sees them (names, element types, ranks, static and shared
-symbolic dimensions); every check is prepared once in ``__init__`` so a call costs little more
-than the runtime's own.
+Feeds are checked before any runtime sees them (names, element types, ranks, static dimensions),
+and what the runtime returns is checked against the model's declared outputs (count, element
+types, ranks, static dimensions) before the caller sees it; every check is prepared once in
+``__init__`` so a call costs little more than the runtime's own.
+
+Symbolic dimensions are not enforced, as onnxruntime does not enforce them: exporters write
+``"?"``, ``"unk__N"`` or ``""`` for "unknown", not for "equal". A named symbol whose sizes differ
+between inputs is logged once per executable as a WARNING.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +27,29 @@ if TYPE_CHECKING:
     from hal.model import TensorInfo
 
 __all__ = ["Executable", "LoweringStep", "Placement"]
+
+log = logging.getLogger("hal.executable")
+_ndarray = np.ndarray  # one global lookup on the hot path instead of two
+
+#: Dimension names exporters write for "unknown": no letter at all ("?", "-1", ""), tf2onnx's
+#: "unk__N", "None". They are not shared symbols.
+_PLACEHOLDER = re.compile(r"[^A-Za-z]*|unk__\d+|None")
+
+# (name, dtype or None, full static shape or None, rank or None, ((axis, size), ...))
+_Spec = tuple[str, Any, "tuple[int, ...] | None", "int | None", "tuple[tuple[int, int], ...]"]
+
+
+def _spec(info: TensorInfo) -> _Spec:
+    try:
+        dtype = info.dtype
+    except (TypeError, ValueError, KeyError):  # a format numpy cannot hold (float6): not checked
+        dtype = None
+    shape = info.shape
+    if shape is None:
+        return (info.name, dtype, None, None, ())
+    static = tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d > 0)
+    full = tuple(shape) if len(static) == len(shape) else None  # type: ignore[arg-type]
+    return (info.name, dtype, full, len(shape), static)
 
 
 @frozen
@@ -74,21 +104,15 @@ class Executable:
         self._output_names = [o.name for o in self.outputs]
         self._output_set = frozenset(self._output_names)
         self._input_names = frozenset(i.name for i in self.inputs)
-        # (name, dtype, full static shape or None, rank or None, ((axis, size), ...))
-        specs = []
+        self._specs = tuple(_spec(info) for info in self.inputs)
+        self._output_specs = {info.name: _spec(info) for info in self.outputs}
+        self._all_output_specs = tuple(self._output_specs[n] for n in self._output_names)
         symbols: dict[str, list[tuple[str, int]]] = {}
         for info in self.inputs:
-            shape = info.shape
-            if shape is None:
-                specs.append((info.name, info.dtype, None, None, ()))
-                continue
-            static = tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d > 0)
-            full = tuple(shape) if len(static) == len(shape) else None
-            specs.append((info.name, info.dtype, full, len(shape), static))
-            for axis, d in enumerate(shape):
-                if isinstance(d, str) and d:
+            for axis, d in enumerate(info.shape or ()):
+                if isinstance(d, str) and not _PLACEHOLDER.fullmatch(d):
                     symbols.setdefault(d, []).append((info.name, axis))
-        self._specs = tuple(specs)
+        # Named symbols used more than once; one is dropped once its WARNING has been logged.
         self._shared = tuple((sym, tuple(uses)) for sym, uses in symbols.items() if len(uses) > 1)
 
     def __repr__(self) -> str:
@@ -98,9 +122,17 @@ class Executable:
         """Run the model. ``feeds`` maps every input name to an array of its element type
         (ml_dtypes arrays for bfloat16, FP8, int4, ...); returns ``{output name: array}``.
 
+        Python numbers and (nested) lists are converted only where every value survives exactly
+        (``1.0`` into int64, ``True`` into float32); floats into a float type are rounded to its
+        nearest value, but never overflow to infinity. Numpy arrays must have the input's element
+        type already: they are never converted.
+
         Raises :class:`~hal.errors.InputError` for bad feeds or output names and
-        :class:`~hal.errors.RunError` when the backend fails.
+        :class:`~hal.errors.RunError` when the backend fails or returns something other than the
+        declared outputs (count, element types, ranks, static dimensions).
         """
+        if type(feeds) is not dict and not isinstance(feeds, Mapping):
+            self._raise_not_a_mapping(feeds)
         if len(feeds) != len(self._specs):
             self._raise_names(feeds)
         converted: dict[str, np.ndarray] | None = None
@@ -135,12 +167,15 @@ class Executable:
             self._check_shared(feeds)
         if output_names is None:
             names = self._output_names
+            specs = self._all_output_specs
         else:
-            names = list(output_names)
-            if not self._output_set.issuperset(names):
-                unknown = [n for n in names if n not in self._output_set]
-                msg = f"unknown output names {unknown}; the model's outputs are {self._output_names}"
-                raise InputError(msg)
+            if isinstance(output_names, (str, bytes)):
+                self._raise_output_names(output_names)
+            try:
+                names = list(output_names)
+                specs = [self._output_specs[n] for n in names]
+            except (KeyError, TypeError):
+                self._raise_output_names(output_names)
         try:
             results = self._run(feeds, names)  # type: ignore[arg-type]
         except VerificationError:
@@ -149,6 +184,20 @@ class Executable:
             text = str(exc).strip().splitlines()
             msg = f"{self.device.id} failed to run the model: {text[0] if text else type(exc).__name__}"
             raise RunError(msg) from exc
+        if (type(results) is not list and type(results) is not tuple) or len(results) != len(names):
+            self._raise_results(results, names)
+        for array, (name, dtype, full, rank, static) in zip(results, specs):
+            if type(array) is not _ndarray or (array.dtype is not dtype and array.dtype != dtype and dtype is not None):
+                self._raise_output(name, array, dtype, "")
+            if full is not None:
+                if array.shape != full:
+                    self._raise_output(name, array, dtype, _shape_text(full))
+            elif rank is not None:
+                if array.ndim != rank:
+                    self._raise_output(name, array, dtype, self._declared_output(name))
+                for axis, size in static:
+                    if array.shape[axis] != size:
+                        self._raise_output(name, array, dtype, self._declared_output(name))
         return dict(zip(names, results))
 
     # -- slow paths: only reached when something is wrong ---------------------------------------
@@ -158,6 +207,63 @@ class Executable:
             if info.name == name and info.shape is not None:
                 return info.shape
         return ()
+
+    def _declared_output(self, name: str) -> str:
+        for info in self.outputs:
+            if info.name == name:
+                return _shape_text(info.shape) if info.shape is not None else "any shape"
+        return "?"
+
+    def _raise_not_a_mapping(self, feeds: Any) -> None:
+        names = [i.name for i in self.inputs]
+        example = "{" + ", ".join(f"{n!r}: array" for n in names[:3]) + (", ..." if len(names) > 3 else "") + "}"
+        msg = f"feeds must be a dict of input name to array, e.g. exe.run({example}); got {type(feeds).__name__}"
+        if isinstance(feeds, (list, tuple)):
+            msg += "; to feed arrays in input order, pass dict(zip([i.name for i in exe.inputs], arrays))"
+        raise InputError(msg)
+
+    def _raise_output_names(self, output_names: Any) -> None:
+        if isinstance(output_names, (str, bytes)):
+            msg = f"output_names must be a list of output names, not one string; pass [{output_names!r}]"
+            raise InputError(msg)
+        try:
+            unknown = [n for n in output_names if n not in self._output_set]
+        except TypeError:  # not iterable, or holds unhashable things
+            shown = repr(output_names)
+            msg = (
+                f"output_names must be None (all outputs) or a list of output names, got "
+                f"{shown if len(shown) <= 60 else shown[:57] + '...'}; the model's outputs are {self._output_names}"
+            )
+            raise InputError(msg) from None
+        msg = f"unknown output names {unknown}; the model's outputs are {self._output_names}"
+        raise InputError(msg)
+
+    def _backend(self) -> str:
+        return f"{self.device.id} (backend {self.device.backend})"
+
+    def _raise_results(self, results: Any, names: Sequence[str]) -> None:
+        if isinstance(results, (list, tuple)):
+            got = f"{len(results)} arrays"
+        else:
+            got = f"an object of type {type(results).__name__}"
+        msg = (
+            f"{self._backend()} returned {got} where {len(names)} outputs were asked for ({list(names)}), "
+            "not a list of one array each: the backend's runner is broken; report it to its plugin's authors"
+        )
+        raise RunError(msg)
+
+    def _raise_output(self, name: str, array: Any, dtype: Any, declared: str) -> None:
+        if not isinstance(array, np.ndarray):
+            what = f"as a {type(array).__name__} instead of a numpy array"
+        elif dtype is not None and array.dtype != dtype:
+            what = f"with element type {array.dtype}, but the model declares {dtype}"
+        else:
+            what = f"with shape {list(array.shape)}, but the model declares {declared}"
+        msg = (
+            f"{self._backend()} returned output {name!r} {what}: the backend answered something "
+            "other than the model's output; report it to its plugin's authors, or run on another device"
+        )
+        raise RunError(msg)
 
     def _raise_names(self, feeds: Mapping[str, Any]) -> None:
         given = set(feeds)
@@ -191,22 +297,74 @@ class Executable:
     def _convert(name: str, value: Any, dtype: np.dtype) -> np.ndarray:
         if isinstance(value, np.ndarray):  # a subclass: take it as a plain array
             return value.view(np.ndarray)
-        if isinstance(value, (np.generic, int, float, bool, complex, str, list, tuple)):
-            try:
-                return np.asarray(value, dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                msg = f"input {name!r} cannot be read as an array of {dtype}: {exc}"
-                raise InputError(msg) from None
-        msg = f"input {name!r} is a {type(value).__name__}; pass a numpy array of {dtype}"
-        raise InputError(msg)
+        if not isinstance(value, (np.generic, int, float, bool, complex, str, bytes, list, tuple)):
+            msg = f"input {name!r} is a {type(value).__name__}; pass a numpy array of {dtype}"
+            raise InputError(msg)
+        try:
+            raw = np.asarray(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            msg = f"input {name!r} cannot be read as an array of {dtype}: {exc}"
+            raise InputError(msg) from None
+        return _exactly(name, raw, dtype)
 
     def _check_shared(self, feeds: Mapping[str, np.ndarray]) -> None:
         for symbol, uses in self._shared:
             sizes = {(n, a): feeds[n].shape[a] for n, a in uses}
             if len(set(sizes.values())) > 1:
                 shown = ", ".join(f"{n}[axis {a}]={s}" for (n, a), s in sizes.items())
-                msg = f"dimension {symbol!r} must be the same size in every input that uses it: {shown}"
-                raise InputError(msg)
+                # onnxruntime does not hold a model to its symbols either: warn, once, and run.
+                log.warning(
+                    "%s: dimension %r has different sizes (%s); the model names them alike, so it may "
+                    "expect them equal (logged once per executable)", self.device.id, symbol, shown,
+                )
+                self._shared = tuple(entry for entry in self._shared if entry[0] != symbol)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind in "fc" or (dtype.type.__module__.startswith("ml_dtypes") and "float" in dtype.name)
+
+
+def _exactly(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``raw`` (an array numpy made of Python values) as ``dtype``, or an InputError when that
+    would change a value: integers and bools must survive exactly; floats into a float type may
+    round to its nearest value but not overflow."""
+    if raw.dtype == dtype:
+        return raw
+    if dtype.kind == "O":  # ONNX strings: onnxruntime takes str objects
+        if raw.dtype.kind in "US":
+            return raw.astype(object)
+    elif raw.dtype.kind in "biuf" or (raw.dtype.kind == "c" and dtype.kind == "c"):
+        with np.errstate(all="ignore"):
+            try:
+                array = raw.astype(dtype)
+            except (TypeError, ValueError, OverflowError) as exc:
+                msg = f"input {name!r} cannot be read as an array of {dtype}: {exc}"
+                raise InputError(msg) from None
+            if raw.dtype.kind in "fc" and _is_float(dtype):
+                wide = array.astype(np.complex128 if dtype.kind == "c" else np.float64)
+                bad = np.isfinite(raw) & ~np.isfinite(wide)
+                why = "overflows"
+            else:
+                wide = array.astype(raw.dtype)
+                bad = wide != raw
+                why = "cannot be held exactly"
+        if not bad.any():
+            return array
+        first = raw[bad].flat[0].item()
+        after = wide[bad].flat[0].item()
+        fix = f"pass values {dtype} holds"
+        if raw.dtype.kind == "f" and (dtype.kind in "iu" or dtype.name.startswith(("int", "uint"))):
+            fix += f", or round them yourself: np.round(values).astype({_dtype_expr(dtype)})"
+        msg = f"input {name!r}: the value {first!r} {why} in {dtype} (it would become {after!r}); {fix}"
+        raise InputError(msg)
+    if raw.dtype.kind in "US" or dtype.kind == "O":
+        what = f"{raw.dtype} values, expected {dtype}: numbers are not read from text, nor text from numbers"
+    elif raw.dtype.kind == "O":
+        what = f"values numpy cannot give one type (integers beyond 64 bits, or mixed objects), expected {dtype}"
+    else:
+        what = f"{raw.dtype} values, which {dtype} cannot hold"
+    msg = f"input {name!r} holds {what}; pass a numpy array of {dtype}"
+    raise InputError(msg)
 
 
 def _dtype_expr(dtype: np.dtype) -> str:

@@ -142,3 +142,108 @@ class TestRun:
 
         with pytest.raises(hal.errors.ModelError):
             main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
+
+
+def _ab_model():
+    """Two outputs whose names map to the same file name."""
+    return make_model([helper.make_node("Neg", ["x"], ["a/b"]), helper.make_node("Abs", ["x"], ["a_b"])],
+                      [("x", TensorProto.FLOAT, [3])], [("a/b", TensorProto.FLOAT, [3]), ("a_b", TensorProto.FLOAT, [3])])
+
+
+class TestCliMistakes:
+    """Issue 8 item 6: every mistake on the command line is one line `hal: error: ...` and exit 1."""
+
+    @staticmethod
+    def one_line(code, err):
+        assert code == 1, err
+        assert err.startswith("hal: error: ") and len(err.strip().splitlines()) == 1, err
+
+    def test_an_npz_input(self, capsys, tmp_path, model_path):
+        np.savez(tmp_path / "x.npz", x=np.ones((1, 8), np.float32))
+        code, _, err = run(capsys, "run", str(model_path), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npz'}")
+        self.one_line(code, err)
+        assert "x.npz is a .npz archive (several arrays); save one array per input with np.save" in err
+
+    def test_a_text_file_and_a_directory_as_input(self, capsys, tmp_path, model_path):
+        (tmp_path / "x.txt").write_text("1 2 3")
+        for path, message in ((tmp_path / "x.txt", "is not a .npy file"), (tmp_path, "cannot be read")):
+            code, _, err = run(capsys, "run", str(model_path), "--device", "ort:cpu", "--input", f"x={path}")
+            self.one_line(code, err)
+            assert message in err
+
+    def test_a_header_claiming_more_than_the_file_holds_is_refused_before_allocating(self, capsys, tmp_path, model_path):
+        with open(tmp_path / "huge.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 8)})
+            f.write(b"\0" * 64)
+        code, _, err = run(capsys, "run", str(model_path), "--device", "ort:cpu", "--input", f"x={tmp_path / 'huge.npy'}")
+        self.one_line(code, err)
+        assert "header says shape [1099511627776, 8] of float32 (35184372088832 bytes), but the file holds 64 bytes" in err
+
+    def test_a_truncated_npy(self, capsys, tmp_path, model_path):
+        np.save(tmp_path / "x.npy", np.ones((4, 8), np.float32))
+        data = (tmp_path / "x.npy").read_bytes()
+        (tmp_path / "x.npy").write_bytes(data[:-10])
+        code, _, err = run(capsys, "run", str(model_path), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}")
+        self.one_line(code, err)
+        assert "truncated or damaged" in err
+
+    def test_output_dir_naming_a_file(self, capsys, tmp_path, model_path):
+        np.save(tmp_path / "x.npy", np.ones((1, 8), np.float32))
+        code, _, err = run(capsys, "run", str(model_path), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}",
+                           "--output-dir", str(tmp_path / "x.npy"))
+        self.one_line(code, err)
+        assert "is a file, not a directory" in err
+        assert np.load(tmp_path / "x.npy").shape == (1, 8)  # untouched
+
+    def test_compile_output_naming_a_directory(self, capsys, tmp_path, model_path):
+        code, _, err = run(capsys, "compile", str(model_path), "-o", str(tmp_path))
+        self.one_line(code, err)
+        assert f"cannot save to {tmp_path}: it is a directory" in err
+
+    def test_onnxruntime_prints_nothing_of_its_own(self, capfd, tmp_path):
+        # A reshape only the runtime can find wrong: onnxruntime used to print its own coloured
+        # ERROR line to stderr before the HAL's.
+        shape = helper.make_tensor("s", TensorProto.INT64, [1], [5])
+        model = make_model([helper.make_node("Reshape", ["x", "s"], ["y"])], [("x", TensorProto.FLOAT, ["n"])],
+                           [("y", TensorProto.FLOAT, [5])], initializers=[shape])
+        onnx.save(model, tmp_path / "m.onnx")
+        np.save(tmp_path / "x.npy", np.ones(3, np.float32))
+        code = main(["run", str(tmp_path / "m.onnx"), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}"])
+        err = capfd.readouterr().err
+        self.one_line(code, err)
+        assert "ort:cpu failed to run the model" in err and "[E:onnxruntime" not in err
+
+
+class TestOutputFiles:
+    def test_outputs_whose_names_collide_get_files_of_their_own(self, capsys, tmp_path):
+        onnx.save(_ab_model(), tmp_path / "ab.onnx")
+        x = np.array([-1, 2, -3], np.float32)
+        np.save(tmp_path / "x.npy", x)
+        code, out, err = run(capsys, "run", str(tmp_path / "ab.onnx"), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}",
+                             "--output-dir", str(tmp_path / "out"))
+        assert code == 0, err
+        assert f"a/b: float32 [3] -> {tmp_path / 'out' / 'a_b.npy'}" in out
+        assert f"a_b: float32 [3] -> {tmp_path / 'out' / 'a_b_2.npy'}" in out
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "a_b.npy"), -x)
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "a_b_2.npy"), np.abs(x))
+
+    def test_names_that_differ_only_in_case_get_files_of_their_own(self, tmp_path):
+        from hal.cli import _output_files
+
+        files = _output_files(["Y", "y", "y_2", "..", ""], tmp_path)
+        assert [p.name for p in files.values()] == ["Y.npy", "y_2.npy", "y_2_2.npy", "output.npy", "output_2.npy"]
+
+
+class TestBrokenPipe:
+    def test_a_reader_that_leaves_early_ends_it_quietly(self, tmp_path, model_path):
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "HAL_LOAD_PLUGINS": "", "HAL_CACHE_DIR": str(tmp_path / "cache")}
+        proc = subprocess.Popen([sys.executable, "-m", "hal", "explain", str(model_path), "--device", "ort:cpu"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc.stdout.close()  # like `| head` that has read all it wanted before hal writes
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a command killed by it
+        assert err == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from onnx import TensorProto, helper
 import hal
 from hal.backends.onnxruntime import runtime_limits
 from hal.errors import InputError, RunError
+from hal.executable import Executable
+from hal.model import TensorInfo
 from hal.testing.build import make_model
 
 
@@ -90,14 +94,20 @@ class TestBadFeeds:
         with pytest.raises(InputError, match="axis 1 is 7, expected 8"):
             exe.run({"x": np.ones((2, 7), np.float32)})
 
-    def test_shared_symbol_must_agree(self):
+    def test_shared_symbol_that_differs_is_a_warning_once_not_a_refusal(self, caplog):
+        # Issue 8 item 7: onnxruntime does not hold a model to its symbols (here Add broadcasts
+        # 3 with 1), so the HAL may not refuse what the runtime runs; it warns, once.
         model = make_model(
             [helper.make_node("Add", ["a", "b"], ["c"])],
             [("a", TensorProto.FLOAT, ["n"]), ("b", TensorProto.FLOAT, ["n"])], [("c", TensorProto.FLOAT, ["n"])],
         )
         exe = hal.compile(model).to("ort:cpu")
-        with pytest.raises(InputError, match="dimension 'n' must be the same size"):
-            exe.run({"a": np.ones(3, np.float32), "b": np.ones(1, np.float32)})
+        with caplog.at_level(logging.WARNING, logger="hal.executable"):
+            for _ in range(3):
+                out = exe.run({"a": np.ones(3, np.float32), "b": np.ones(1, np.float32)})
+        np.testing.assert_array_equal(out["c"], [2, 2, 2])
+        warned = [r for r in caplog.records if "dimension 'n' has different sizes" in r.getMessage()]
+        assert len(warned) == 1 and "a[axis 0]=3, b[axis 0]=1" in warned[0].getMessage()
 
     def test_not_an_array(self, add_exe):
         with pytest.raises(InputError, match="'x' is a dict"):
@@ -196,3 +206,184 @@ class TestRawBitFormats:
         out = hal.compile(model).to("ort:cpu").run({"q": q, "s": scale.astype(np.float32)})["w"]
         np.testing.assert_allclose(out, q.astype(np.float32) * np.repeat(scale, 128, axis=1), rtol=1e-6)
         np.testing.assert_allclose(out, w, rtol=0.07, atol=1e-3)
+
+
+class _Returns:
+    """A runner that answers whatever it was given, whatever it is asked."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def run(self, feeds, names):
+        return self.answer
+
+
+def _exe(answer, outputs=(("y", hal.NumberFormat.FLOAT32, (1, 3)),)):
+    device = next(d for d in hal.devices() if d.id == "ort:cpu")
+    return Executable(_Returns(answer), device, [TensorInfo("x", hal.NumberFormat.FLOAT32, (1, 3))],
+                      [TensorInfo(*o) for o in outputs])
+
+
+X = {"x": np.zeros((1, 3), np.float32)}
+
+
+class TestOutputsAreChecked:
+    """Issue 8 item 5: what a backend returns reaches the caller only if it is the declared outputs."""
+
+    @pytest.mark.parametrize(
+        ("answer", "message"),
+        [
+            ([np.zeros((5, 5), np.float32)], r"output 'y' with shape \[5, 5\], but the model declares \[1, 3\]"),
+            ([np.zeros((1, 3, 1), np.float32)], r"output 'y' with shape \[1, 3, 1\], but the model declares \[1, 3\]"),
+            ([], r"returned 0 arrays where 1 outputs were asked for \(\['y'\]\)"),
+            (None, "returned an object of type NoneType where 1 outputs were asked for"),
+            (np.zeros((1, 3), np.float32), "returned an object of type ndarray"),
+            ([np.zeros((1, 3), np.float32)] * 2, "returned 2 arrays where 1 outputs"),
+            ([np.zeros((1, 3), np.float64)], "output 'y' with element type float64, but the model declares float32"),
+            ([[[0.0, 0.0, 0.0]]], "output 'y' as a list instead of a numpy array"),
+            ([np.float32(0)], "output 'y' as a float32 instead of a numpy array"),
+        ],
+    )
+    def test_a_wrong_answer_is_a_run_error_naming_the_backend(self, answer, message):
+        with pytest.raises(RunError, match=message) as info:
+            _exe(answer).run(X)
+        assert str(info.value).startswith("ort:cpu (backend ort) returned")
+
+    def test_dynamic_dims_take_any_size_static_ones_are_held(self):
+        outputs = (("y", hal.NumberFormat.FLOAT32, ("n", 3)),)
+        assert _exe([np.zeros((7, 3), np.float32)], outputs).run(X)["y"].shape == (7, 3)
+        with pytest.raises(RunError, match=r"shape \[7, 4\], but the model declares \[n, 3\]"):
+            _exe([np.zeros((7, 4), np.float32)], outputs).run(X)
+        with pytest.raises(RunError, match=r"shape \[7\], but the model declares \[n, 3\]"):
+            _exe([np.zeros(7, np.float32)], outputs).run(X)
+        unshaped = (("y", hal.NumberFormat.FLOAT32, None),)
+        assert _exe([np.zeros((2, 2, 2), np.float32)], unshaped).run(X)["y"].shape == (2, 2, 2)
+
+    def test_ml_dtypes_outputs_are_held_to_their_type(self):
+        outputs = (("y", hal.NumberFormat.BFLOAT16, (1, 3)),)
+        good = np.zeros((1, 3), ml_dtypes.bfloat16)
+        assert _exe([good], outputs).run(X)["y"].dtype == np.dtype(ml_dtypes.bfloat16)
+        with pytest.raises(RunError, match="element type float32, but the model declares bfloat16"):
+            _exe([np.zeros((1, 3), np.float32)], outputs).run(X)
+        with pytest.raises(RunError, match="element type uint16, but the model declares bfloat16"):
+            _exe([good.view(np.uint16)], outputs).run(X)  # raw bits not turned back into bfloat16
+
+    def test_a_subset_is_checked_against_its_own_declarations(self):
+        outputs = (("a", hal.NumberFormat.FLOAT32, (2,)), ("b", hal.NumberFormat.INT64, (3,)))
+        exe = _exe([np.zeros(3, np.int64)], outputs)
+        assert exe.run(X, output_names=["b"])["b"].dtype == np.int64
+        with pytest.raises(RunError, match="output 'a' with element type int64"):
+            exe.run(X, output_names=["a"])
+
+
+class TestCallerMistakes:
+    """Issue 8 item 6: each is an InputError that names the fix, never a raw TypeError."""
+
+    def test_feeds_that_are_not_a_mapping(self, add_exe):
+        x = np.ones((2, 3), np.float32)
+        with pytest.raises(InputError, match=r"feeds must be a dict of input name to array, e.g. exe.run\(\{'x': array, 'y': array\}\); got NoneType"):
+            add_exe.run(None)
+        with pytest.raises(InputError, match=r"got list; to feed arrays in input order, pass dict\(zip"):
+            add_exe.run([x, x])
+
+    @pytest.mark.parametrize(
+        ("names", "message"),
+        [
+            (123, r"output_names must be None \(all outputs\) or a list of output names, got 123"),
+            ("z", r"output_names must be a list of output names, not one string; pass \['z'\]"),
+            ([["z"]], r"output_names must be None \(all outputs\) or a list of output names, got \[\['z'\]\]"),
+        ],
+    )
+    def test_output_names_that_are_not_a_list_of_names(self, add_exe, names, message):
+        x = np.ones((2, 3), np.float32)
+        with pytest.raises(InputError, match=message):
+            add_exe.run({"x": x, "y": x}, output_names=names)
+
+    def test_output_names_as_a_tuple_or_generator(self, add_exe):
+        x = np.ones((2, 3), np.float32)
+        assert list(add_exe.run({"x": x, "y": x}, output_names=("z",))) == ["z"]
+        assert list(add_exe.run({"x": x, "y": x}, output_names=(n for n in ["z"]))) == ["z"]
+
+
+def _identity(code, shape=(2,)):
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", code, list(shape))], [("y", code, list(shape))], opset=21)
+    return hal.compile(model).to("ort:cpu", fallback=None)
+
+
+class TestPythonValues:
+    """Lists and scalars are converted only when every value survives (floats into a float type
+    round, but never overflow); numpy arrays must already have the input's type."""
+
+    @pytest.mark.parametrize(
+        ("code", "value", "expected"),
+        [
+            (TensorProto.INT64, [1.0, 2.0], [1, 2]),
+            (TensorProto.INT64, [True, False], [1, 0]),
+            (TensorProto.FLOAT, [True, 3], [1.0, 3.0]),
+            (TensorProto.FLOAT, [0.1, 0.2], [np.float32(0.1), np.float32(0.2)]),  # rounds to the nearest float32
+            (TensorProto.BOOL, [0, 1], [False, True]),
+            (TensorProto.BOOL, [0.0, 1.0], [False, True]),
+            (TensorProto.UINT8, [0, 255], [0, 255]),
+            (TensorProto.INT4, [7, -8], [7, -8]),
+            (TensorProto.STRING, ["a", "b"], ["a", "b"]),
+            (TensorProto.FLOAT, [float("inf"), float("nan")], [np.inf, np.nan]),
+            (TensorProto.INT64, [np.float64(3.0), np.int32(4)], [3, 4]),
+        ],
+    )
+    def test_exact_values_are_converted(self, code, value, expected):
+        got = _identity(code).run({"x": value})["y"]
+        np.testing.assert_array_equal(got.astype(object) if code == TensorProto.STRING else got.astype(np.float64),
+                                      np.array(expected, dtype=object if code == TensorProto.STRING else np.float64))
+
+    @pytest.mark.parametrize(
+        ("code", "value", "message"),
+        [
+            (TensorProto.INT64, [1.7, 2.9], r"the value 1.7 cannot be held exactly in int64 \(it would become 1.0\); .*np.round\(values\).astype\(np.int64\)"),
+            (TensorProto.INT64, [float("nan"), 1], "the value nan cannot be held exactly in int64"),
+            (TensorProto.INT32, [2**40, 1], "the value 1099511627776 cannot be held exactly in int32"),
+            (TensorProto.UINT8, [-1, 2], r"the value -1 cannot be held exactly in uint8 \(it would become 255\)"),
+            (TensorProto.BOOL, [2, 1], "the value 2 cannot be held exactly in bool"),
+            (TensorProto.BOOL, [0.5, 1], "the value 0.5 cannot be held exactly in bool"),
+            (TensorProto.FLOAT, [16777217, 1], "the value 16777217 cannot be held exactly in float32"),
+            (TensorProto.FLOAT16, [1e6, 1.0], r"the value 1000000.0 overflows in float16 \(it would become inf\)"),
+            (TensorProto.INT4, [8, 1], "the value 8 cannot be held exactly in int4"),
+            (TensorProto.FLOAT, ["1.5", "2"], "holds <U3 values, expected float32: numbers are not read from text"),
+            (TensorProto.STRING, [1, 2], "holds int64 values, expected object: numbers are not read from text, nor text from numbers"),
+            (TensorProto.FLOAT, [1 + 2j, 1], "holds complex128 values, which float32 cannot hold"),
+            (TensorProto.INT64, [2**70, 1], "integers beyond 64 bits"),
+            (TensorProto.INT64, [[1, 2], [3]], "cannot be read as an array of int64"),
+        ],
+    )
+    def test_lossy_values_are_refused(self, code, value, message):
+        with pytest.raises(InputError, match=message):
+            _identity(code).run({"x": value})
+
+    def test_numpy_arrays_of_another_type_are_still_refused(self):
+        with pytest.raises(InputError, match=r"element type float64, expected int64; convert it with array.astype\(np.int64\)"):
+            _identity(TensorProto.INT64).run({"x": np.array([1.0, 2.0])})
+
+
+class TestUnknownDims:
+    """Issue 8 item 7: exporters write "?", "unk__N" and "" for unknown, not for equal."""
+
+    def test_the_ocr_classifier_input_runs_on_its_real_shape(self, caplog):
+        exe = _identity(TensorProto.FLOAT, shape=(-1, 3, "?", "?"))
+        with caplog.at_level(logging.WARNING, logger="hal.executable"):
+            y = exe.run({"x": np.ones((1, 3, 48, 192), np.float32)})["y"]
+        assert y.shape == (1, 3, 48, 192)
+        assert not caplog.records  # "?" is no symbol: nothing to warn about
+
+    @pytest.mark.parametrize("placeholder", ["unk__12", "None", "-1", "*"])
+    def test_other_placeholders_are_no_symbols(self, placeholder, caplog):
+        exe = _identity(TensorProto.FLOAT, shape=(placeholder, placeholder))
+        with caplog.at_level(logging.WARNING, logger="hal.executable"):
+            assert exe.run({"x": np.ones((2, 5), np.float32)})["y"].shape == (2, 5)
+        assert not caplog.records
+
+    def test_an_empty_dim_param_is_unknown(self):
+        model = make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", TensorProto.FLOAT, ["a", "b"])],
+                           [("y", TensorProto.FLOAT, ["a", "b"])])
+        for dim in (*model.graph.input[0].type.tensor_type.shape.dim, *model.graph.output[0].type.tensor_type.shape.dim):
+            dim.dim_param = ""
+        exe = hal.compile(model).to("ort:cpu")
+        assert exe.run({"x": np.ones((2, 5), np.float32)})["y"].shape == (2, 5)

@@ -205,3 +205,77 @@ class TestExternalData:
             hal.load(path.read_bytes())
         model = hal.load(path.read_bytes(), base_dir=tmp_path)
         np.testing.assert_array_equal(numpy_helper.to_array(model.proto.graph.initializer[0]), w)
+
+
+def _neg(in_type=TensorProto.FLOAT, in_shape=(2, 3), out_type=TensorProto.FLOAT, out_shape=(2, 3)):
+    return make_model([helper.make_node("Neg", ["x"], ["y"])], [("x", in_type, list(in_shape))], [("y", out_type, list(out_shape))])
+
+
+class TestContradictions:
+    """Models onnxruntime would refuse (or answer against their own declarations) are refused at
+    load, so `hal inspect` never says a device runs them."""
+
+    @pytest.mark.parametrize(
+        ("build", "message"),
+        [
+            (lambda: _neg(in_type=999), "Invalid tensor data type 999"),
+            (lambda: _neg(out_type=999), r"elem type differs from existing elem type: \(1\) vs \(999\)"),
+            (lambda: make_model([helper.make_node("Cast", ["x"], ["y"], to=999)], [("x", TensorProto.FLOAT, [2])],
+                                [("y", TensorProto.FLOAT, [2])]), "does not specify a valid type"),
+            (lambda: make_model([helper.make_node("Add", ["x", "z"], ["y"])],
+                                [("x", TensorProto.FLOAT, [2, 3]), ("z", TensorProto.FLOAT, [4, 5])],
+                                [("y", TensorProto.FLOAT, [2, 3])]), "Incompatible dimensions"),
+            (lambda: _neg(out_shape=(5, 5)), r"existing shape differ in dimension 0: \(2\) vs \(5\)"),
+            (lambda: _neg(out_type=TensorProto.INT64), r"differs from existing elem type: \(1\) vs \(7\)"),
+        ],
+    )
+    def test_contradictions_are_a_model_error(self, build, message):
+        with pytest.raises(ModelError, match=f"model contradicts itself: .*{message}.*re-export the model"):
+            hal.load(build())
+
+    def test_an_element_type_999_initializer_is_refused(self):
+        w = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+        w.data_type = 999
+        model = make_model([helper.make_node("Add", ["x", "w"], ["y"])], [("x", TensorProto.FLOAT, [2])],
+                           [("y", TensorProto.FLOAT, [2])], initializers=[w])
+        with pytest.raises(ModelError, match="999"):
+            hal.load(model)
+
+    def test_contradiction_behind_a_large_initializer_is_found(self):
+        # Large initializers enter inference as typed inputs (no data): their shapes still count.
+        w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+        model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", TensorProto.FLOAT, [2, 64])],
+                           [("y", TensorProto.FLOAT, [2, 32])], initializers=[w])
+        with pytest.raises(ModelError, match=r"dimension 1: \(64\) vs \(32\)"):
+            hal.load(model)
+
+    def test_stale_value_info_is_not_a_reason_to_refuse(self):
+        # onnxruntime overwrites declared intermediate shapes with what it infers, and runs the model.
+        model = make_model([helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["y"])],
+                           [("x", TensorProto.FLOAT, [2, 3])], [("y", TensorProto.FLOAT, [2, 3])])
+        model.graph.value_info.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [7]))
+        loaded = hal.load(model)
+        assert [v.name for v in loaded.proto.graph.value_info] == ["t"]  # kept as it was
+
+    def test_where_inference_falls_short_the_model_is_left_to_the_runtime(self):
+        # onnx 1.23's strict inference fails inside MeanVarianceNormalization's own function body
+        # (a Constant it builds); onnxruntime runs the model, so the HAL must load it.
+        model = make_model([helper.make_node("MeanVarianceNormalization", ["x"], ["y"])],
+                           [("x", TensorProto.FLOAT, [3, 3, 3, 1])], [("y", TensorProto.FLOAT, [3, 3, 3, 1])], opset=13)
+        x = np.arange(27, dtype=np.float32).reshape(3, 3, 3, 1)
+        y = hal.compile(model).to("ort:cpu", fallback=None).run({"x": x})["y"]
+        assert y.shape == (3, 3, 3, 1)
+
+    def test_symbolic_and_custom_domain_models_load(self):
+        hal.load(_neg(out_shape=("n", 3)))
+        graph = helper.make_graph([helper.make_node("Double", ["x"], ["y"], domain="com.acme")], "acme",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+        hal.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.acme", 1)],
+                                   ir_version=9))
+
+
+class TestBadPaths:
+    def test_a_nul_byte_is_a_model_error(self):
+        with pytest.raises(ModelError, match="contains a NUL byte"):
+            hal.load("a\0.onnx")
