@@ -29,6 +29,7 @@ __all__ = [
     "Health",
     "Interconnect",
     "InterconnectKind",
+    "LoweredModel",
     "LoweringStep",
     "Maturity",
     "Memory",
@@ -40,6 +41,7 @@ __all__ = [
     "Requirements",
     "ScaledFormat",
     "Stability",
+    "StepKind",
     "Support",
     "TensorInfo",
     "VerificationReport",
@@ -73,8 +75,10 @@ _LAZY = {
     "compile": "hal.compiled",
     "load_compiled": "hal.compiled",
     "Executable": "hal.executable",
-    "LoweringStep": "hal.executable",
-    "Placement": "hal.executable",
+    "LoweredModel": "hal.lowering",
+    "LoweringStep": "hal.lowering",
+    "Placement": "hal.lowering",
+    "StepKind": "hal.lowering",
     "Model": "hal.model",
     "Requirements": "hal.model",
     "TensorInfo": "hal.model",
@@ -103,7 +107,8 @@ if TYPE_CHECKING:
         Support,
     )
     from hal.compiled import CompiledModel, compile, load_compiled
-    from hal.executable import Executable, LoweringStep, Placement
+    from hal.executable import Executable
+    from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
     from hal.model import Model, Requirements, TensorInfo, load
     from hal.verification import VerificationReport
 

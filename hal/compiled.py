@@ -39,7 +39,8 @@ from hal.errors import (
     UnavailableDeviceError,
     VerificationError,
 )
-from hal.executable import Executable, LoweringStep, Placement
+from hal.executable import Executable
+from hal.lowering import LoweringStep, Placement, StepKind
 from hal.model import Model, load
 from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds
 
@@ -87,8 +88,6 @@ def assess(model: Model, device: Device) -> Verdict:
     return Verdict(device.id, "lowered" if steps else "as-is", steps=tuple(steps))
 
 
-#: Lowering steps after which every operator means what it meant (ranked as if as is).
-_MEANING_KEEPING = frozenset({"convert-opset", "ir-version"})
 _KIND_ORDER = {"gpu": 0, "npu": 0, "cpu": 1, "simulated": 2}
 _MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
 
@@ -110,7 +109,7 @@ def rank(model: Model, devices: Sequence[Device], policy: str | None = None) -> 
     ordered = sorted(
         usable,
         key=lambda dv: (
-            any(step.kind not in _MEANING_KEEPING for step in dv[1].steps),
+            any(not step.kind.keeps_meaning for step in dv[1].steps),
             _KIND_ORDER.get(dv[0].kind.value, 3),
             _MATURITY_ORDER.get(dv[0].capabilities.stability.maturity.value, 4),
             dv[0].id != "ort:cpu",
@@ -345,10 +344,10 @@ class CompiledModel:
                 first, reason = failures[0]
                 moved = f"all {len(self.model.proto.graph.node)} nodes moved from {first.id} to {target.id}"
                 log.warning("fallback: %s: %s", moved, reason)
-                skipped = [LoweringStep("fallback", f"{moved}: {reason}")]
+                skipped = [LoweringStep(StepKind.FALLBACK, f"{moved}: {reason}")]
                 for other, other_reason in failures[1:]:
                     log.warning("fallback: %s skipped too: %s", other.id, other_reason)
-                    skipped.append(LoweringStep("fallback", f"{other.id} skipped: {other_reason}"))
+                    skipped.append(LoweringStep(StepKind.FALLBACK, f"{other.id} skipped: {other_reason}"))
                 exe.lowering = (*skipped, *exe.lowering)
             return exe
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or "no available device can run it"
@@ -421,7 +420,7 @@ class CompiledModel:
         )
         if check is not None:
             report = check.finish(exe)
-            kind = "unverified" if report.status == "skipped" else "verified"
+            kind = StepKind.UNVERIFIED if report.status == "skipped" else StepKind.VERIFIED
             exe.lowering = (*exe.lowering, LoweringStep(kind, report.summary()))
             exe.verification = report
         return exe

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import onnx
 
     from hal.capabilities import Capabilities
-    from hal.executable import LoweringStep
+    from hal.lowering import LoweringStep
 
 __all__ = ["check_domains", "convert_opset", "legalize_formats", "lower_for", "optimize"]
 

@@ -30,7 +30,7 @@ from onnx import AttributeProto, helper, numpy_helper
 from hal.capabilities import Capabilities, NumberFormat, Support
 from hal.compiler._graph import subgraphs
 from hal.errors import LoweringError
-from hal.executable import LoweringStep
+from hal.lowering import LoweringStep
 
 __all__ = [
     "CONTROL_FLOW_OPS",

@@ -15,7 +15,7 @@ import onnx
 from hal.capabilities import OpsetRange
 from hal.compiler._graph import all_nodes, subgraphs
 from hal.errors import LoweringError
-from hal.executable import LoweringStep
+from hal.lowering import LoweringStep
 
 __all__ = ["check_domains", "convert_opset", "default_opset", "fit_ir_version", "min_ir_version"]
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
 from hal.compiler._graph import subgraphs
-from hal.executable import LoweringStep
+from hal.lowering import LoweringStep
 
 __all__ = ["MAX_FOLD_BYTES", "optimize"]
 

@@ -1,0 +1,95 @@
+"""Records of what placement did to a model: lowering steps, placements, and the lowered model a
+backend's ``prepare`` receives.
+
+They sit below the compiler and the runtime, which both read them (the compiler writes steps,
+the executable shows them, the ranking reads their kinds).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+from attrs import field, frozen
+
+if TYPE_CHECKING:
+    import onnx
+
+    from hal.model import TensorInfo
+
+__all__ = ["LoweredModel", "LoweringStep", "Placement", "StepKind"]
+
+
+class StepKind(str, enum.Enum):
+    """What a :class:`LoweringStep` did. A ``str`` enum: ``step.kind == "fallback"`` holds, and
+    JSON writes the value."""
+
+    # hardware-independent optimization, once at compile
+    INFER_SHAPES = "infer-shapes"
+    FOLD_CONSTANTS = "fold-constants"
+    ELIMINATE_IDENTITY = "eliminate-identity"
+    REMOVE_DEAD_NODES = "remove-dead-nodes"
+    REMOVE_UNUSED_INITIALIZERS = "remove-unused-initializers"
+    # lowering for one device: these keep every operator's meaning ...
+    CONVERT_OPSET = "convert-opset"
+    IR_VERSION = "ir-version"
+    # ... these change how the model computes
+    LEGALIZE_FORMAT = "legalize-format"
+    LEGALIZE_FORMAT_SKIPPED = "legalize-format-skipped"
+    # placement
+    FALLBACK = "fallback"
+    VERIFIED = "verified"
+    UNVERIFIED = "unverified"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def keeps_meaning(self) -> bool:
+        """True for steps after which every operator means what it meant (the ranking does not
+        count them against a device)."""
+        return self in _MEANING_KEEPING
+
+
+_MEANING_KEEPING = frozenset({StepKind.CONVERT_OPSET, StepKind.IR_VERSION})
+
+
+@frozen
+class Placement:
+    """Which device ran which nodes (node names, or ``op_type#index`` for unnamed nodes)."""
+
+    device: str
+    nodes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "nodes": list(self.nodes)}
+
+
+@frozen
+class LoweringStep:
+    """One change made to fit the model to a device, and why."""
+
+    kind: StepKind = field(converter=StepKind)
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kind": self.kind.value, "detail": self.detail}
+
+
+@frozen
+class LoweredModel:
+    """The model as :meth:`hal.Backend.prepare` receives it: lowered for the device, with what the
+    core already knows, so no plugin re-reads the graph or re-hashes it.
+
+    ``proto`` is self-contained (external data loaded and checked), its opsets in the device's
+    declared range and its element types legalized for the device's declared formats. ``inputs``
+    and ``outputs`` are the graph's (initializers excluded), ``digest`` the sha256 (hex) of
+    ``proto.SerializeToString(deterministic=True)`` — name artifacts by it — and ``steps`` what
+    lowering changed. Do not modify ``proto``: it may be shared with the caller's model.
+    """
+
+    proto: onnx.ModelProto = field(eq=False, repr=False)
+    inputs: tuple[TensorInfo, ...] = field(converter=tuple)
+    outputs: tuple[TensorInfo, ...] = field(converter=tuple)
+    digest: str
+    steps: tuple[LoweringStep, ...] = field(default=(), converter=tuple)
