@@ -21,11 +21,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from attrs import frozen
+from attrs import define
 
 from hal._paths import backend_cache_dir
 from hal._plugins import registry
 from hal.backend import Backend, CompileOptions, Device
+from hal.capabilities import Capabilities
 from hal.cache import CompileCache, atomic_write, cache_key
 from hal.errors import (
     CompileError,
@@ -42,6 +43,7 @@ from hal.errors import (
 from hal.executable import Executable
 from hal.lowering import LoweringStep, Placement, StepKind
 from hal.model import Model, load
+from hal.ranking import Verdict, assess, rank
 from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds
 
 if TYPE_CHECKING:
@@ -49,96 +51,12 @@ if TYPE_CHECKING:
 
     import onnx
 
-__all__ = ["CompiledModel", "Verdict", "assess", "compile", "load_compiled", "rank"]
+__all__ = ["CompiledModel", "Verdict", "assess", "compile", "load_compiled", "rank"]  # the last three re-exported
 
 log = logging.getLogger("hal.compile")
 
 MANIFEST_KEY = "onnx-hal.manifest"
 MANIFEST_VERSION = 1
-
-
-# -- verdicts and ranking ----------------------------------------------------------------------
-
-
-@frozen
-class Verdict:
-    """Whether a device runs a model: ``as-is``, ``lowered`` (with the steps) or ``cannot`` (why)."""
-
-    device: str
-    status: str
-    steps: tuple[LoweringStep, ...] = ()
-    reason: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "status": self.status, "steps": [s.to_dict() for s in self.steps], "reason": self.reason}
-
-
-def assess(model: Model, device: Device) -> Verdict:
-    """What lowering ``device`` needs to run ``model``, without compiling anything."""
-    from hal.compiler import lower_for
-
-    if not device.available:
-        return Verdict(device.id, "cannot", reason=f"unavailable: {device.reason}")
-    if device.capabilities.stability.health.quarantined:
-        return Verdict(device.id, "cannot", reason="quarantined after failed health probes")
-    try:
-        _, steps = lower_for(model.proto, device.capabilities)
-    except LoweringError as exc:
-        return Verdict(device.id, "cannot", reason=str(exc))
-    return Verdict(device.id, "lowered" if steps else "as-is", steps=tuple(steps))
-
-
-_KIND_ORDER = {"gpu": 0, "npu": 0, "cpu": 1, "simulated": 2}
-_MATURITY_ORDER = {"stable": 0, "beta": 1, "experimental": 2, "simulated": 3}
-
-
-def rank(model: Model, devices: Sequence[Device], policy: str | None = None) -> list[tuple[Device, Verdict]]:
-    """Devices that can run ``model``, best first, each with its verdict.
-
-    The default policy: devices that run the model as it is written before those whose lowering
-    changes how it computes (element-type legalization); opset and IR-version conversion do not
-    count against a device, since they keep every operator's meaning; then accelerators before
-    CPUs before simulated chips; declared maturity; then the embedded ``ort:cpu`` first among
-    equals, as the reference implementation. Devices that cannot run the model are left out.
-
-    ``policy`` names a ranking policy a plugin registered (``hal_register_policies``): it is
-    given the default order and returns the devices to try, in its order.
-    """
-    verdicts = [(d, assess(model, d)) for d in devices]
-    usable = [(d, v) for d, v in verdicts if v.status != "cannot"]
-    ordered = sorted(
-        usable,
-        key=lambda dv: (
-            any(not step.kind.keeps_meaning for step in dv[1].steps),
-            _KIND_ORDER.get(dv[0].kind.value, 3),
-            _MATURITY_ORDER.get(dv[0].capabilities.stability.maturity.value, 4),
-            dv[0].id != "ort:cpu",
-            dv[0].id,
-        ),
-    )
-    return ordered if policy is None else _apply_policy(policy, model, ordered)
-
-
-def _apply_policy(name: str, model: Model, ordered: list[tuple[Device, Verdict]]) -> list[tuple[Device, Verdict]]:
-    policies = registry().policies()
-    policy = policies.get(name)
-    if policy is None:
-        msg = f"unknown ranking policy {name!r}; registered: {', '.join(sorted(policies)) or 'none'}"
-        raise InputError(msg)
-    by_id = {d.id: (d, v) for d, v in ordered}
-    try:
-        chosen = list(policy.rank(model, [d for d, _ in ordered]))
-    except HalError:
-        raise
-    except Exception as exc:  # a plugin's bug: name the plugin, not a raw traceback
-        msg = f"ranking policy {name!r} (plugin {policy.plugin}) failed: {type(exc).__name__}: {exc}"
-        raise PluginError(msg) from exc
-    ids = [getattr(d, "id", None) for d in chosen]
-    unknown = [i for i in ids if i not in by_id]
-    if unknown or len(set(ids)) != len(ids):
-        msg = f"ranking policy {name!r} (plugin {policy.plugin}) returned devices that were not candidates or twice: {ids}"
-        raise PluginError(msg)
-    return [by_id[i] for i in ids]
 
 
 # -- the compiled model ------------------------------------------------------------------------
@@ -173,6 +91,7 @@ class CompiledModel:
         self.model = model
         self.manifest = manifest
         self._references: dict[bool, Reference] = {}
+        self._lowerings: dict[Capabilities, _Lowering | LoweringError] = {}
         self._lock = threading.Lock()
 
     def _reference(self, device_id: str) -> Reference:
@@ -268,7 +187,7 @@ class CompiledModel:
     def explain(self, device: str | Device) -> Verdict:
         """Whether ``device`` runs this model as is, after lowering, or cannot (and why)."""
         target = device if isinstance(device, Device) else registry().device(device, require_available=False)
-        return assess(self.model, target)
+        return assess(self.model, target, self._steps_for)
 
     def to(
         self,
@@ -366,7 +285,7 @@ class CompiledModel:
             return [reg.device(device.id)]
         if isinstance(device, str):
             if device == "auto":
-                return [d for d, _ in rank(self.model, reg.devices(), policy)]
+                return [d for d, _ in rank(self.model, reg.devices(), policy, self._steps_for)]
             return [reg.device(device)]
         return [reg.device(d.id if isinstance(d, Device) else d) for d in device]
 
@@ -374,7 +293,7 @@ class CompiledModel:
         if fallback is None:
             return []
         if fallback == "auto":
-            return [d for d, _ in rank(self.model, registry().devices()) if d.id not in tried]
+            return [d for d, _ in rank(self.model, registry().devices(), lower=self._steps_for) if d.id not in tried]
         return [registry().device(fallback)]
 
     def _prepare(
@@ -385,10 +304,14 @@ class CompiledModel:
         verify: bool | str = False,
         example: Mapping[str, Any] | None = None,
     ) -> Executable:
-        proto, steps, digest, key = self._lowered(backend, device, options)
+        if device.capabilities.stability.health.quarantined:
+            msg = f"{device.id} is quarantined after failed health probes"
+            raise UnavailableDeviceError(msg)
+        _version_of(backend)  # a plugin whose version fails cannot key its caches: refuse it now
+        proto, steps, digest, key = self._lowered(device)
         check = None
         if verify:
-            check = _Verification(self, device, key, options.reduced_precision, example)
+            check = _Verification(self, backend, device, key, options.reduced_precision, example)
             if check.cached is not None and not check.cached.passed and check.cached.status == "failed":
                 raise check.cached.error()
             check.start()
@@ -425,28 +348,35 @@ class CompiledModel:
             exe.verification = report
         return exe
 
-    def _lowered(
-        self, backend: Backend, device: Device, options: CompileOptions
-    ) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
-        """The model lowered for ``device``, its steps, its digest and its cache key: from the
-        compile cache, or lowered and stored.
+    def _steps_for(self, device: Device) -> tuple[LoweringStep, ...]:
+        """The steps lowering takes for ``device`` (for verdicts and ranking); raises
+        :class:`LoweringError` when it cannot."""
+        return self._lowering(device).steps
 
-        A lowering that changed nothing is stored as its steps alone and answered with this
-        model itself, so a warm ``to()`` neither reads nor parses a copy of the model.
-        """
-        import onnx
+    def _lowering(self, device: Device) -> _Lowering:
+        """The one lowering of this model for ``device``'s capabilities: computed once per
+        process (shared by assess, rank, fallback and prepare), kept in the compile cache between
+        processes. Lowering depends on the model and the capabilities alone, not on the backend.
+        Raises :class:`LoweringError` when the device cannot run the model (cached too)."""
+        caps = device.capabilities
+        with self._lock:
+            found = self._lowerings.get(caps)
+        if found is None:
+            found = self._lowering_from_cache(caps)
+            with self._lock:
+                self._lowerings[caps] = found
+        if isinstance(found, LoweringError):
+            raise LoweringError(str(found), getattr(found, "operators", ()))
+        return found
 
+    def _lowering_from_cache(self, caps: Capabilities) -> _Lowering | LoweringError:
         from hal.compiler import lower_for
 
         key = cache_key(
-            layout=2,  # steps and digest as JSON, then the lowered model's bytes or nothing
+            layout=3,  # JSON (steps, digest, or the refusal), then the lowered model's bytes or nothing
             model=self.digest,
-            device=device.id,
-            capabilities=device.capabilities.to_dict(),
-            backend=backend.name,
-            backend_version=_version_of(backend),
+            capabilities=caps.to_dict(),
             hal=_versions(),
-            reduced_precision=options.reduced_precision,
         )
         cache = CompileCache()
         payload = cache.get(key)
@@ -454,25 +384,55 @@ class CompiledModel:
             size = int.from_bytes(payload[:8], "little")
             try:
                 meta = json.loads(payload[8 : 8 + size])
-                steps = [LoweringStep(**s) for s in meta["steps"]]
-                if meta["unchanged"]:
-                    return self.model.proto, steps, self.digest, key
-                return onnx.ModelProto.FromString(payload[8 + size :]), steps, str(meta["digest"]), key
+                if meta.get("error") is not None:
+                    return LoweringError(str(meta["error"]), tuple(meta.get("operators", ())))
+                steps = tuple(LoweringStep(**s) for s in meta["steps"])
+                data = payload[8 + size :] if not meta["unchanged"] else None
+                return _Lowering(steps, str(meta["digest"]), key, data)
             except Exception:  # noqa: BLE001 - an entry from an incompatible version: rebuild it
                 log.warning("compile cache entry %s unusable; rebuilding", key[:12])
-        if device.capabilities.stability.health.quarantined:
-            msg = f"{device.id} is quarantined after failed health probes"
-            raise UnavailableDeviceError(msg)
-        proto, steps = lower_for(self.model.proto, device.capabilities)
+        try:
+            proto, steps = lower_for(self.model.proto, caps)
+        except LoweringError as exc:
+            meta = json.dumps({"error": str(exc), "operators": list(getattr(exc, "operators", ()))}).encode()
+            cache.put(key, len(meta).to_bytes(8, "little") + meta)
+            return exc
         if proto is self.model.proto:
-            data, digest = b"", self.digest
+            data, digest = None, self.digest
         else:
             data = proto.SerializeToString(deterministic=True)
             digest = hashlib.sha256(data).hexdigest()
-        entry = {"steps": [s.to_dict() for s in steps], "unchanged": not data, "digest": digest}
-        meta = json.dumps(entry).encode()
-        cache.put(key, len(meta).to_bytes(8, "little") + meta + data)
-        return proto, list(steps), digest, key
+        meta = json.dumps({"steps": [s.to_dict() for s in steps], "unchanged": data is None, "digest": digest}).encode()
+        cache.put(key, len(meta).to_bytes(8, "little") + meta + (data or b""))
+        lowered = _Lowering(tuple(steps), digest, key, data)
+        if data is not None:
+            lowered.parsed = proto  # already in memory: no need to parse the bytes back
+        return lowered
+
+    def _lowered(self, device: Device) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
+        """The lowered model for ``device``, its steps, its digest and its cache key. A lowering
+        that changed nothing answers with this model itself, so a warm ``to()`` neither reads nor
+        parses a copy of the model."""
+        import onnx
+
+        lowering = self._lowering(device)
+        if lowering.data is None:
+            return self.model.proto, list(lowering.steps), self.digest, lowering.key
+        if lowering.parsed is None:
+            lowering.parsed = onnx.ModelProto.FromString(lowering.data)
+        return lowering.parsed, list(lowering.steps), lowering.digest, lowering.key
+
+
+@define
+class _Lowering:
+    """One cached lowering: steps, digest, cache key, and the lowered model's bytes (None when
+    lowering changed nothing), parsed on first use by ``prepare``, not by ranking."""
+
+    steps: tuple[LoweringStep, ...]
+    digest: str
+    key: str
+    data: bytes | None
+    parsed: Any = None
 
 
 #: Bump when what a cached verdict means changes (tolerances, seeded inputs, comparison).
@@ -486,6 +446,7 @@ class _Verification:
     def __init__(
         self,
         compiled: CompiledModel,
+        backend: Backend,
         device: Device,
         lowering_key: str,
         reduced_precision: bool,
@@ -505,6 +466,9 @@ class _Verification:
         self.reference = compiled._reference(device.id)  # noqa: SLF001 - the model's own helper
         self.key = cache_key(
             lowering=lowering_key,
+            device=device.id,  # the verdict is the runtime's: its device, backend and version
+            backend=backend.name,
+            backend_version=_version_of(backend),
             verify=_VERIFY_FORMAT,
             feeds=self.key_of_feeds,
             reduced_precision=reduced_precision,

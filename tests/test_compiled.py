@@ -280,6 +280,25 @@ class TestCompileCache:
             assert options.model_digest == compiled.digest
             assert model.SerializeToString(deterministic=True) == compiled.model.serialized
 
+    def test_one_lowering_per_device_shared_by_ranking_and_preparing(self, with_reference, linear_model, monkeypatch):
+        lowerings, _ = _spy_on_lowering(monkeypatch)
+        compiled = hal.compile(linear_model)
+        compiled.to("auto")
+        assert len(lowerings) == 2  # ort:cpu and ref:0, each once: ranking and prepare share it
+        compiled.to("auto")
+        compiled.explain("ref:0")
+        compiled.to("ref:0")
+        assert len(lowerings) == 2  # warm, in process: nothing lowered again
+        hal.compile(linear_model).to("auto")
+        assert len(lowerings) == 2  # another CompiledModel, as in a new process: from the cache
+
+    def test_a_refusal_is_cached_too(self, fresh_registry, monkeypatch):
+        lowerings, _ = _spy_on_lowering(monkeypatch)
+        for _ in range(2):
+            with pytest.raises(LoweringError):
+                hal.compile(acme_model()).to("ort:cpu", strict=True)
+        assert len(lowerings) == 1
+
     def test_a_lowered_model_is_cached_with_its_digest(self, fresh_registry, monkeypatch):
         import hashlib
 

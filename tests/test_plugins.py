@@ -409,7 +409,7 @@ class TestMalformedPlugins:
                 raise RuntimeError("runtime not importable")
 
         reg = fresh_registry()
-        reg.add_plugin(Plugin(Raises(name="raises")), name="raises")
+        reg.add_plugin(Plugin(Raises(name="raises", devices=runs_float32("raises"))), name="raises")
         with pytest.raises(CompileError, match="reading its version failed"):
             hal.compile(linear_model).to("raises:0", strict=True)
 
