@@ -215,7 +215,7 @@ class Artifact:
             return False
         try:
             atomic_write(self.path, data)
-            self._seal(digest, len(data), info, lambda: self.path.read_bytes() == data)
+            self._seal(len(data), digest, info, lambda: self.path.read_bytes() == data)
         except OSError as exc:
             cache_skipped(self.path.parent, exc)
             self.discard()
@@ -227,18 +227,12 @@ class Artifact:
         False, with a WARNING, when that fails; ``written`` is removed either way."""
         try:
             os.replace(written, self.path)
-            digest = _file_sha256(self.path)
-            if self.sha256 is not None and digest != self.sha256:
-                log.warning("not caching %s: its bytes hash to %s, not to its name", self.path, digest[:16])
-                self.discard()
-                return False
-            self._seal(digest, self.path.stat().st_size, info, lambda: _file_sha256(self.path) == digest)
+            return self._seal(None, None, info, None)
         except OSError as exc:
             _unlink(written)
             cache_skipped(self.path.parent, exc)
             self.discard()
             return False
-        return True
 
     def temp_path(self) -> Path:
         """A private name next to :attr:`path` for a runtime that writes the file itself; pass
@@ -252,20 +246,29 @@ class Artifact:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _seal(self, digest: str, size: int, info: Mapping[str, Any] | None, intact: Callable[[], bool]) -> None:
-        """Write the record of the file just put in place: its ``stat`` only once the filesystem
-        clock is past the file's change time and the file still holds what was written (so any
-        later change shows in the change time), else none (readers then hash it)."""
+    def _seal(
+        self, size: int | None, digest: str | None, info: Mapping[str, Any] | None, intact: Callable[[], bool] | None
+    ) -> bool:
+        """Write the record of the file just put in place. Its ``stat`` goes in only once the
+        filesystem clock is past the file's change time (so any later change shows in the change
+        time) and the file then holds what was written: ``intact()`` says so for bytes the caller
+        wrote; a file the runtime wrote (``digest`` None) is hashed at that point. Without a
+        ``stat``, readers hash the file every time."""
         before = os.stat(self.path)
-        stat = None
-        if before.st_size == size and _clock_passed(before.st_ctime_ns, self.path.parent):
-            if not intact():
-                msg = f"{self.path} changed while it was being written"
-                raise OSError(msg)
-            if _fingerprint(os.stat(self.path)) == _fingerprint(before):
-                stat = _fingerprint(before)
+        settled = _clock_passed(before.st_ctime_ns, self.path.parent)
+        if digest is None:
+            size, digest = before.st_size, _file_sha256(self.path)
+            if self.sha256 is not None and digest != self.sha256:
+                log.warning("not caching %s: its bytes hash to %s, not to its name", self.path, digest[:16])
+                self.discard()
+                return False
+        elif settled and intact is not None and not intact():
+            msg = f"{self.path} changed while it was being written"
+            raise OSError(msg)
+        stat = _fingerprint(before) if settled and _fingerprint(os.stat(self.path)) == _fingerprint(before) else None
         record = {**dict(info or {}), "key": self.key, "size": size, "sha256": digest, "stat": stat}
         atomic_write(self.record, json.dumps(record, indent=1, sort_keys=True).encode())
+        return True
 
     def _expected(self) -> dict[str, Any] | str:
         """The record (checked to be this artifact's), or why there is none to go by."""
