@@ -7,7 +7,10 @@
 Runs onnx's node test cases (``onnx.backend.test.case.node.collect_testcases()``, 1884 with
 onnx 1.23) through ``hal.compile(case.model).to(target)`` with :mod:`hal.testing.conformance`:
 each device alone (``strict=True``: no fallback) and ``auto`` (the HAL's ranking with its default
-fallback), outputs compared as onnx's backend test runner compares them. Per target:
+fallback), inputs fed read-only as read from the cases' ``.pb`` files, outputs compared as onnx's
+backend test runner compares them. ``hal conformance`` prints the same counts per device with the
+most common reasons (CONFORMANCE.md); this script adds the union, auto's misses and timings.
+Per target:
 
 - **passed / failed / errors / crashed** — see ``hal.testing.conformance``: an error is the HAL
   or the device refusing the case before running it (or a case with sequence, optional or map

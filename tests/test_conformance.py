@@ -5,6 +5,7 @@ available device alone (``strict=True``) and through ``to("auto")``; outputs are
 onnx's backend test runner compares them. The devices are whatever ``hal.devices()`` finds, so
 the same file serves the core tox environment (only ``ort:cpu``) and each plugin's.
 
+Inputs are fed as read from the cases' ``.pb`` files, read-only (``conformance.as_read``).
 Slow compilers run a deterministic sample: every N-th case by sorted name, N per backend in
 ``STRIDE``; ``auto`` runs every case any device runs, and is compared with each device on that
 device's own sample. ``HAL_CONFORMANCE_FULL=1`` runs every case on every device.
@@ -13,11 +14,14 @@ device's own sample. ``HAL_CONFORMANCE_FULL=1`` runs every case on every device.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
+import numpy as np
 import pytest
 
 import hal
+from hal.cli import main
 from hal.testing import conformance
 
 # Every N-th case by sorted name, per backend, so that this file stays within ~3 minutes per tox
@@ -98,3 +102,60 @@ class TestConformance:
         counts = result.counts(REFERENCE_DEVICE)
         assert counts["pass"] >= REFERENCE_FLOOR, f"{REFERENCE_DEVICE} through the HAL: {counts}"
         assert result.counts("auto")["pass"] >= REFERENCE_FLOOR, f"to('auto'): {result.counts('auto')}"
+
+
+class TestFeeds:
+    def test_inputs_are_read_only_as_read_from_pb_files(self):
+        from onnx import numpy_helper
+
+        for value in (np.arange(6, dtype=np.float32).reshape(2, 3), np.array(["a", "b"], dtype=object), np.int64(3)):
+            fed = conformance.as_read(value)
+            assert not fed.flags.writeable
+            np.testing.assert_array_equal(fed, value)
+        tensor = numpy_helper.from_array(np.arange(4, dtype=np.int32))
+        assert not conformance.as_read(tensor).flags.writeable
+
+    def test_the_cases_feeds_reach_the_executable_read_only(self, monkeypatch):
+        case = next(c for c in _cases() if c.name == "test_add")
+        seen = []
+        real = hal.Executable.run
+
+        def spy(self, feeds, output_names=None):
+            seen.extend(v.flags.writeable for v in feeds.values())
+            return real(self, feeds, output_names)
+
+        monkeypatch.setattr(hal.Executable, "run", spy)
+        with conformance.isolated_cache():
+            outcome = conformance.run_case(case, ["ort:cpu"], verify=False)  # only the case's own runs
+        assert outcome["ort:cpu"].outcome == "pass" and seen and not any(seen)
+
+
+class TestReport:
+    def test_reasons_count_the_same_cause_together(self):
+        def result(case, message, outcome="error"):
+            return conformance.CaseResult(case, "ort:cpu", outcome, 0.0, "ort:cpu", message)
+
+        a = result("a", "LoweringError: graph input 'x' is int4, which this device cannot even store (support: none)")
+        b = result("b", "LoweringError: graph input 'y' is int4, which this device cannot even store (support: none)")
+        c = result("c", "AssertionError: Not equal to tolerance rtol=0.001, atol=1e-07", "fail")
+        assert conformance.reason(a) == conformance.reason(b) != conformance.reason(c)
+        assert conformance.reason(c).startswith("wrong: ") and "ort:cpu" not in conformance.reason(a)
+        summary = conformance.summarize(
+            conformance.ConformanceResult(("ort:cpu",), ("a", "b", "c"), {"ort:cpu": {"a": a, "b": b, "c": c}})
+        )[0]
+        assert (summary.total, summary.passed, summary.wrong, summary.errors) == (3, 0, 1, 2)
+        assert summary.reasons[0] == (conformance.reason(a), 2)
+
+    def test_hal_conformance_json(self, capsys):
+        assert main(["conformance", "--device", "ort:cpu", "--every", "200", "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert set(row) >= {"device", "total", "passed", "wrong", "errors", "reasons"}
+        assert row["device"] == "ort:cpu" and row["total"] == row["passed"] + row["wrong"] + row["errors"] > 0
+
+    def test_hal_conformance_table_and_mistakes(self, capsys):
+        assert main(["conformance", "--device", "ort:cpu", "--device", "auto", "--every", "400"]) == 0
+        out = capsys.readouterr().out
+        assert "DEVICE" in out and "ort:cpu" in out and "auto" in out
+        assert main(["conformance", "--device", "nosuch:0"]) == 1
+        assert main(["conformance", "--every", "0"]) == 1
+        assert capsys.readouterr().err.count("hal: error:") == 2

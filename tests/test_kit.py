@@ -26,6 +26,7 @@ from hal import _plugins
 from hal.backends.cpu import CpuBackend
 from hal.capabilities import Support
 from hal.errors import CompileError
+from hal.testing.contract import UNKNOWN_DOMAIN
 
 pytest_plugins = ["pytester"]
 
@@ -81,7 +82,7 @@ class FaultyBackend(CpuBackend):
     bfloat16), ``freed-copy`` (read-only or strided feeds read as zeros), ``shared-output``,
     ``memoized`` (gives the same arrays for the same feeds),
     ``racy`` (not thread-safe), ``silent`` (run-time errors become zeros), ``accepts-anything``
-    (prepare never refuses), ``refuses`` (prepare always refuses), ``claims-bfloat16`` (declares
+    (declares the kit's made-up operator domain, and prepare never refuses), ``refuses`` (prepare always refuses), ``claims-bfloat16`` (declares
     bfloat16 native), ``no-vendor``, ``silent-unavailable`` (a second device, unavailable with a
     blank reason), ``unstable`` (capabilities change between discoveries), ``float16-none``
     (declares float16 none, which onnxruntime runs); join several with ``+``. ``details`` are added
@@ -100,6 +101,8 @@ class FaultyBackend(CpuBackend):
         caps = ort.capabilities
         if "claims-bfloat16" in self.faults:
             caps = evolve(caps, formats={**dict(caps.formats), "bfloat16": Support.NATIVE})
+        if "accepts-anything" in self.faults:  # claims the kit's made-up operator domain
+            caps = evolve(caps, opsets=evolve(caps.opsets, domains=(*caps.opsets.domains, UNKNOWN_DOMAIN)))
         if "float16-none" in self.faults:
             caps = evolve(caps, formats={**dict(caps.formats), "float16": Support.NONE})
         if "unstable" in self.faults and self.discoveries > 1:
@@ -118,11 +121,6 @@ class FaultyBackend(CpuBackend):
         return found
 
     def prepare(self, model: Any, device: hal.Device, options: hal.CompileOptions) -> Any:
-        # onnxruntime's default turns DequantizeLinear + MatMul into MatMulNBits computing with
-        # int8 activations (accuracy level 4); exact precision needs level 0. The kit's precision
-        # check catches it on ort:cpu; kit:cpu stays exact so that only its fault shows.
-        config = {"session.qdq_matmulnbits_accuracy_level": "0", **dict(options.extra.get("session_config", {}))}
-        options = evolve(options, extra={**options.extra, "session_config": config})
         if "refuses" in self.faults:
             msg = f"{device.id} refuses every model (fault 'refuses')"
             raise CompileError(msg)

@@ -55,6 +55,9 @@ IO_FORMATS = (F.FLOAT32, F.FLOAT16, F.BFLOAT16, F.FLOAT64, F.INT32, F.INT64)
 # before the kit sees its answer: the kit checks the answers itself.
 _NO_VERIFY: dict[str, Any] = {"verify": False} if "verify" in inspect.signature(hal.CompiledModel.to).parameters else {}
 
+#: An operator domain no device implements: a model using it must be refused with a HalError.
+UNKNOWN_DOMAIN = "org.onnx-hal.kit"
+
 _PRECISION_MODELS = {"conv": "resnet18_like", "matmul": "mlp", "attention": "transformer_encoder"}
 _PRECISION_DEQUANT = ((F.INT8, F.FLOAT32, 32), (F.FLOAT8_E4M3FN, F.FLOAT32, 32))
 
@@ -137,14 +140,19 @@ def _io_setup(device: hal.Device) -> tuple[NumberFormat, int]:
     pytest.skip(f"{device.id} computes none of {', '.join(f.value for f in IO_FORMATS)} in an opset it reads")
 
 
-@functools.cache
-def _io_executable(device_id: str, fmt: NumberFormat, shape: tuple[int | str, int], opset: int) -> hal.Executable:
-    return _place(probes.io_model(fmt, shape, opset), next(d for d in hal.devices() if d.id == device_id))
+@pytest.fixture(scope="module")
+def io() -> Any:
+    """``io(device, shape=(5, 7))``: :func:`probes.io_model` placed on ``device`` and the format it
+    computes in; placed once per device and shape in a session."""
+    placed: dict[tuple[str, tuple[int | str, int]], tuple[hal.Executable, NumberFormat]] = {}
 
+    def get(device: hal.Device, shape: tuple[int | str, int] = (5, 7)) -> tuple[hal.Executable, NumberFormat]:
+        if (device.id, shape) not in placed:
+            fmt, opset = _io_setup(device)
+            placed[device.id, shape] = _place(probes.io_model(fmt, shape, opset), device), fmt
+        return placed[device.id, shape]
 
-def _io(device: hal.Device, shape: tuple[int | str, int] = (5, 7)) -> tuple[hal.Executable, NumberFormat]:
-    fmt, opset = _io_setup(device)
-    return _io_executable(device.id, fmt, shape, opset), fmt
+    return get
 
 
 # -- discovery -------------------------------------------------------------------------------------
@@ -226,8 +234,8 @@ class TestErrors:
             with pytest.raises(UnavailableDeviceError):
                 compiled.to(hal_device.id, strict=True)
 
-    def test_bad_feeds_are_input_errors(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_bad_feeds_are_input_errors(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         rng = np.random.default_rng(0)
         a, b = probes.values(fmt, (5, 7), rng), probes.values(fmt, (5, 7), rng)
         other = F.INT32 if fmt is not F.INT32 else F.FLOAT32
@@ -256,8 +264,8 @@ class TestErrors:
             pass
         assert not slipped, f"{device.id}: bad feeds that are not an InputError: " + "; ".join(slipped)
 
-    def test_caller_mistakes_are_hal_errors(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_caller_mistakes_are_hal_errors(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         a = probes.values(fmt, (5, 7), np.random.default_rng(0))
         calls = {
             "run(None)": lambda: exe.run(None),  # type: ignore[arg-type]
@@ -278,12 +286,12 @@ class TestErrors:
 
     def test_model_the_device_cannot_compile_is_refused(self, device: hal.Device) -> None:
         graph = helper.make_graph(
-            [helper.make_node("NoSuchOperator", ["x"], ["y"], domain="org.onnx-hal.kit")],
+            [helper.make_node("NoSuchOperator", ["x"], ["y"], domain=UNKNOWN_DOMAIN)],
             "unknown-op",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         )
-        opsets = [helper.make_opsetid("", device.capabilities.opsets.max), helper.make_opsetid("org.onnx-hal.kit", 1)]
+        opsets = [helper.make_opsetid("", device.capabilities.opsets.max), helper.make_opsetid(UNKNOWN_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets[:1]))
         with pytest.raises(HalError):
             _place(model, device)
@@ -318,14 +326,14 @@ class TestErrors:
 
 class TestFeeds:
     @pytest.mark.parametrize("kind", probes.FEED_KINDS)
-    def test_feeds_as_users_have_them(self, device: hal.Device, kind: str, tmp_path: Path) -> None:
+    def test_feeds_as_users_have_them(self, device: hal.Device, io: Any, kind: str, tmp_path: Path) -> None:
         rng = np.random.default_rng(probes.FEED_KINDS.index(kind))
         if kind == "zero-size":
-            exe, fmt = _io(device, ("n", 7) if device.capabilities.dynamic_shapes else (0, 7))
+            exe, fmt = io(device, ("n", 7) if device.capabilities.dynamic_shapes else (0, 7))
             a, b = probes.values(fmt, (0, 7), rng), probes.values(fmt, (0, 7), rng)
             feeds = {"a": a, "b": b}
         else:
-            exe, fmt = _io(device)
+            exe, fmt = io(device)
             feeds = probes.user_feeds(kind, probes.values(fmt, (5, 7), rng), probes.values(fmt, (5, 7), rng), tmp_path)
         before = {k: np.array(v) for k, v in feeds.items()}
         want = probes.io_expected(feeds["a"], feeds["b"])
@@ -335,8 +343,8 @@ class TestFeeds:
         wrong += [f"the run changed feed {k!r}" for k in feeds if not probes.same_values(np.array(feeds[k]), before[k])]
         assert not wrong, f"{device.id} with {kind} feeds: " + "; ".join(wrong)
 
-    def test_outputs_do_not_alias_between_runs(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_outputs_do_not_alias_between_runs(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         rng = np.random.default_rng(1)
         first = exe.run({"a": probes.values(fmt, (5, 7), rng), "b": probes.values(fmt, (5, 7), rng)})
         kept = {k: v.copy() for k, v in first.items()}
@@ -350,8 +358,8 @@ class TestFeeds:
         ]
         assert not problems, f"{device.id}: " + "; ".join(problems)
 
-    def test_writing_to_a_result_does_not_change_the_next(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_writing_to_a_result_does_not_change_the_next(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         rng = np.random.default_rng(2)
         feeds = {"a": probes.values(fmt, (5, 7), rng), "b": probes.values(fmt, (5, 7), rng)}
         want = probes.io_expected(feeds["a"], feeds["b"])
@@ -361,8 +369,8 @@ class TestFeeds:
         wrong = _differences(exe.run(feeds), want, "after writing to the first result")
         assert not wrong, f"{device.id}: " + "; ".join(wrong)
 
-    def test_outputs_do_not_alias_the_feeds(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_outputs_do_not_alias_the_feeds(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         rng = np.random.default_rng(3)
         feeds = {"a": probes.values(fmt, (5, 7), rng), "b": probes.values(fmt, (5, 7), rng)}
         want = probes.io_expected(feeds["a"], feeds["b"])
@@ -373,8 +381,8 @@ class TestFeeds:
         wrong = _differences(got, want, "after the caller reused its input arrays")
         assert not (shared or wrong), f"{device.id}: " + "; ".join(shared + wrong)
 
-    def test_arrays_deleted_right_after_run(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_arrays_deleted_right_after_run(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         rng = np.random.default_rng(4)
         a, b = probes.values(fmt, (5, 7), rng), probes.values(fmt, (5, 7), rng)
         want = probes.io_expected(a, b)
@@ -397,8 +405,8 @@ RUNS_PER_THREAD = 200
 
 
 class TestThreads:
-    def test_one_executable_from_eight_threads(self, device: hal.Device) -> None:
-        exe, fmt = _io(device)
+    def test_one_executable_from_eight_threads(self, device: hal.Device, io: Any) -> None:
+        exe, fmt = io(device)
         barrier = threading.Barrier(THREADS)
         errors: list[str] = []
         wrong: list[str] = []
