@@ -18,15 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from attrs import frozen
 
 from hal.errors import InputError, RunError, VerificationError
 
 if TYPE_CHECKING:
     from hal.backend import Device, Runner
+    from hal.lowering import LoweringStep, Placement
     from hal.model import TensorInfo
 
-__all__ = ["Executable", "LoweringStep", "Placement"]
+__all__ = ["Executable"]
 
 log = logging.getLogger("hal.executable")
 _ndarray = np.ndarray  # one global lookup on the hot path instead of two
@@ -50,28 +50,6 @@ def _spec(info: TensorInfo) -> _Spec:
     static = tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d > 0)
     full = tuple(shape) if len(static) == len(shape) else None  # type: ignore[arg-type]
     return (info.name, dtype, full, len(shape), static)
-
-
-@frozen
-class Placement:
-    """Which device ran which nodes (node names, or ``op_type#index`` for unnamed nodes)."""
-
-    device: str
-    nodes: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "nodes": list(self.nodes)}
-
-
-@frozen
-class LoweringStep:
-    """One change made to fit the model to a device, and why."""
-
-    kind: str
-    detail: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "detail": self.detail}
 
 
 def _shape_text(shape: Sequence[int | str | None]) -> str:
