@@ -160,7 +160,8 @@ class Artifact:
     time and the file was then found to hold what was written; any later write to the file, or a
     file put in its place, gets a later change time (which no user can set back), so a file whose
     ``stat`` still equals the record's holds the recorded bytes, and any other is hashed. What
-    that does not see is a change made below the filesystem (a failing disk).
+    that does not see is a change made below the filesystem (a failing disk). A cache copied
+    elsewhere (new inodes) still works, hashed on every read until ``hal cache clear``.
 
     Example, a backend whose runtime returns bytes::
 
