@@ -40,10 +40,10 @@ on):
 - **the precision contract** — at the default precision, float32 models with Conv (a ResNet-like
   CNN), MatMul (an MLP), attention (a transformer encoder), and int8 and float8 block-dequantized
   weights (DequantizeLinear with ``block_size`` + MatMul; plus every block-scaled format the device
-  declares) match the ONNX reference evaluator or numpy within the float32 tolerance:
-  ``max|got - want| <= 1e-6 + 1e-4 * max|want|`` per output (:data:`hal.testing.contract.FLOAT32`;
-  runtimes differ by about 5e-7 of the largest output on these models, computing in bfloat16 by
-  about 4e-3);
+  declares) match the ONNX reference evaluator or numpy within the float32 tolerance of placement
+  verification (:data:`hal.testing.contract.FLOAT32`): ``max|got - want| <= 1e-6 + 1e-4 *
+  max|want|`` per output (runtimes differ by about 5e-7 of the largest output on these models,
+  computing in bfloat16 by about 4e-3);
 - **ONNX node test cases** — the cases onnx defines in code, with inputs fed as read from their
   ``.pb`` files and read-only: every failure must be a ``HalError``; pass / wrong / error counts
   are reported after the run, and asserted only where the device declares a floor (the

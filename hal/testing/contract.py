@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import inspect
 import json
 import threading
 from collections.abc import Mapping
@@ -37,26 +36,22 @@ from hal.errors import (
 )
 from hal.testing import conformance, models, probes
 from hal.testing.kit import NODE_FLOOR_DETAIL, record_node_cases
+from hal.verification import tolerance_for
 
 F = NumberFormat
 
-#: The float32 tolerance of the precision contract, normwise per output:
-#: ``max|got - want| <= atol + rtol * max|want|``. Runtimes differ from the reference evaluator by
-#: about 5e-7 of the largest output on these models (summation order, fused multiply-add,
-#: polynomial Erf/Exp); a model computed in bfloat16 differs by about 4e-3, and OpenVINO's dynamic
-#: quantization of activations for compressed weights by 6e-3: both fail.
-FLOAT32 = {"rtol": 1e-4, "atol": 1e-6}
+#: The float32 tolerance of the precision contract: the one placement verification holds float32
+#: outputs to (:data:`hal.verification.TOLERANCES`), normwise per output:
+#: ``max|got - want| <= atol + rtol * max|want|`` (rtol 1e-4, atol 1e-6). Runtimes differ from the
+#: reference evaluator by about 5e-7 of the largest output on these models (summation order, fused
+#: multiply-add, polynomial Erf/Exp); a model computed in bfloat16 differs by about 4e-3, and int8
+#: activations for compressed weights (OpenVINO's dynamic quantization, onnxruntime's MatMulNBits
+#: at its default accuracy level) by 6e-3 to 9e-3: both fail.
+FLOAT32 = tolerance_for(NumberFormat.FLOAT32)
 
 #: Formats the feed, alias and thread checks compute in, best first; the first the device
 #: computes (native or emulated) is used.
 IO_FORMATS = (F.FLOAT32, F.FLOAT16, F.BFLOAT16, F.FLOAT64, F.INT32, F.INT64)
-
-# The core's verification (when this onnx-hal has it) would refuse a wrong device at placement,
-# before the kit sees its answer: the kit checks the answers itself.
-_NO_VERIFY: dict[str, Any] = {"verify": False} if "verify" in inspect.signature(hal.CompiledModel.to).parameters else {}
-
-#: An operator domain no device implements: a model using it must be refused with a HalError.
-UNKNOWN_DOMAIN = "org.onnx-hal.kit"
 
 _PRECISION_MODELS = {"conv": "resnet18_like", "matmul": "mlp", "attention": "transformer_encoder"}
 _PRECISION_DEQUANT = ((F.INT8, F.FLOAT32, 32), (F.FLOAT8_E4M3FN, F.FLOAT32, 32))
@@ -106,8 +101,9 @@ def _available(device: hal.Device) -> hal.Device:
 
 
 def _place(model: onnx.ModelProto, device: hal.Device, **options: Any) -> hal.Executable:
-    """``model`` on ``device`` alone: strict (no fallback), unverified (the kit checks)."""
-    exe = hal.compile(model).to(device.id, strict=True, fallback=None, **_NO_VERIFY, **options)
+    """``model`` on ``device`` alone: strict (no fallback) and unverified: placement verification
+    would refuse a wrong device before the kit saw its answer, and the kit checks answers itself."""
+    exe = hal.compile(model).to(device.id, strict=True, fallback=None, verify=False, **options)
     ran_on = {p.device for p in exe.placement} | {exe.device.id}
     assert ran_on == {device.id}, f"asked for {device.id} with strict=True, placed on {sorted(ran_on)}"
     return exe
@@ -286,12 +282,12 @@ class TestErrors:
 
     def test_model_the_device_cannot_compile_is_refused(self, device: hal.Device) -> None:
         graph = helper.make_graph(
-            [helper.make_node("NoSuchOperator", ["x"], ["y"], domain=UNKNOWN_DOMAIN)],
+            [helper.make_node("NoSuchOperator", ["x"], ["y"], domain=probes.UNKNOWN_DOMAIN)],
             "unknown-op",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         )
-        opsets = [helper.make_opsetid("", device.capabilities.opsets.max), helper.make_opsetid(UNKNOWN_DOMAIN, 1)]
+        opsets = [helper.make_opsetid("", device.capabilities.opsets.max), helper.make_opsetid(probes.UNKNOWN_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets[:1]))
         with pytest.raises(HalError):
             _place(model, device)
@@ -492,7 +488,7 @@ def _normwise(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     """(max |got - want|, the tolerance for ``want``) in float64."""
     got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = float(np.max(np.abs(want64))) if want64.size else 0.0
-    return float(np.max(np.abs(got64 - want64))) if want64.size else 0.0, FLOAT32["atol"] + FLOAT32["rtol"] * scale
+    return float(np.max(np.abs(got64 - want64))) if want64.size else 0.0, FLOAT32.atol + FLOAT32.rtol * scale
 
 
 @functools.cache
@@ -541,7 +537,7 @@ class TestPrecision:
             if not error <= tolerance:
                 problems.append(
                     f"output {name!r} is {error:.3g} off (max |got - want|), beyond the float32 tolerance {tolerance:.3g} "
-                    f"({FLOAT32['atol']:g} + {FLOAT32['rtol']:g} x max|want|)"
+                    f"({FLOAT32.atol:g} + {FLOAT32.rtol:g} x max|want|)"
                 )
         assert not problems, f"{device.id} at the default precision vs {reference}: " + "; ".join(problems)
 
@@ -559,7 +555,7 @@ class TestOnnxNodeCases:
         every = request.config.getoption("hal_node_every")
         cases = _node_cases(every)
         with conformance.quiet_runtimes():
-            result = conformance.run(cases, [device.id], verify=False if _NO_VERIFY else None)
+            result = conformance.run(cases, [device.id], verify=False)
         summary = conformance.summarize(result, every=every)[0]
         record_node_cases(request.config, summary)
         request.node.user_properties.append(("onnx_node_cases", json.dumps(summary.to_dict())))

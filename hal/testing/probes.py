@@ -32,6 +32,7 @@ from hal.compiler.legalize import wide_format
 
 __all__ = [
     "FEED_KINDS",
+    "UNKNOWN_DOMAIN",
     "Probe",
     "block_dequantized_matmul",
     "compute_probes",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 F = NumberFormat
+
+#: An operator domain no device implements: a model using it must be refused with a HalError.
+UNKNOWN_DOMAIN = "org.onnx-hal.kit"
 
 #: Formats whose arithmetic MatMul's schema accepts (the core compute operator of most models).
 _MATMUL_FORMATS = frozenset({F.FLOAT16, F.FLOAT32, F.FLOAT64, F.BFLOAT16, F.INT32, F.INT64, F.UINT32, F.UINT64})
