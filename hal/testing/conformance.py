@@ -392,6 +392,9 @@ def run(
 #: What ``CaseResult.message`` says that differs from case to case (values, names, sizes), and the
 #: core's wording around a device's own refusal; dropped so that equal reasons count together.
 _STRICT_PREFIX = re.compile(r"^(\w+): \S+ cannot run the model(?: \(operators: [^)]*\))? and \S+ forbids moving it elsewhere: ")
+#: auto's refusal lists every device's reason; the first (the best-ranked device's) stands for it.
+_AUTO_PREFIX = re.compile(r"^(\w+): no device could compile '[^']*': (?:\S+: )?([^;]*).*$")
+_DEVICE_ID = re.compile(r"(?<![\w:/.-])[a-z][\w.-]*:[A-Za-z0-9][\w.-]*(?!\w)")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
 _REASON_LENGTH = 120
@@ -403,10 +406,8 @@ def reason(result: CaseResult) -> str:
     numbers and the device id replaced. Empty for a pass."""
     if result.outcome == "pass":
         return ""
-    text = _STRICT_PREFIX.sub(r"\1: ", result.message)
-    for device in {result.target, result.device} - {None, AUTO}:
-        text = text.replace(str(device), "<device>")
-    text = _NUMBER.sub("N", _QUOTED.sub("'…'", text))
+    text = _AUTO_PREFIX.sub(r"\1: \2", _STRICT_PREFIX.sub(r"\1: ", result.message))
+    text = _NUMBER.sub("N", _QUOTED.sub("'…'", _DEVICE_ID.sub("<device>", text)))
     if len(text) > _REASON_LENGTH:
         text = text[: _REASON_LENGTH - 1] + "…"
     return f"{'wrong' if result.outcome == 'fail' else 'error'}: {text}"
