@@ -348,6 +348,18 @@ class Memory:
     capacity_bytes: int | None = None
     bandwidth_gbps: float | None = None
 
+    @classmethod
+    def host(cls, bandwidth_gbps: float | None = None) -> Memory:
+        """This machine's physical memory, for a device that computes in host memory (a CPU);
+        capacity None where the system does not say."""
+        import os
+
+        try:
+            capacity: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            capacity = None
+        return cls(capacity_bytes=capacity or None, bandwidth_gbps=bandwidth_gbps)
+
 
 @frozen
 class OpsetRange:

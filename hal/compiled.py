@@ -41,7 +41,7 @@ from hal.errors import (
     VerificationError,
 )
 from hal.executable import Executable
-from hal.lowering import LoweringStep, Placement, StepKind
+from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
 from hal.model import Model, load
 from hal.ranking import Verdict, assess, rank
 from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds
@@ -318,11 +318,13 @@ class CompiledModel:
         options = CompileOptions(
             reduced_precision=options.reduced_precision,
             cache_dir=str(backend_cache_dir(backend.name)),
-            model_digest=digest,
             extra=options.extra,
         )
+        # Lowering converts opsets and legalizes inside the graph, never the declared inputs and
+        # outputs, so the model's own records describe the lowered proto too.
+        lowered = LoweredModel(proto, self.model.inputs, self.model.outputs, digest, steps)
         try:
-            runner = backend.prepare(proto, device, options)
+            runner = backend.prepare(lowered, device, options)
         except HalError:
             raise
         except Exception as exc:  # a plugin's bug must still reach the caller as a HalError

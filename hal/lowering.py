@@ -93,3 +93,13 @@ class LoweredModel:
     outputs: tuple[TensorInfo, ...] = field(converter=tuple)
     digest: str
     steps: tuple[LoweringStep, ...] = field(default=(), converter=tuple)
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, steps: tuple[LoweringStep, ...] = ()) -> LoweredModel:
+        """The record for ``proto`` as it is, its inputs, outputs and digest read from it: for a
+        backend's own tests, which call ``prepare`` without the core. (The core builds the record
+        from what it already knows.)"""
+        from hal.model import Model
+
+        model = Model(proto)
+        return cls(proto, model.inputs, model.outputs, model.digest, steps)

@@ -105,22 +105,25 @@ class TestRuntimeLimits:
 
 class TestOptimizedModelCache:
     def test_keyed_by_the_cores_digest_without_rehashing(self, tmp_path):
-        """With CompileOptions.model_digest set, the backend trusts it: a hit needs no
-        serialization or hashing of the model (the core's digest is the model's identity)."""
+        """The LoweredModel's digest is trusted: a hit needs no serialization or hashing of the
+        model (the core's digest is the model's identity)."""
+        from attrs import evolve
+
         from hal._plugins import registry
-        from hal.backend import CompileOptions
+        from hal.plugin import CompileOptions, LoweredModel
 
         backend, device = registry().backend("ort"), registry().device("ort:cpu")
-        model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, [2])])
-        options = CompileOptions(cache_dir=str(tmp_path), model_digest="ab" * 32)
+        proto = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, [2])])
+        model = evolve(LoweredModel.from_proto(proto), digest="ab" * 32)
+        options = CompileOptions(cache_dir=str(tmp_path))
         hits = backend.cache_hits
         backend.prepare(model, device, options)
         assert backend.cache_hits == hits and len(list(tmp_path.glob("*.ort.onnx"))) == 1
         runner = backend.prepare(model, device, options)
         assert backend.cache_hits == hits + 1
         np.testing.assert_array_equal(runner.run({"x": np.array([-1.0, 2.0], np.float32)}, ["y"])[0], [0.0, 2.0])
-        other = CompileOptions(cache_dir=str(tmp_path), model_digest="cd" * 32)
-        backend.prepare(model, device, other)  # another digest is another entry
+        other = evolve(model, digest="cd" * 32)
+        backend.prepare(other, device, options)  # another digest is another entry
         assert backend.cache_hits == hits + 1 and len(list(tmp_path.glob("*.ort.onnx"))) == 2
 
 

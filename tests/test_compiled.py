@@ -41,7 +41,7 @@ def int4_identity():
 
 
 def _spy_on_lowering(monkeypatch):
-    """Record each lower_for call and each (model, options) the ort backend is asked to prepare."""
+    """Record each lower_for call and each (proto, lowered model) the ort backend is asked to prepare."""
     import hal.compiler
     from hal._plugins import registry
 
@@ -50,7 +50,7 @@ def _spy_on_lowering(monkeypatch):
     monkeypatch.setattr(hal.compiler, "lower_for", lambda *a, **k: lowerings.append(1) or lower_for(*a, **k))
     backend = registry().backend("ort")
     prepare = backend.prepare
-    monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model, options)) or prepare(model, device, options))
+    monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append((model.proto, model)) or prepare(model, device, options))
     return lowerings, seen
 
 
@@ -75,7 +75,7 @@ class ReferenceBackend(hal.Backend):
             def _run(self, x):
                 return (x * 2,)
 
-        session = ReferenceEvaluator(model, new_ops=[Double])
+        session = ReferenceEvaluator(model.proto, new_ops=[Double])
 
         class Runner:
             def run(self, feeds, names):
@@ -276,8 +276,8 @@ class TestCompileCache:
         assert entry.stat().st_size < len(compiled.model.serialized)  # steps only, no copy of the model
         hal.compile(linear_model).to("ort:cpu")
         assert len(lowerings) == 1  # the warm to() took the lowering from the cache
-        for model, options in seen:
-            assert options.model_digest == compiled.digest
+        for model, lowered in seen:
+            assert lowered.digest == compiled.digest
             assert model.SerializeToString(deterministic=True) == compiled.model.serialized
 
     def test_one_lowering_per_device_shared_by_ranking_and_preparing(self, with_reference, linear_model, monkeypatch):
@@ -307,10 +307,10 @@ class TestCompileCache:
             exe = hal.compile(int4_identity()).to("ort:cpu", fallback=None)
             assert exe.lowering
         assert len(lowerings) == 1
-        (cold, _), (warm, options) = seen
+        (cold, _), (warm, lowered) = seen
         assert warm.SerializeToString(deterministic=True) == cold.SerializeToString(deterministic=True)
-        assert options.model_digest == hashlib.sha256(warm.SerializeToString(deterministic=True)).hexdigest()
-        assert options.model_digest != hal.compile(int4_identity()).digest
+        assert lowered.digest == hashlib.sha256(warm.SerializeToString(deterministic=True)).hexdigest()
+        assert lowered.digest != hal.compile(int4_identity()).digest
 
     def test_corrupt_entries_are_detected_and_rebuilt(self, fresh_registry, linear_model, caplog):
         from hal._paths import cache_root

@@ -58,7 +58,7 @@ class DriftBackend(hal.Backend):
 
         # onnxruntime's own session, not the HAL's ort:cpu, and not the ONNX reference evaluator
         # (which TestDisputes breaks on purpose).
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
         backend = self
 
         class Runner:

@@ -18,17 +18,10 @@ import platform
 
 from attrs import evolve
 
-from hal.backend import Device
-from hal.backends.onnxruntime import OrtBackend, fit_capabilities
-from hal.capabilities import (
-    Capabilities,
-    DeviceKind,
-    Memory,
-    OpsetRange,
-    ScaledFormat,
-    Support,
+from hal.plugin import (
+    Capabilities, Device, DeviceKind, Memory, OpsetRange, OrtBackend, ScaledFormat, Support,
+    fit_capabilities, hookimpl,
 )
-from hal.hookspecs import hookimpl
 
 CPU_CAPABILITIES = Capabilities.from_levels(
     native=[
@@ -71,21 +64,11 @@ CPU_CAPABILITIES = Capabilities.from_levels(
 )
 
 
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class CpuBackend(OrtBackend):
     name = "ort"
 
     def discover(self) -> list[Device]:
-        caps = CPU_CAPABILITIES
-        memory = _memory_bytes()
-        if memory:
-            caps = evolve(caps, memory=Memory(capacity_bytes=memory))
+        caps = evolve(CPU_CAPABILITIES, memory=Memory.host())
         try:
             import onnxruntime as ort
         except ImportError as exc:

@@ -3,38 +3,45 @@
 Subclasses say which execution providers to ask for; this module creates the session, refuses a
 session that silently landed on another provider, and moves ml_dtypes tensors (bfloat16, FP8,
 int4, ...) in and out by their raw bits, which onnxruntime's Python API does not accept directly.
+
+onnxruntime-gpu and onnxruntime-cann list their execution providers whether or not CUDA or the
+CANN toolkit is installed, and when creating the provider fails they fall back to the CPU. A
+subclass that names its providers' libraries (:attr:`OrtBackend.provider_libraries`) and turns
+:attr:`OrtBackend.cpu_fallback` off gets the guard: :meth:`OrtBackend.runtime_problem` says at
+discovery why a device cannot run (the loader's own message), sessions forbid CPU placement, and a
+failed prepare names the library that did not load.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
+import importlib.util
 import json
 import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 from attrs import evolve
 
-from hal.backend import Backend, CompileOptions, Device
 from hal._paths import cache_root, cache_skipped
+from hal.backend import Backend, CompileOptions, Device
 from hal.cache import Artifact, atomic_write, cache_key
 from hal.capabilities import (
     Capabilities,
     FormatTable,
     NumberFormat,
-    OpsetRange,
     Support,
 )
-from hal.errors import CompileError
+from hal.errors import CompileError, UnavailableDeviceError
 from hal.tensors import bits_view, from_bits, pack
 
 if TYPE_CHECKING:
-    import onnx
+    from hal.lowering import LoweredModel
 
 __all__ = ["OrtBackend", "OrtRunner", "RuntimeLimits", "fit_capabilities", "probe_runtime_limits", "runtime_limits"]
 
@@ -75,33 +82,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _io_formats(model: onnx.ModelProto) -> tuple[dict[str, NumberFormat], dict[str, NumberFormat]]:
-    initializers = {t.name for t in model.graph.initializer}
-    ins = {
-        v.name: NumberFormat.from_onnx(v.type.tensor_type.elem_type)
-        for v in model.graph.input
-        if v.name not in initializers and v.type.HasField("tensor_type")
-    }
-    outs = {
-        v.name: NumberFormat.from_onnx(v.type.tensor_type.elem_type)
-        for v in model.graph.output
-        if v.type.HasField("tensor_type")
-    }
-    return ins, outs
-
-
 class OrtRunner:
     """Runs one onnxruntime session. Plain numpy feeds take the direct path; ml_dtypes feeds and
     outputs go through OrtValues holding their raw bits."""
 
-    def __init__(self, session: Any, model: onnx.ModelProto) -> None:
+    def __init__(self, session: Any, model: LoweredModel) -> None:
         import onnxruntime as ort
 
         self.session = session
         self._ort = ort
-        ins, outs = _io_formats(model)
-        self._raw_in = {name: fmt for name, fmt in ins.items() if fmt in RAW_BIT_FORMATS}
-        self._raw_out = {name: fmt for name, fmt in outs.items() if fmt in RAW_BIT_FORMATS}
+        self._raw_in = {i.name: i.format for i in model.inputs if i.format in RAW_BIT_FORMATS}
+        self._raw_out = {o.name: o.format for o in model.outputs if o.format in RAW_BIT_FORMATS}
         self._run_options = ort.RunOptions()
         # The binding's own run skips InferenceSession.run's Python-side checks, which the core
         # has already made; about 4 us of the 9 us a one-Add model costs per call here.
@@ -268,12 +259,25 @@ def fit_capabilities(caps: Capabilities, *, cpu_kernels: bool = True) -> Capabil
 
 class OrtBackend(Backend):
     """Base for onnxruntime-based backends. Subclasses implement :meth:`discover` and
-    :meth:`providers`; :meth:`prepare` is shared."""
+    :meth:`providers`; :meth:`prepare` is shared.
+
+    A backend for an accelerator sets :attr:`provider_libraries`, :attr:`install_advice` and
+    ``cpu_fallback = False``, and calls :meth:`runtime_problem` in its :meth:`discover`: then a
+    device is available only where its provider really loads, and no session of it ever runs a
+    node on the CPU."""
 
     #: Name of the onnxruntime distribution this backend needs, for error messages.
     distribution = "onnxruntime"
     #: Sessions created from a cached optimized model, in this process (tests read it).
     cache_hits = 0
+    #: Execution provider -> its library in onnxruntime's ``capi`` folder, loaded with ctypes to
+    #: learn why the provider cannot be created (onnxruntime itself only logs it).
+    provider_libraries: ClassVar[Mapping[str, str]] = {}
+    #: What to do when a provider library does not load (appended to the loader's message).
+    install_advice = ""
+    #: False: sessions set ``session.disable_cpu_ep_fallback`` (and :meth:`providers` must not
+    #: name CPUExecutionProvider), so no node is placed on the CPU behind the caller's back.
+    cpu_fallback = True
 
     @property
     def version(self) -> str:
@@ -299,6 +303,36 @@ class OrtBackend(Backend):
             ), version
         return None, version
 
+    def library_problem(self, provider: str) -> str | None:
+        """Why ``provider``'s library (:attr:`provider_libraries`) cannot load here, with the
+        loader's message (``libcublasLt.so.13: cannot open shared object file``); None when it
+        loads, when onnxruntime is not installed, or for a provider without a listed library."""
+        library = self.provider_libraries.get(provider)
+        spec = importlib.util.find_spec("onnxruntime")
+        if library is None or spec is None or spec.origin is None:
+            return None
+        path = os.path.join(os.path.dirname(spec.origin), "capi", library)
+        if not os.path.exists(path):
+            return (
+                f"{provider} needs {library}, which this onnxruntime does not ship; "
+                f"uninstall onnxruntime and install {self.distribution}"
+            )
+        try:
+            ctypes.CDLL(path)
+        except OSError as exc:
+            return f"{provider} cannot load: {exc}"
+        return None
+
+    def runtime_problem(self, provider: str, install: str | None = None) -> tuple[str | None, str]:
+        """Why this machine cannot run ``provider`` (None if it can) and onnxruntime's version
+        ("" when it does not import): :meth:`provider_problem`, then :meth:`library_problem`
+        followed by :attr:`install_advice`. What :meth:`discover` puts in a device's ``reason``."""
+        problem, version = self.provider_problem(provider, install)
+        if problem is None:
+            missing = self.library_problem(provider)
+            problem = f"{missing}; {self.install_advice}" if missing else None
+        return problem, version
+
     def providers(self, device: Device, options: CompileOptions) -> list[tuple[str, dict[str, Any]]]:
         """Execution providers, most preferred first, with their options."""
         return [("CPUExecutionProvider", {})]
@@ -310,6 +344,8 @@ class OrtBackend(Backend):
         # onnxruntime prints its warnings and errors to stderr in colour (a failed run logs the
         # error it also raises); the HAL raises and logs its own, so its sessions keep quiet.
         so.log_severity_level = 4
+        if not self.cpu_fallback:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         if not options.reduced_precision:
             # onnxruntime fuses DequantizeLinear(int4/int8 weights) + MatMul into MatMulNBits and,
             # by default (accuracy level 4), quantizes the activations to int8 on the fly: 0.6% off
@@ -322,10 +358,29 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(threads)
         return so
 
-    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OrtRunner:
+    def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> OrtRunner:
+        if not device.available:
+            msg = f"device {device.id} is unavailable: {device.reason}"
+            raise UnavailableDeviceError(msg)
+        providers = self.providers(device, options)  # a device this backend cannot address fails here
+        try:
+            return self._prepare(model, device, options, providers)
+        except CompileError as exc:
+            # onnxruntime's own message ("nodes assigned to the default CPU EP ...") hides the
+            # cause, which it only logs: name the library the provider could not load.
+            causes = [p for p in dict.fromkeys(self.library_problem(name) for name, _ in providers) if p]
+            if not causes:
+                raise
+            msg = f"{exc}; {'; '.join(causes)}; {self.install_advice}"
+            enriched = CompileError(msg)
+            enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
+            raise enriched from exc
+
+    def _prepare(
+        self, model: LoweredModel, device: Device, options: CompileOptions, providers: list[tuple[str, dict[str, Any]]]
+    ) -> OrtRunner:
         import onnxruntime as ort
 
-        providers = self.providers(device, options)
         wanted = providers[0][0]
         if wanted not in ort.get_available_providers():
             msg = (
@@ -333,17 +388,11 @@ class OrtBackend(Backend):
                 f"install {self.distribution} for device {device.id}"
             )
             raise CompileError(msg)
-        # The core passes the model's digest, so a cache hit neither serializes nor hashes it.
-        data = None
-        digest = options.model_digest
-        if digest is None:
-            data = model.SerializeToString()
-            digest = hashlib.sha256(data).hexdigest()
-        artifact = self._cache_artifact(digest, model, device, options, providers)
+        # The core's digest names the cache entry, so a hit neither serializes nor hashes the model.
+        artifact = self._cache_artifact(model, device, options, providers)
         session = self._cached_session(artifact, device, options, providers)
         if session is None:
-            data = data if data is not None else model.SerializeToString()
-            session = self._new_session(data, artifact, device, options, providers)
+            session = self._new_session(model.proto.SerializeToString(), artifact, device, options, providers)
         used = session.get_providers()
         if not used or used[0] != wanted:
             msg = (
@@ -361,14 +410,14 @@ class OrtBackend(Backend):
         )
 
     def _cache_artifact(
-        self, digest: str, model: onnx.ModelProto, device: Device, options: CompileOptions, providers: list[Any]
+        self, model: LoweredModel, device: Device, options: CompileOptions, providers: list[Any]
     ) -> Artifact | None:
         """onnxruntime's optimized model of this compile, ``<cache_dir>/<key>.ort.onnx``, checked
         on read against its record (see :class:`hal.cache.Artifact`); None when not cached."""
-        if not options.cache_dir or options.extra.get("session_config") or model.ByteSize() > 2**30:
+        if not options.cache_dir or options.extra.get("session_config") or model.proto.ByteSize() > 2**30:
             return None  # custom session configs may change what gets optimized: do not share
         key = cache_key(
-            model=digest, device=device.id, providers=providers,
+            model=model.digest, device=device.id, providers=providers,
             onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
             reduced_precision=options.reduced_precision,  # the optimized model bakes precision in
         )

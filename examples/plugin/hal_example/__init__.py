@@ -1,7 +1,8 @@
 """A minimal onnx-hal plugin: one device, ``example:reference``, that runs models on ONNX's
 pure-Python reference evaluator. Slow, exact, and short enough to read in one sitting.
 
-The whole contract is one hook, ``hal_register_backends``, and one class with two methods.
+The whole contract is one hook, ``hal_register_backends``, and one class with two methods. A
+plugin imports ``hal`` and the SDK module ``hal.plugin``, nothing else from onnx-hal.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
-import hal
+from hal.plugin import (
+    Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, LoweredModel, OpsetRange,
+    hookimpl,
+)
 
 
 class ReferenceRunner:
@@ -32,7 +36,7 @@ class ReferenceRunner:
         return [np.array(value, copy=True) for value in self._session.run(list(output_names), feeds)]
 
 
-class ReferenceBackend(hal.Backend):
+class ReferenceBackend(Backend):
     name = "example"  # device ids start with "example:"
 
     @property
@@ -41,31 +45,33 @@ class ReferenceBackend(hal.Backend):
 
         return onnx.__version__
 
-    def discover(self) -> list[hal.Device]:
-        capabilities = hal.Capabilities.from_levels(
+    def discover(self) -> list[Device]:
+        capabilities = Capabilities.from_levels(
             native=["float32", "float64", "int32", "int64", "bool"],
             emulated=["float16"],
-            opsets=hal.OpsetRange(7, 25),
+            opsets=OpsetRange(7, 25),
         )
         return [
-            hal.Device(
+            Device(
                 id="example:reference",
                 backend=self.name,
                 vendor="ONNX",
                 name="reference evaluator",
-                kind="cpu",
+                kind=DeviceKind.CPU,
                 capabilities=capabilities,
             )
         ]
 
-    def prepare(self, model: Any, device: hal.Device, options: hal.CompileOptions) -> ReferenceRunner:
+    def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> ReferenceRunner:
+        # The core has already converted model.proto into opsets 7-25 and refused formats the
+        # capabilities above do not declare; it verifies this device's answers after prepare.
         try:
-            return ReferenceRunner(model)
+            return ReferenceRunner(model.proto)
         except Exception as exc:
             msg = f"the reference evaluator cannot load the model for {device.id}: {exc}"
-            raise hal.errors.CompileError(msg) from exc
+            raise CompileError(msg) from exc
 
 
-@hal.hookimpl
+@hookimpl
 def hal_register_backends(register):  # type: ignore[no-untyped-def]
     register(ReferenceBackend())

@@ -10,46 +10,47 @@ or not the CANN toolkit is installed; without it, creating the provider fails
 (``libascendcl.so: cannot open shared object file``), onnxruntime prints "Falling back to
 ['CPUExecutionProvider'] and retrying" and the model runs on the CPU. Here a device is available
 only when onnxruntime-cann's provider library really loads; otherwise it is listed unavailable
-with the loader's message, and preparing a model for it raises a :class:`~hal.errors.HalError`.
+with the loader's message, and preparing a model for it raises a :class:`~hal.plugin.HalError`.
 Sessions are created without the CPU provider, with ``session.disable_cpu_ep_fallback = 1``, and
-their providers are checked.
+their providers are checked (the guard is :class:`hal.plugin.OrtBackend`'s).
 
-Without any NPU, driver or toolkit no device is invented: one placeholder, ``ascend:none``, is
-listed unavailable with the reason.
+Without any NPU, driver or toolkit, as every backend does when it can see nothing, it lists the
+device a user would name, ``ascend:0``, unavailable, declaring nothing, with the reason; no
+further NPU is invented.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from attrs import evolve, frozen
 
-from hal.backend import CompileOptions, Device
-from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
-from hal.capabilities import DeviceKind, Memory
-from hal.errors import CompileError, UnavailableDeviceError
+from hal.plugin import CompileOptions, Device, DeviceKind, Memory, OrtBackend, fit_capabilities
 from hal_ascend import chips
 
-if TYPE_CHECKING:
-    import onnx
+__all__ = [
+    "NO_NPU_ID",
+    "AclError",
+    "AscendBackend",
+    "NpuInfo",
+    "parse_npu_smi",
+    "provider_library_problem",
+    "read_acl",
+]
 
-__all__ = ["NO_NPU_ID", "AclError", "AscendBackend", "NpuInfo", "parse_npu_smi", "read_acl"]
-
-#: Id of the placeholder listed when no NPU can be seen at all.
-NO_NPU_ID = "ascend:none"
+#: Id of the one device listed, unavailable, when no NPU can be seen at all.
+NO_NPU_ID = "ascend:0"
 
 _ACL_SUCCESS = 0
 _ACL_ERROR_REPEAT_INITIALIZE = 100002
 
 _PROVIDER = "CANNExecutionProvider"
-_PROVIDER_LIBRARY = "libonnxruntime_providers_cann.so"
 
 _INSTALL_ADVICE = (
     "install the CANN toolkit (and the Ascend driver) and `source /usr/local/Ascend/ascend-toolkit/set_env.sh` "
@@ -167,17 +168,7 @@ def provider_library_problem() -> str | None:
     This is the check onnxruntime skips before falling back to the CPU: loading the library gives
     the loader's message, ``libascendcl.so: cannot open shared object file``.
     """
-    spec = importlib.util.find_spec("onnxruntime")
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "capi", _PROVIDER_LIBRARY)
-    if not os.path.exists(path):
-        return f"this onnxruntime has no {_PROVIDER_LIBRARY}; uninstall onnxruntime and install onnxruntime-cann"
-    try:
-        ctypes.CDLL(path)
-    except OSError as exc:
-        return f"{_PROVIDER} cannot load: {exc}"
-    return None
+    return AscendBackend().library_problem(_PROVIDER)
 
 
 class AscendBackend(OrtBackend):
@@ -189,6 +180,9 @@ class AscendBackend(OrtBackend):
 
     name = "ascend"
     distribution = "onnxruntime-cann"
+    provider_libraries = {_PROVIDER: "libonnxruntime_providers_cann.so"}
+    install_advice = _INSTALL_ADVICE
+    cpu_fallback = False
 
     def __init__(
         self,
@@ -200,15 +194,7 @@ class AscendBackend(OrtBackend):
         self._npu_smi = npu_smi or _run_npu_smi
 
     def _placeholder(self, reason: str) -> Device:
-        return Device(
-            id=NO_NPU_ID,
-            backend=self.name,
-            vendor="Huawei",
-            name="no Ascend NPU found",
-            kind=DeviceKind.NPU,
-            available=False,
-            reason=reason,
-        )
+        return self.unavailable(reason, vendor="Huawei", kind=DeviceKind.NPU, name="no Ascend NPU found")
 
     def discover(self) -> list[Device]:
         acl, acl_error = self._acl_loader()
@@ -265,6 +251,7 @@ class AscendBackend(OrtBackend):
                     available=problem is None,
                     reason=problem,
                     details=details,
+                    handle=npu.index,  # the device_id CANNExecutionProvider takes
                 )
             )
         return devices
@@ -272,42 +259,12 @@ class AscendBackend(OrtBackend):
     def _runtime_problem(self) -> tuple[str | None, str]:
         """Why onnxruntime-cann cannot run CANNExecutionProvider here (None if it can)."""
         # onnxruntime-cann fails to import under numpy 2 ("import numpy failed").
-        problem, version = self.provider_problem(_PROVIDER, install="onnxruntime-cann 'numpy<2'")
-        if problem is None:
-            missing = provider_library_problem()
-            problem = f"{missing}; {_INSTALL_ADVICE}" if missing else None
-        return problem, version
+        return self.runtime_problem(_PROVIDER, install="onnxruntime-cann 'numpy<2'")
 
     # -- compiling -------------------------------------------------------------------------------
 
     def providers(self, device: Device, options: CompileOptions) -> list[tuple[str, dict[str, Any]]]:
-        index = device.id.split(":", 1)[1]
-        if not index.isdigit():
-            msg = f"device {device.id} is not an NPU index; pick one of the ascend:N devices `hal devices` lists"
-            raise CompileError(msg)
         # No CPUExecutionProvider: with session.disable_cpu_ep_fallback onnxruntime rejects a list
         # naming it, and without it no node may land on the CPU.
-        return [(_PROVIDER, {"device_id": int(index), **dict(options.extra.get("cann_options", {}))})]
-
-    def session_options(self, device: Device, options: CompileOptions) -> Any:
-        so = super().session_options(device, options)
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        return so
-
-    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OrtRunner:
-        if not device.available:
-            msg = f"device {device.id} is unavailable: {device.reason}"
-            raise UnavailableDeviceError(msg)
-        self.providers(device, options)  # a bad device id fails here, before onnxruntime
-        try:
-            return super().prepare(model, device, options)
-        except CompileError as exc:
-            # onnxruntime's message ("Conflicting session configuration ...") hides the cause,
-            # which it only prints: name the library that did not load.
-            problem = provider_library_problem()
-            if problem is None:
-                raise
-            msg = f"{exc}; {problem}; {_INSTALL_ADVICE}"
-            enriched = CompileError(msg)
-            enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
-            raise enriched from exc
+        index = self.handle_of(device, int)
+        return [(_PROVIDER, {"device_id": index, **dict(options.extra.get("cann_options", {}))})]

@@ -16,17 +16,9 @@ import re
 
 from attrs import frozen
 
-from hal.capabilities import (
-    Capabilities,
-    E8M0Encoding,
-    Interconnect,
-    InterconnectKind,
-    Maturity,
-    Memory,
-    OpsetRange,
-    ScaledFormat,
-    Stability,
-    Support,
+from hal.plugin import (
+    Capabilities, E8M0Encoding, Interconnect, InterconnectKind, Maturity, Memory, OpsetRange, ScaledFormat,
+    Stability, Support,
 )
 
 __all__ = ["PROFILES", "UNKNOWN", "Profile", "profile_for"]

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 import hal
 from hal._plugins import reset_registry
-from hal.backend import CompileOptions, Device
+from hal.plugin import CompileOptions, Device, LoweredModel
 from hal.backends.onnxruntime import runtime_limits
 from hal.capabilities import E8M0Encoding, InterconnectKind, Maturity, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
@@ -123,7 +123,7 @@ def test_prepare_raises_instead_of_running_on_cpu() -> None:
     (dev,) = _with_acl(FakeAcl(1, "Ascend910B3")).discover()
     dev = evolve(dev, available=True, reason=None)
     with pytest.raises(CompileError) as info:
-        AscendBackend().prepare(_add_model(), dev, CompileOptions())
+        AscendBackend().prepare(LoweredModel.from_proto(_add_model()), dev, CompileOptions())
     assert "libascendcl.so: cannot open shared object file" in str(info.value)
     assert provider_library_problem() is not None
 
@@ -131,7 +131,7 @@ def test_prepare_raises_instead_of_running_on_cpu() -> None:
 def test_prepare_refuses_an_unavailable_device() -> None:
     dev = AscendBackend(acl_loader=lambda: (None, "no acl"), npu_smi=lambda: (None, "no npu-smi")).discover()[0]
     with pytest.raises(UnavailableDeviceError) as info:
-        AscendBackend().prepare(_add_model(), dev, CompileOptions())
+        AscendBackend().prepare(LoweredModel.from_proto(_add_model()), dev, CompileOptions())
     assert isinstance(info.value, HalError)
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hal.hookspecs import hookimpl
-
+from hal.plugin import hookimpl
 from hal_iree.backend import IREE_CPU_CAPABILITIES, IreeBackend
 
 __version__ = "0.1.0"

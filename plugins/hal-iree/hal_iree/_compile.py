@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import logging
 import os
 import platform
 import re
@@ -34,15 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hal.cache import Artifact
-from hal.errors import CompileError
+from hal.plugin import Artifact, CompileError
 
 if TYPE_CHECKING:
     import onnx
 
-log = logging.getLogger("hal_iree")
-
-#: IREE's ONNX importer only covers operators at opset 17 and later.
+#: IREE's ONNX importer only covers operators at opset 17 and later (the backend's declared minimum).
 MIN_IMPORT_OPSET = 17
 #: The name the model's main graph is imported under, so the runner can find it.
 ENTRY = "main"
@@ -98,26 +94,23 @@ def host_cpu_fingerprint() -> str:
 
 
 def prepare_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` IREE's importer accepts: default opset >= 17, shapes inferred,
-    main graph named :data:`ENTRY`.
+    """A copy of ``model`` for IREE's importer: shapes inferred, main graph named :data:`ENTRY`.
 
-    Raises :class:`ValueError` (with onnx's reason) when the opset conversion fails.
+    The importer rejects operators older than opset 17 (e.g. BatchNormalization-9); the backend
+    declares ``OpsetRange(17, ...)`` so the core converts such models before ``prepare`` (shown
+    by ``hal explain``). Raises :class:`ValueError` for a model below it all the same.
     """
     import onnx
-    from onnx import version_converter
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < MIN_IMPORT_OPSET:
+        msg = (
+            f"the model's opset {opset} is below {MIN_IMPORT_OPSET}, the oldest IREE's ONNX importer "
+            "reads (compile it through hal, which converts it)"
+        )
+        raise ValueError(msg)
     prepared = onnx.ModelProto()
     prepared.CopyFrom(model)
-    opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < MIN_IMPORT_OPSET:
-        # IREE's importer rejects operators older than opset 17 (e.g. BatchNormalization-9).
-        log.info("converting model %r from opset %d to %d for IREE's ONNX importer",
-                 model.graph.name, opset, MIN_IMPORT_OPSET)
-        try:
-            prepared = version_converter.convert_version(prepared, MIN_IMPORT_OPSET)
-        except Exception as exc:  # onnx raises bare RuntimeError/ValueError from C++
-            msg = f"converting from opset {opset} to {MIN_IMPORT_OPSET} failed: {_first_line(str(exc))}"
-            raise ValueError(msg) from None
     prepared.graph.name = ENTRY
     return onnx.shape_inference.infer_shapes(prepared, data_prop=True)
 

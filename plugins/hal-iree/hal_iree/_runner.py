@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hal.capabilities import NumberFormat
+from hal.plugin import NumberFormat
 
 __all__ = ["IreeRunner", "hal_element_type", "numpy_dtype"]
 

@@ -23,22 +23,20 @@ types it declares.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hal.backend import Backend, CompileOptions, Device
-from hal.capabilities import Capabilities, DeviceKind, Maturity, Memory, NumberFormat, OpsetRange, Stability
-from hal.errors import CompileError, UnavailableDeviceError
+from hal.plugin import (
+    Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, LoweredModel, Maturity,
+    Memory, OpsetRange, Stability, UnavailableDeviceError,
+)
+from hal_iree._compile import MIN_IMPORT_OPSET
 
 if TYPE_CHECKING:
-    import onnx
-
     from hal_iree._runner import IreeRunner
 
 __all__ = ["IREE_CPU_CAPABILITIES", "IREE_GPU_CAPABILITIES", "IreeBackend", "cpu_capabilities", "host_cpu_flags"]
@@ -71,8 +69,8 @@ def cpu_capabilities(cpu_flags: frozenset[str] | set[str] = frozenset()) -> Capa
     return Capabilities.from_levels(
         native=native,
         emulated=emulated,
-        # Models below opset 17 are converted to 17 before import (onnx.version_converter).
-        opsets=OpsetRange(7, 25),
+        # IREE's importer covers operators from opset 17 on: the core converts older models.
+        opsets=OpsetRange(MIN_IMPORT_OPSET, 25),
         stability=Stability(maturity=Maturity.BETA, incompatibilities=_CPU_NOTES),
     )
 
@@ -95,7 +93,7 @@ IREE_CPU_CAPABILITIES = cpu_capabilities()
 #: GPU targets are not exercised by this plugin's tests (no GPU in CI): declared conservatively.
 IREE_GPU_CAPABILITIES = Capabilities.from_levels(
     native=["float32", "float16", "int8", "int32", "int64", "bool"],
-    opsets=OpsetRange(7, 25),
+    opsets=OpsetRange(MIN_IMPORT_OPSET, 25),
     stability=Stability(
         maturity=Maturity.EXPERIMENTAL,
         incompatibilities=("not covered by hal-iree's test suite; pass iree_gpu_target for your GPU",),
@@ -163,7 +161,9 @@ class IreeBackend(Backend):
             import iree.runtime as rt
         except ImportError as exc:
             reason = f"iree.runtime does not import ({exc}); pip install iree-base-runtime"
-            return [self._device(name, kind, vendor, False, reason, {}) for name, _, kind, vendor in _DRIVERS]
+            return [
+                self._device(name, driver, kind, vendor, False, reason, {}) for name, driver, kind, vendor in _DRIVERS
+            ]
         devices = []
         for name, driver, kind, vendor in _DRIVERS:
             details: dict[str, Any] = {"driver": driver}
@@ -173,30 +173,36 @@ class IreeBackend(Backend):
                     raise RuntimeError(f"the {driver} driver found no devices")
                 rt.get_device(driver)  # cached by the runtime; proves a device can be created
             except Exception as exc:  # the runtime raises RuntimeError or ValueError per driver
-                devices.append(self._device(name, kind, vendor, False, short_reason(exc, driver), details))
+                devices.append(self._device(name, driver, kind, vendor, False, short_reason(exc, driver), details))
                 continue
             first = available_devices[0]
             details["device_name"] = first.get("name", "")
             details["devices"] = len(available_devices)
             if driver == "local-task":
                 details["target"] = "llvm-cpu (host CPU features)"
-            devices.append(self._device(name, kind, vendor, True, None, details))
+            devices.append(self._device(name, driver, kind, vendor, True, None, details))
         return devices
 
     def _device(
-        self, name: str, kind: DeviceKind, vendor: str, available: bool, reason: str | None, details: Mapping[str, Any]
+        self,
+        name: str,
+        driver: str,
+        kind: DeviceKind,
+        vendor: str,
+        available: bool,
+        reason: str | None,
+        details: Mapping[str, Any],
     ) -> Device:
-        caps = cpu_capabilities(host_cpu_flags()) if kind is DeviceKind.CPU else IREE_GPU_CAPABILITIES
+        caps = IREE_GPU_CAPABILITIES
         if kind is DeviceKind.CPU:
-            memory = _memory_bytes()
-            if memory:
-                from attrs import evolve
+            from attrs import evolve
 
-                caps = evolve(caps, memory=Memory(capacity_bytes=memory))
+            caps = evolve(cpu_capabilities(host_cpu_flags()), memory=Memory.host())
         label = {"local-task": "llvm-cpu"}.get(name, name)
         return Device(
             id=f"iree:{name}", backend=self.name, vendor=vendor, name=label, kind=kind,
             capabilities=caps, available=available, reason=reason, details=details,
+            handle=driver,  # the IREE HAL driver prepare compiles for and loads on
         )
 
     # -- preparing a model -----------------------------------------------------------------
@@ -211,7 +217,7 @@ class IreeBackend(Backend):
         if unknown:
             msg = f"unknown option(s) {unknown} for {device.id}; hal-iree accepts {list(_OPTIONS)}"
             raise CompileError(msg)
-        driver = device.id.split(":", 1)[1]
+        driver = self.handle_of(device, str)
         gpu_target = extra.get("iree_gpu_target")
         if gpu_target is not None and not isinstance(gpu_target, str):
             msg = f"iree_gpu_target must be a string such as 'sm_90' or 'gfx942', got {gpu_target!r}"
@@ -253,7 +259,7 @@ class IreeBackend(Backend):
         flags.extend(user)
         return flags
 
-    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> IreeRunner:
+    def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> IreeRunner:
         """Compile (or fetch from the cache) and load ``model`` for ``device``.
 
         Raises :class:`CompileError` naming the device and the importer's or compiler's reason,
@@ -268,8 +274,7 @@ class IreeBackend(Backend):
         compiler = _compile.compiler_version()
         host = _compile.host_cpu_fingerprint() if device.kind is DeviceKind.CPU else ""
         # The core's digest spares serializing and hashing the model again on every prepare.
-        model_sha256 = options.model_digest or hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
-        key = _compile.cache_key(model_sha256, device.id, flags, compiler, host)
+        key = _compile.cache_key(model.digest, device.id, flags, compiler, host)
         cache_dir = Path(options.cache_dir) if options.cache_dir else None
 
         data = _compile.read_cached(cache_dir, key) if cache_dir else None
@@ -282,12 +287,12 @@ class IreeBackend(Backend):
                 with self._lock:
                     self.cache_hits += 1
                 return runner
-        data = _compile.build_vmfb(model, flags, device.id, workdir=None)
+        data = _compile.build_vmfb(model.proto, flags, device.id, workdir=None)
         with self._lock:
             self.compile_count += 1
         if cache_dir:
             info = {"device": device.id, "flags": flags, "compiler": compiler,
-                    "model_sha256": model_sha256}
+                    "model_sha256": model.digest}
             _compile.write_cached(cache_dir, key, data, info)
         return self._load(data, model, device)
 
@@ -304,14 +309,13 @@ class IreeBackend(Backend):
             device, hal_module = self._hal_modules[driver]
             return self._instance, device, hal_module
 
-    def _load(self, data: bytes, model: onnx.ModelProto, device: Device) -> IreeRunner:
+    def _load(self, data: bytes, model: LoweredModel, device: Device) -> IreeRunner:
         import iree.runtime as rt
 
         from hal_iree._compile import ENTRY
         from hal_iree._runner import IreeRunner
 
-        driver = device.id.split(":", 1)[1]
-        instance, hal_device, hal_module = self._runtime(driver)
+        instance, hal_device, hal_module = self._runtime(self.handle_of(device, str))
         try:
             vm_module = rt.VmModule.copy_buffer(instance, data)
         except Exception as exc:
@@ -321,7 +325,10 @@ class IreeBackend(Backend):
         if function is None:
             msg = f"the compiled module for {device.id} has no function {ENTRY!r} ({vm_module.function_names})"
             raise CompileError(msg)
-        inputs, outputs = _signature(model)
+        # The entry function's arguments and results: the graph's inputs (initializers
+        # excluded) and outputs, in order.
+        inputs = [(i.name, i.format) for i in model.inputs]
+        outputs = [(o.name, o.format) for o in model.outputs]
         try:
             return IreeRunner(vm_module, hal_module, hal_device, instance, function, inputs, outputs)
         except KeyError as exc:
@@ -330,24 +337,3 @@ class IreeBackend(Backend):
         except Exception as exc:
             msg = f"IREE cannot load the compiled module for {device.id}: {str(exc).strip().splitlines()[0]}"
             raise CompileError(msg) from None
-
-
-def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, NumberFormat]], list[tuple[str, NumberFormat]]]:
-    """The entry function's arguments and results: graph inputs that are not initializers, and
-    graph outputs, with their element types."""
-    graph = model.graph
-    initializers = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-
-    def fmt(value: Any) -> NumberFormat:
-        return NumberFormat.from_onnx(value.type.tensor_type.elem_type)
-
-    inputs = [(v.name, fmt(v)) for v in graph.input if v.name not in initializers]
-    outputs = [(v.name, fmt(v)) for v in graph.output]
-    return inputs, outputs
-
-
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

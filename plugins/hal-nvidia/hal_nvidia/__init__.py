@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import hal
 
 if TYPE_CHECKING:
-    from hal.backend import Backend
+    from hal.plugin import Backend
 
 __version__ = "0.1.0"
 

@@ -6,56 +6,36 @@ compute capability, NVLink links. The compute capability decides the number form
 :mod:`hal_nvidia.chips`. Device ids are CUDA ordinals (``cuda:0``, ``cuda:1``, ...), the same
 numbers onnxruntime's ``device_id`` takes, honouring ``CUDA_VISIBLE_DEVICES``.
 
-Without a driver there is no GPU to list, and none is invented: the backend reports one
-placeholder, ``cuda:none``, unavailable, whose reason says what is missing and what to do.
+Without a driver there is no GPU to list: as every backend does when it can see nothing, it lists
+the device a user would name, ``cuda:0``, unavailable, declaring nothing, whose reason says what
+is missing and what to do. No further GPU is invented.
 
-Preparing a model never lands on the CPU behind the caller's back: the session asks for
-``CUDAExecutionProvider`` (or ``TensorrtExecutionProvider`` first, with
-``extra={"provider": "tensorrt"}``) without the CPU provider, with
-``session.disable_cpu_ep_fallback = 1`` so no node may be placed on the CPU, and the providers the
-session really got are checked. onnxruntime-gpu without the CUDA libraries lists
-``CUDAExecutionProvider`` but cannot create it; that ends in a :class:`~hal.errors.CompileError`
-naming the missing library.
+Preparing a model never lands on the CPU behind the caller's back (the guard is
+:class:`hal.plugin.OrtBackend`'s): the session asks for ``CUDAExecutionProvider`` (or
+``TensorrtExecutionProvider`` first, with ``extra={"provider": "tensorrt"}``) without the CPU
+provider, with ``session.disable_cpu_ep_fallback = 1`` so no node may be placed on the CPU, and the
+providers the session really got are checked. onnxruntime-gpu without the CUDA libraries lists
+``CUDAExecutionProvider`` but cannot create it; discovery lists such GPUs unavailable with the
+loader's message, and preparing ends in a :class:`~hal.plugin.CompileError` naming the library.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
 from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hal.backend import CompileOptions, Device
-from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
-from hal.capabilities import (
-    Capabilities,
-    DeviceKind,
-    E8M0Encoding,
-    Interconnect,
-    InterconnectKind,
-    Maturity,
-    Memory,
-    OpsetRange,
-    Stability,
+from hal.plugin import (
+    Capabilities, CompileError, CompileOptions, Device, DeviceKind, E8M0Encoding, Interconnect,
+    InterconnectKind, Maturity, Memory, OpsetRange, OrtBackend, Stability, fit_capabilities,
 )
-from hal.errors import CompileError, UnavailableDeviceError
 from hal_nvidia import chips
 
-if TYPE_CHECKING:
-    import onnx
+__all__ = ["NO_GPU_ID", "CudaBackend", "GpuInfo", "capabilities_for", "provider_library_problem"]
 
-__all__ = ["NO_GPU_ID", "CudaBackend", "GpuInfo", "capabilities_for"]
-
-#: Id of the placeholder listed when no GPU can be seen (no driver, no pynvml, no GPU).
-NO_GPU_ID = "cuda:none"
-
-#: The onnxruntime-gpu library behind each execution provider, loaded to say why one fails.
-_PROVIDER_LIBRARIES = {
-    "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
-    "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
-}
+#: Id of the one device listed, unavailable, when no GPU can be seen (no driver, no pynvml, no GPU).
+NO_GPU_ID = "cuda:0"
 
 #: Opsets onnxruntime-gpu accepts; the same library as the CPU build the core declares 7-25 for.
 _OPSETS = OpsetRange(7, 25)
@@ -161,6 +141,16 @@ class CudaBackend(OrtBackend):
 
     name = "cuda"
     distribution = "onnxruntime-gpu"
+    #: The onnxruntime-gpu library behind each execution provider, loaded to say why one fails.
+    provider_libraries = {
+        "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+        "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+    }
+    install_advice = (
+        "install the CUDA and cuDNN versions this onnxruntime-gpu was built for (TensorRT too for "
+        "extra provider='tensorrt') and put them on the library path"
+    )
+    cpu_fallback = False
 
     def __init__(self, nvml: ModuleType | None = None) -> None:
         # Tests hand in a fake pynvml; otherwise pynvml is imported in discover(), not here.
@@ -169,15 +159,7 @@ class CudaBackend(OrtBackend):
     # -- discovery -------------------------------------------------------------------------------
 
     def _placeholder(self, reason: str) -> Device:
-        return Device(
-            id=NO_GPU_ID,
-            backend=self.name,
-            vendor="NVIDIA",
-            name="no NVIDIA GPU found",
-            kind=DeviceKind.GPU,
-            available=False,
-            reason=reason,
-        )
+        return self.unavailable(reason, vendor="NVIDIA", kind=DeviceKind.GPU, name="no NVIDIA GPU found")
 
     def _load_nvml(self) -> ModuleType:
         if self._nvml is not None:
@@ -298,7 +280,7 @@ class CudaBackend(OrtBackend):
             ]
         if not visible:
             return [self._placeholder("CUDA_VISIBLE_DEVICES hides every GPU; unset it or list GPU indices")]
-        problem, ort_version = self._runtime_problem("CUDAExecutionProvider")
+        problem, ort_version = self.runtime_problem("CUDAExecutionProvider")
         ordinal = {gpu.index: n for n, gpu in enumerate(visible)}
         devices = []
         for n, gpu in enumerate(visible):
@@ -331,33 +313,23 @@ class CudaBackend(OrtBackend):
                     available=problem is None,
                     reason=problem,
                     details=details,
+                    handle=n,  # the CUDA ordinal onnxruntime's device_id takes
                 )
             )
         return devices
 
-    def _runtime_problem(self, provider: str) -> tuple[str | None, str]:
-        """Why onnxruntime cannot run ``provider`` here (None if it can), and its version."""
-        problem, version = self.provider_problem(provider)
-        if problem is None:
-            missing = provider_library_problem(provider)
-            problem = f"{missing}; {_INSTALL_ADVICE}" if missing else None
-        return problem, version
-
     # -- compiling -------------------------------------------------------------------------------
 
     def providers(self, device: Device, options: CompileOptions) -> list[tuple[str, dict[str, Any]]]:
-        ordinal = device.id.split(":", 1)[1]
-        if not ordinal.isdigit():
-            msg = f"device {device.id} is not a CUDA ordinal; pick one of the cuda:N devices `hal devices` lists"
-            raise CompileError(msg)
-        cuda = {"device_id": int(ordinal), **dict(options.extra.get("cuda_options", {}))}
+        ordinal = self.handle_of(device, int)
+        cuda = {"device_id": ordinal, **dict(options.extra.get("cuda_options", {}))}
         # No CPUExecutionProvider in the list: with session.disable_cpu_ep_fallback onnxruntime
         # rejects a list that names it, and without it nothing may land on the CPU.
         chosen = str(options.extra.get("provider", "cuda")).lower()
         if chosen == "cuda":
             return [("CUDAExecutionProvider", cuda)]
         if chosen == "tensorrt":
-            trt: dict[str, Any] = {"device_id": int(ordinal)}
+            trt: dict[str, Any] = {"device_id": ordinal}
             if options.cache_dir:
                 # TensorRT engines take minutes to build; keep them with the HAL's cache.
                 trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=options.cache_dir)
@@ -365,29 +337,6 @@ class CudaBackend(OrtBackend):
             return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", cuda)]
         msg = f"extra provider={chosen!r} is not one of 'cuda', 'tensorrt'"
         raise CompileError(msg)
-
-    def session_options(self, device: Device, options: CompileOptions) -> Any:
-        so = super().session_options(device, options)
-        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        return so
-
-    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OrtRunner:
-        if not device.available:
-            msg = f"device {device.id} is unavailable: {device.reason}"
-            raise UnavailableDeviceError(msg)
-        providers = self.providers(device, options)
-        try:
-            return super().prepare(model, device, options)
-        except CompileError as exc:
-            # onnxruntime's own message ("nodes assigned to the default CPU EP ...") hides the
-            # cause, which it only logs: name the library the provider could not load.
-            causes = [p for p in (provider_library_problem(name) for name, _ in providers) if p]
-            if not causes:
-                raise
-            msg = f"{exc}; {'; '.join(causes)}; {_INSTALL_ADVICE}"
-            enriched = CompileError(msg)
-            enriched.__dict__.update(exc.__dict__)  # keep what the core recorded (refused operators)
-            raise enriched from exc
 
 
 def provider_library_problem(provider: str) -> str | None:
@@ -397,22 +346,4 @@ def provider_library_problem(provider: str) -> str | None:
     installed, and only logs why creating it failed; loading the provider library ourselves gives
     the loader's message (``libcublasLt.so.13: cannot open shared object file``).
     """
-    library = _PROVIDER_LIBRARIES.get(provider)
-    spec = importlib.util.find_spec("onnxruntime")
-    if library is None or spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "capi", library)
-    if not os.path.exists(path):
-        return f"{provider} needs {library}, which this onnxruntime does not ship; install onnxruntime-gpu"
-    try:
-        ctypes.CDLL(path)
-    except OSError as exc:
-        return f"{provider} cannot load: {exc}"
-    return None
-
-
-#: What to do about a provider library that does not load.
-_INSTALL_ADVICE = (
-    "install the CUDA and cuDNN versions this onnxruntime-gpu was built for (TensorRT too for "
-    "extra provider='tensorrt') and put them on the library path"
-)
+    return CudaBackend().library_problem(provider)

@@ -15,7 +15,7 @@ import re
 
 from attrs import frozen
 
-from hal.capabilities import NumberFormat, ScaledFormat, Support
+from hal.plugin import NumberFormat, ScaledFormat, Support
 
 __all__ = [
     "CHIPS",

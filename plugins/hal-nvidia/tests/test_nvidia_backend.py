@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 import hal
 from hal._plugins import reset_registry
-from hal.backend import CompileOptions, Device
+from hal.plugin import CompileOptions, Device, LoweredModel
 from hal.backends.onnxruntime import runtime_limits
 from hal.capabilities import E8M0Encoding, InterconnectKind, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
@@ -257,7 +257,7 @@ def test_compiling_for_the_placeholder_raises(monkeypatch: pytest.MonkeyPatch) -
 def test_prepare_refuses_an_unavailable_device() -> None:
     (dev,) = _discover(init_error=fake_nvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     with pytest.raises(UnavailableDeviceError) as info:
-        CudaBackend().prepare(_add_model(), dev, CompileOptions())
+        CudaBackend().prepare(LoweredModel.from_proto(_add_model()), dev, CompileOptions())
     assert isinstance(info.value, HalError)
 
 
@@ -294,7 +294,7 @@ def test_missing_cuda_libraries_raise_not_run_on_cpu(provider: str) -> None:
     (dev,) = _discover(H100)  # mocked NVML says there is a GPU; the runtime is real
     dev = evolve(dev, available=True, reason=None)
     with pytest.raises(CompileError) as info:
-        CudaBackend().prepare(_add_model(), dev, CompileOptions(extra={"provider": provider}))
+        CudaBackend().prepare(LoweredModel.from_proto(_add_model()), dev, CompileOptions(extra={"provider": provider}))
     assert "cannot open shared object file" in str(info.value)
 
 
@@ -317,7 +317,7 @@ def test_runs_on_a_real_gpu() -> None:
     backend = CudaBackend()
     dev = backend.discover()[0]
     assert dev.available, dev.reason
-    runner = backend.prepare(_add_model(), dev, CompileOptions())
+    runner = backend.prepare(LoweredModel.from_proto(_add_model()), dev, CompileOptions())
     assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     (y,) = runner.run({"x": x}, ["y"])

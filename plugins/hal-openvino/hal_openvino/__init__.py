@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hal.hookspecs import hookimpl
-
+from hal.plugin import hookimpl
 from hal_openvino.backend import OpenVinoBackend
 
 if TYPE_CHECKING:
-    from hal.backend import Backend
+    from hal.plugin import Backend
 
 __version__ = "0.1.0"
 

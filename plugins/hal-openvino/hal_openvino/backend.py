@@ -18,34 +18,31 @@ checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIE
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hal.backend import Backend, CompileOptions, Device
-from hal.cache import Artifact
-from hal.capabilities import (
-    Capabilities,
-    DeviceKind,
-    E8M0Encoding,
-    Maturity,
-    Memory,
-    NumberFormat,
-    OpsetRange,
-    ScaledFormat,
-    Stability,
-    Support,
+from attrs import frozen
+
+from hal.plugin import (
+    Artifact, Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, E8M0Encoding,
+    LoweredModel, Maturity, Memory, NumberFormat, OpsetRange, ScaledFormat, Stability, Support,
 )
-from hal.errors import CompileError
 
 if TYPE_CHECKING:
     import onnx
 
     from hal_openvino.runner import OpenVinoRunner
 
-__all__ = ["EXACT_PRECISION", "OpenVinoBackend", "capabilities_for", "exact_precision", "first_message"]
+__all__ = [
+    "EXACT_PRECISION",
+    "OpenVinoBackend",
+    "OpenVinoDevice",
+    "capabilities_for",
+    "exact_precision",
+    "first_message",
+]
 
 log = logging.getLogger("hal_openvino")
 
@@ -166,14 +163,26 @@ def capabilities_for(kind: DeviceKind, optimization: Sequence[str], memory_bytes
     )
 
 
+@frozen
+class OpenVinoDevice:
+    """What :meth:`OpenVinoBackend.prepare` needs of a device, kept by discovery as its
+    ``Device.handle``: OpenVINO's device name (``CPU``, ``GPU.0``), its
+    ``OPTIMIZATION_CAPABILITIES`` and the ``EXACT_PRECISION`` properties it lists."""
+
+    name: str
+    optimization: tuple[str, ...] = ()
+    precision_properties: frozenset[str] = frozenset()
+
+
 def exact_precision(device: Device) -> dict[str, Any]:
     """The ``EXACT_PRECISION`` properties ``device`` lists (all it needs to compute as declared).
 
     The precision hint is always set: every OpenVINO device accepts it, and a device record
     without the list (a device whose SUPPORTED_PROPERTIES could not be read) still gets it.
     """
-    listed = dict(device.details).get("precision_properties", "")
-    names = {"INFERENCE_PRECISION_HINT", *listed.split(",")}
+    handle = device.handle
+    listed = handle.precision_properties if isinstance(handle, OpenVinoDevice) else frozenset()
+    names = {"INFERENCE_PRECISION_HINT", *listed}
     return {key: value for key, value in EXACT_PRECISION.items() if key in names}
 
 
@@ -194,13 +203,6 @@ def first_message(exc: BaseException) -> str:
 def _kind(name: str) -> DeviceKind | None:
     base = name.split(".", 1)[0].upper()
     return {"CPU": DeviceKind.CPU, "GPU": DeviceKind.GPU, "NPU": DeviceKind.NPU}.get(base)
-
-
-def _host_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _vendor(kind: DeviceKind, full_name: str) -> str:
@@ -259,11 +261,16 @@ class OpenVinoBackend(Backend):
         return self._core
 
     def discover(self) -> list[Device]:
-        import openvino
+        try:
+            import openvino
 
-        core = self.core()
+            core = self.core()
+            names = list(core.available_devices)
+        except Exception as exc:  # noqa: BLE001 - an ImportError, or a runtime that cannot start
+            reason = f"OpenVINO does not start ({type(exc).__name__}: {first_message(exc)}); pip install openvino"
+            return [self.unavailable(reason, vendor="Intel", kind=DeviceKind.CPU, name="OpenVINO", local_id="CPU")]
         devices = []
-        for ov_name in core.available_devices:
+        for ov_name in names:
             kind = _kind(ov_name)
             if kind is None:  # a virtual or plugin device the HAL has no kind for
                 continue
@@ -271,7 +278,8 @@ class OpenVinoBackend(Backend):
             optimization = tuple(str(c) for c in props.get("OPTIMIZATION_CAPABILITIES", ()))
             full_name = str(props.get("FULL_DEVICE_NAME") or ov_name)
             memory = props.get("GPU_DEVICE_TOTAL_MEM_SIZE")
-            memory_bytes = int(memory) if memory else (_host_memory() if kind is DeviceKind.CPU else None)
+            memory_bytes = int(memory) if memory else (Memory.host().capacity_bytes if kind is DeviceKind.CPU else None)
+            precision = frozenset(k for k in EXACT_PRECISION if k in props["SUPPORTED_PROPERTIES"])
             devices.append(
                 Device(
                     id=f"{self.name}:{ov_name}",
@@ -285,10 +293,14 @@ class OpenVinoBackend(Backend):
                         "openvino_device": ov_name,
                         "optimization_capabilities": ",".join(optimization),
                         "architecture": str(props.get("DEVICE_ARCHITECTURE", "")),
-                        "precision_properties": ",".join(k for k in EXACT_PRECISION if k in props["SUPPORTED_PROPERTIES"]),
+                        "precision_properties": ",".join(k for k in EXACT_PRECISION if k in precision),
                     },
+                    handle=OpenVinoDevice(ov_name, optimization, precision),
                 )
             )
+        if not devices:
+            reason = f"OpenVINO {openvino.get_version()} lists no CPU, GPU or NPU ({names}); check its plugins"
+            return [self.unavailable(reason, vendor="Intel", kind=DeviceKind.CPU, name="OpenVINO", local_id="CPU")]
         return devices
 
     @staticmethod
@@ -312,7 +324,7 @@ class OpenVinoBackend(Backend):
         """The properties passed to ``compile_model`` (see the class docstring and README)."""
         config: dict[str, Any] = {"PERFORMANCE_HINT": str(options.extra.get("performance_hint", "LATENCY"))}
         if not options.reduced_precision:
-            optimization = dict(device.details).get("optimization_capabilities", "").split(",")
+            optimization = self.handle_of(device, OpenVinoDevice).optimization
             if "FP32" not in optimization:
                 msg = (
                     f"{device.id} cannot compute in float32 (OPTIMIZATION_CAPABILITIES: {','.join(optimization)}); "
@@ -337,12 +349,12 @@ class OpenVinoBackend(Backend):
         config.update(extra_config)
         return config
 
-    def prepare(self, model: onnx.ModelProto, device: Device, options: CompileOptions) -> OpenVinoRunner:
+    def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> OpenVinoRunner:
         from hal_openvino.runner import OpenVinoRunner
 
-        ov_name = dict(device.details).get("openvino_device") or device.id.split(":", 1)[1]
+        ov_name = self.handle_of(device, OpenVinoDevice).name
         if device.kind is DeviceKind.CPU:
-            for node, to in _cast_targets(model.graph):
+            for node, to in _cast_targets(model.proto.graph):
                 if to in _CPU_BAD_CAST_TARGETS:
                     target = NumberFormat.from_onnx(to).value
                     msg = (
@@ -362,7 +374,7 @@ class OpenVinoBackend(Backend):
                 path.unlink(missing_ok=True)  # a damaged file is written again next time
         if compiled is None:
             try:
-                ov_model = core.read_model(model.SerializeToString(), b"")
+                ov_model = core.read_model(model.proto.SerializeToString(), b"")
             except Exception as exc:
                 msg = f"OpenVINO cannot read the model for {device.id}: {first_message(exc)}"
                 raise CompileError(msg) from exc
@@ -391,9 +403,9 @@ def _loaded_from_cache(compiled: Any) -> bool:
         return False
 
 
-def _model_file(model: onnx.ModelProto, options: CompileOptions) -> Path | None:
-    """The model as ``<cache_dir>/models/<sha256>.onnx``, checked or written, or None without a
-    cache directory, a digest from the core or a disk to write it on.
+def _model_file(model: LoweredModel, options: CompileOptions) -> Path | None:
+    """The model as ``<cache_dir>/models/<sha256>.onnx`` (the core's digest), checked or written,
+    or None without a cache directory or a disk to write it on.
 
     Given a path, OpenVINO keys its model cache by the path and the compile properties, and keeps
     the file's size and modification time (in whole seconds) in the blob, so a warm compile loads
@@ -404,13 +416,12 @@ def _model_file(model: onnx.ModelProto, options: CompileOptions) -> Path | None:
     another model's file under this name is removed with a WARNING (this compile reads the model
     from memory; the next writes the file again).
     """
-    if not options.cache_dir or not options.model_digest:
+    if not options.cache_dir:
         return None
     cache_dir = Path(options.cache_dir)
-    artifact = Artifact(cache_dir / "models" / f"{options.model_digest}.onnx", options.model_digest,
-                        sha256=options.model_digest)
+    artifact = Artifact(cache_dir / "models" / f"{model.digest}.onnx", model.digest, sha256=model.digest)
     if not artifact.path.is_file():
-        if not artifact.write(model.SerializeToString(deterministic=True)):
+        if not artifact.write(model.proto.SerializeToString(deterministic=True)):
             return None  # a full or read-only disk: compile from memory, uncached
         return artifact.path
     if artifact.check():

@@ -26,12 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hal.capabilities import NumberFormat
-from hal.errors import CompileError
-from hal.tensors import bits_view, pack, unpack
+from hal.plugin import CompileError, NumberFormat, bits_view, pack, unpack
 
 if TYPE_CHECKING:
-    import onnx
+    from hal.plugin import LoweredModel
 
 __all__ = ["OV_TYPES", "OpenVinoRunner"]
 
@@ -66,12 +64,6 @@ _RAW = frozenset(
 _PACKED = frozenset({NumberFormat.INT4, NumberFormat.UINT4, NumberFormat.FLOAT4_E2M1})
 
 
-def _elem(value_info: onnx.ValueInfoProto) -> NumberFormat | None:
-    if not value_info.type.HasField("tensor_type"):
-        return None
-    return NumberFormat.from_onnx(value_info.type.tensor_type.elem_type)
-
-
 def _port_index(ports: Sequence[Any]) -> dict[str, int]:
     index = {}
     for i, port in enumerate(ports):
@@ -89,38 +81,33 @@ class OpenVinoRunner:
     and AMX CPUs).
     """
 
-    def __init__(self, compiled: Any, model: onnx.ModelProto) -> None:
+    def __init__(self, compiled: Any, model: LoweredModel) -> None:
         import openvino
         from openvino import _pyopenvino
 
         self.compiled = compiled
         self.inference_precision = _precision_name(compiled)
-        initializers = {t.name for t in model.graph.initializer}
         in_ports = _port_index(compiled.inputs)
         out_ports = _port_index(compiled.outputs)
 
         # (feed name, request input index, converter to a Tensor)
         inputs: list[tuple[str, int, Callable[[np.ndarray], Any]]] = []
-        for info in model.graph.input:
-            if info.name in initializers:
-                continue
+        for info in model.inputs:
             if info.name not in in_ports:
                 msg = f"OpenVINO's compiled model has no input {info.name!r} (it has {sorted(in_ports)})"
                 raise CompileError(msg)
-            fmt = _elem(info)
-            inputs.append((info.name, in_ports[info.name], self._input_converter(fmt, openvino)))
+            inputs.append((info.name, in_ports[info.name], self._input_converter(info.format, openvino)))
         self._inputs = tuple(inputs)
 
         # name -> (request output index, converter from the request's tensor to the declared array)
         outputs: dict[str, tuple[int, Callable[[Any], np.ndarray]]] = {}
-        for info in model.graph.output:
+        for info in model.outputs:
             if info.name not in out_ports:
                 msg = f"OpenVINO's compiled model has no output {info.name!r} (it has {sorted(out_ports)})"
                 raise CompileError(msg)
             index = out_ports[info.name]
-            fmt = _elem(info)
             produced = compiled.outputs[index].get_element_type()
-            outputs[info.name] = (index, self._output_converter(fmt, produced, openvino))
+            outputs[info.name] = (index, self._output_converter(info.format, produced, openvino))
         self._outputs = outputs
         # Idle infer requests. One request serves one call at a time ("Infer Request is busy"
         # otherwise, or worse, another caller's inputs). SimpleQueue's get/put are C calls that

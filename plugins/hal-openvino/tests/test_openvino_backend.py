@@ -12,7 +12,7 @@ from ov_models import attention, conv, long_dot, make, mlp, vi
 
 import hal
 from hal._plugins import registry
-from hal.backend import CompileOptions
+from hal.plugin import CompileOptions, LoweredModel
 from hal.errors import CompileError, InputError
 
 
@@ -226,7 +226,7 @@ def test_unsupported_operator_raises_compile_error():
     )
     device = registry().device("openvino:CPU")
     with pytest.raises(CompileError, match=r"openvino:CPU.*unsupported src_prc: f8e4m3"):
-        registry().backend("openvino").prepare(model, device, CompileOptions())
+        registry().backend("openvino").prepare(LoweredModel.from_proto(model), device, CompileOptions())
 
 
 def test_unreadable_model_raises_compile_error():
@@ -259,3 +259,29 @@ def test_bad_feeds_raise_input_error():
         exe.run({"x": np.zeros((2, 63), np.float32)})
     with pytest.raises(InputError, match="missing"):
         exe.run({})
+
+
+def test_an_openvino_that_cannot_start_lists_one_unavailable_device():
+    """The convention every backend keeps: nothing seen, one device (the one users name), unavailable."""
+    from hal_openvino.backend import OpenVinoBackend
+
+    class Broken:
+        @property
+        def available_devices(self):
+            raise RuntimeError("Exception from src/inference/src/core.cpp:1:\nplugins.xml is missing")
+
+    backend = OpenVinoBackend()
+    backend._core = Broken()
+    (device,) = backend.discover()
+    assert (device.id, device.available) == ("openvino:CPU", False)
+    assert "plugins.xml is missing" in device.reason and "Exception from" not in device.reason
+
+
+def test_prepare_finds_the_device_by_its_handle():
+    """Device records read back from JSON carry no handle: prepare says so instead of guessing."""
+    from hal.plugin import Device, LoweredModel
+
+    device = registry().device("openvino:CPU")
+    assert device.handle.name == "CPU" and "FP32" in device.handle.optimization
+    with pytest.raises(CompileError, match="no OpenVinoDevice handle"):
+        registry().backend("openvino").prepare(LoweredModel.from_proto(mlp()), Device.from_dict(device.to_dict()), CompileOptions())

@@ -1,0 +1,200 @@
+"""The plugin author's SDK: everything a plugin may use, in one module.
+
+A plugin imports ``hal`` and ``hal.plugin``, nothing else from onnx-hal (a test of this
+repository fails if an in-repo plugin does). ``hal plugin new NAME`` writes a package that starts
+from here; README.md's "Writing a plugin" walks from it to a passing contract kit.
+
+The package
+===========
+
+One distribution ``hal-NAME`` importing as ``hal_NAME``, found through the ``hal`` entry-point
+group (``setup.cfg``: ``[options.entry_points] hal = NAME = hal_NAME``). Its module implements
+hooks (:mod:`hal.hookspecs` documents them) marked with :data:`hookimpl`; the one that matters::
+
+    from hal.plugin import Backend, hookimpl
+
+    @hookimpl
+    def hal_register_backends(register):
+        register(AcmeBackend())
+
+Keep the module cheap to import: import the vendor runtime inside the backend's methods.
+
+The backend
+===========
+
+Subclass :class:`Backend`, set ``name`` (unique; every device id starts with ``name:``) and
+``version``, implement ``discover()`` and ``prepare()``.
+
+``version`` (required; a class attribute or a property that imports the runtime lazily)
+    The runtime's version, and the plugin's where its code changes what is compiled. It is part of
+    every compile-cache key: a new runtime never reuses an old artifact.
+
+``discover() -> Iterable[Device]``
+    Every device the backend knows of. The host calls it in a thread, lazily (only when one of
+    the backend's devices is wanted), bounded by ``HAL_DISCOVERY_TIMEOUT``, and checks each
+    :class:`Device` as it enters; a bad one is reported under the plugin's name.
+
+    **A device that cannot run here** (no driver, no toolkit, a provider that does not load) is
+    listed with ``available=False`` and a ``reason`` that names what is missing and what to do.
+    When the backend can see no device at all (the runtime does not import, no driver), it lists
+    exactly one: the device a user would name first, ``<name>:0`` (``cuda:0``; ``local_id="CPU"``
+    where devices are named), unavailable, declaring nothing — :meth:`Backend.unavailable` builds
+    it. So ``to("cuda:0")`` on a machine without a driver answers with the reason, and a numbered
+    device is never invented beyond that one. Never raise for something missing on the machine:
+    an exception from ``discover()`` is reported as a broken plugin.
+
+    **The handle.** Put whatever ``prepare`` needs to find the device again (an ordinal, a driver
+    name, a record of the runtime's properties) in ``Device(handle=...)`` and read it back with
+    :meth:`Backend.handle_of`; never parse ``device.id`` or read ``device.details`` back.
+    ``details`` are for people (``hal devices``); the handle is the backend's own and is never
+    serialized.
+
+``prepare(model: LoweredModel, device: Device, options: CompileOptions) -> Runner``
+    Compile for one device. What the core has already done to ``model.proto``:
+
+    - loaded it safely (external data inside the model's directory, sizes bounded) and made it
+      self-contained; optimized it once, device-independently (constants folded, dead nodes gone);
+    - converted its default-domain opset into the device's declared :class:`OpsetRange` (and its
+      IR version to ``max_ir_version``) and refused operators of undeclared domains: a runtime
+      whose importer needs opset 17 declares ``OpsetRange(17, ...)`` and never converts itself
+      (the conversion then shows in ``hal explain``);
+    - legalized element types for the declared formats: a format the device only ``STORAGE``\\ s
+      is computed through ``Cast`` to a wider one, and a format it cannot hold (``NONE``) was
+      refused before ``prepare`` was called.
+
+    ``model.inputs`` / ``model.outputs`` (:class:`TensorInfo`: name, :class:`NumberFormat`, shape)
+    are the graph's, the declared types unchanged by legalization; ``model.digest`` is the sha256
+    of the proto (name artifacts by it); ``model.steps`` what lowering changed. Do not modify
+    ``model.proto``. Raise :class:`CompileError` with the runtime's one-line reason when it cannot
+    compile, :class:`UnavailableDeviceError` for a device that cannot run; never fall back to
+    another device (or the CPU) silently. After ``prepare`` the core verifies the placement: the
+    model runs once on the device and on a reference with seeded inputs, and a device that
+    disagrees beyond the tolerance is refused.
+
+    ``options``: ``reduced_precision`` (False unless the caller allows computing in narrower
+    types than declared), ``cache_dir`` (this backend's directory for its own artifacts) and
+    ``extra`` (the caller's backend-specific keyword arguments; document the keys you read).
+
+The runner (:class:`Runner`) has one method, ``run(feeds, output_names) -> list of arrays``: feeds
+are already checked against the inputs (names, dtypes, ranks, static dims), and may be read-only,
+strided, memory-mapped, or dropped right after ``run``; return one array per requested output,
+of the declared type, owned by the caller; ``run`` may be called from many threads at once.
+
+Building blocks
+===============
+
+- Capabilities: :meth:`Capabilities.from_levels` (``native=[...]``, ``emulated``, ``storage``,
+  ``scaled=[ScaledFormat(...)]``, ``opsets=OpsetRange(...)``, ``memory=Memory(...)``,
+  ``interconnect=Interconnect(...)``, ``stability=Stability(...)``, ``e8m0_encoding``,
+  ``movable``, ``dynamic_shapes``) with the records :class:`Support`, :class:`NumberFormat`,
+  :class:`ScaledFormat`, :class:`OpsetRange`, :class:`Memory` (:meth:`Memory.host` for a CPU),
+  :class:`Interconnect` / :class:`InterconnectKind`, :class:`Stability` / :class:`Maturity` /
+  :class:`Health`, :class:`E8M0Encoding`. Declare what the device really does: the contract kit
+  checks every level.
+- onnxruntime distributions: subclass :class:`OrtBackend` and implement ``discover`` and
+  ``providers``; it creates sessions, moves ml_dtypes tensors by their bits (:class:`OrtRunner`),
+  caches optimized models, and refuses a session that landed on another provider. For an
+  accelerator build, set ``provider_libraries`` (provider -> library in onnxruntime's ``capi``),
+  ``install_advice`` and ``cpu_fallback = False``, and take each device's ``reason`` from
+  :meth:`OrtBackend.runtime_problem`: the provider must really load, never fall back to the CPU
+  (onnxruntime-gpu and onnxruntime-cann list providers they cannot create). Fit the declared
+  table to the installed onnxruntime with :func:`fit_capabilities`.
+- Tensors whose runtime refuses ml_dtypes arrays: :func:`bits_view` (same-width unsigned view),
+  :func:`from_bits`, :func:`pack` / :func:`unpack` (ONNX's sub-byte layout).
+- Cache files: :class:`Artifact` (a file in ``options.cache_dir``, checked against its record
+  before the runtime reads it; a damaged one is rebuilt; a read-only disk only loses the cache).
+- Errors: :class:`HalError` and the subclasses above, :class:`RunError` for a runner that fails.
+
+Testing
+=======
+
+The contract kit: ``pytest -p hal.testing --hal-device NAME:0`` runs the backend contract on a
+device from your own test suite (see :mod:`hal.testing`); on an unavailable device it checks the
+reason and skips the rest. To try a plugin that is not installed, :func:`add_plugin` registers a
+module in this process (and :func:`remove_plugin` takes it out); :meth:`LoweredModel.from_proto`
+builds ``prepare``'s argument for tests that call a backend directly.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from hal.hookspecs import hookimpl
+
+__all__ = [
+    # the contract
+    "Backend", "CompileOptions", "Device", "LoweredModel", "LoweringStep", "Runner", "StepKind", "TensorInfo",
+    "hookimpl",
+    # describing a device
+    "Capabilities", "DeviceKind", "E8M0Encoding", "Health", "Interconnect", "InterconnectKind", "Maturity", "Memory",
+    "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support",
+    # building blocks
+    "Artifact", "OrtBackend", "OrtRunner", "bits_view", "fit_capabilities", "from_bits", "pack", "unpack",
+    # errors
+    "CompileError", "HalError", "RunError", "UnavailableDeviceError",
+    # trying a plugin in-process
+    "add_plugin", "remove_plugin",
+]
+
+# Loaded on first use, as in ``hal``: a plugin module importing names from here pays only for
+# those (hal.backends.onnxruntime and hal.model import numpy and onnx).
+_LAZY = {
+    name: module
+    for module, names in {
+        "hal.backend": ("Backend", "CompileOptions", "Device", "Runner"),
+        "hal.capabilities": (
+            "Capabilities", "DeviceKind", "E8M0Encoding", "Health", "Interconnect", "InterconnectKind",
+            "Maturity", "Memory", "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support",
+        ),
+        "hal.lowering": ("LoweredModel", "LoweringStep", "StepKind"),
+        "hal.model": ("TensorInfo",),
+        "hal.backends.onnxruntime": ("OrtBackend", "OrtRunner", "fit_capabilities"),
+        "hal.tensors": ("bits_view", "from_bits", "pack", "unpack"),
+        "hal.cache": ("Artifact",),
+        "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
+    }.items()
+    for name in names
+}
+
+if TYPE_CHECKING:
+    from hal.backend import Backend, CompileOptions, Device, Runner
+    from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
+    from hal.cache import Artifact
+    from hal.capabilities import (
+        Capabilities, DeviceKind, E8M0Encoding, Health, Interconnect, InterconnectKind, Maturity, Memory,
+        NumberFormat, OpsetRange, ScaledFormat, Stability, Support,
+    )
+    from hal.errors import CompileError, HalError, RunError, UnavailableDeviceError
+    from hal.lowering import LoweredModel, LoweringStep, StepKind
+    from hal.model import TensorInfo
+    from hal.tensors import bits_view, from_bits, pack, unpack
+
+
+def add_plugin(plugin: object, name: str) -> None:
+    """Register ``plugin`` (a module or object with ``@hookimpl`` functions) in this process under
+    ``name``, as if it were installed: for tests and notebooks. It goes through the same hooks and
+    checks; ``hal plugins`` lists it as ``(in-process)``. Device discovery starts afresh."""
+    from hal._plugins import registry
+
+    registry().add_plugin(plugin, name)
+
+
+def remove_plugin(name: str) -> None:
+    """Take out a plugin :func:`add_plugin` registered (call it in a ``finally``)."""
+    from hal._plugins import registry
+
+    registry().remove_plugin(name)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        value = getattr(import_module(_LAZY[name]), name)
+    except KeyError:
+        raise AttributeError(f"module 'hal.plugin' has no attribute {name!r}") from None
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,252 @@
+"""The plugin author's SDK (``hal.plugin``): what it exports, that in-repo plugins use nothing
+else, and the records and helpers it hands a backend."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from attrs import evolve
+from onnx import TensorProto, helper
+
+import hal
+import hal.plugin
+from hal.model import Model
+from hal.plugin import (
+    CompileError,
+    CompileOptions,
+    Device,
+    DeviceKind,
+    LoweredModel,
+    Memory,
+    OrtBackend,
+    StepKind,
+)
+from hal.testing.build import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The in-repo plugin packages: what a vendor writes.
+PLUGIN_PACKAGES = sorted(
+    [p.parent for p in (*ROOT.glob("plugins/*/hal_*/__init__.py"), ROOT / "examples/plugin/hal_example/__init__.py")],
+    key=str,
+)
+
+
+def private_imports(source: str) -> list[str]:
+    """The imports in ``source`` that reach into onnx-hal past ``hal`` and ``hal.plugin``: any
+    other ``hal.*`` module, or a name ``from hal import`` that is not in ``hal.__all__``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("hal.") and a.name != "hal.plugin"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "hal":
+                found += [f"hal.{a.name}" for a in node.names if a.name not in hal.__all__ and a.name != "plugin"]
+            elif node.module.startswith("hal.") and node.module != "hal.plugin":
+                found.append(node.module)
+    return found
+
+
+class TestTheSurface:
+    def test_every_exported_name_resolves(self):
+        missing = [name for name in hal.plugin.__all__ if getattr(hal.plugin, name, None) is None]
+        assert not missing
+        assert sorted(hal.plugin.__all__) == dir(hal.plugin)
+        with pytest.raises(AttributeError, match="no attribute 'registry'"):
+            hal.plugin.registry  # noqa: B018 - the private registry is not part of it
+
+    def test_the_docstring_names_what_a_plugin_implements(self):
+        doc = hal.plugin.__doc__ or ""
+        for needed in ("discover()", "prepare(", "version", "handle", "available=False", "OpsetRange", "contract kit"):
+            assert needed in doc
+
+    def test_importing_it_loads_no_runtime(self):
+        code = (
+            "import sys; from hal.plugin import Backend, Device, hookimpl, Capabilities, LoweredModel; "
+            "bad = {'onnx', 'onnxruntime', 'numpy'} & set(sys.modules); assert not bad, bad"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TestPluginsImportOnlyThePublicSurface:
+    def test_the_checker_sees_private_imports(self):
+        bad = (
+            "import hal\nimport hal.plugin\nfrom hal.plugin import Backend\nfrom hal import Device, errors\n"
+            "from hal.backend import Device\nimport hal.tensors\nfrom hal import _plugins\n"
+            "from hal_x import y\nfrom . import z\n"
+        )
+        assert private_imports(bad) == ["hal.backend", "hal.tensors", "hal._plugins"]
+
+    @pytest.mark.parametrize("package", PLUGIN_PACKAGES, ids=lambda p: p.name)
+    def test_plugin_imports_only_hal_and_hal_plugin(self, package):
+        files = sorted(package.rglob("*.py"))
+        assert files, f"no modules under {package}"
+        reached = {str(f.relative_to(ROOT)): private_imports(f.read_text()) for f in files}
+        assert not {f: names for f, names in reached.items() if names}
+
+    def test_every_plugin_is_checked(self):
+        assert {p.name for p in PLUGIN_PACKAGES} >= {"hal_openvino", "hal_iree", "hal_nvidia", "hal_ascend", "hal_example"}
+
+
+class TestLoweredModel:
+    @pytest.fixture
+    def prepared(self, fresh_registry, monkeypatch):
+        """Every LoweredModel the ort backend is asked to prepare."""
+        backend = fresh_registry().backend("ort")
+        seen: list[LoweredModel] = []
+        prepare = backend.prepare
+        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append(model) or prepare(model, device, options))
+        return seen
+
+    @pytest.mark.parametrize(
+        ("proto", "kinds"),
+        [
+            # int4 is storage-only on ort:cpu: the Identity is computed through int32 casts
+            (
+                make_model([helper.make_node("Identity", ["x"], ["y"])], [("x", TensorProto.INT4, [4])], [("y", TensorProto.INT4, [4])], opset=21),
+                {StepKind.LEGALIZE_FORMAT},
+            ),
+            # opset 6 is below ort:cpu's declared range: converted
+            (
+                make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, ["n", 2])], [("y", TensorProto.FLOAT, ["n", 2])], opset=6),
+                {StepKind.CONVERT_OPSET},
+            ),
+        ],
+        ids=["legalized", "converted"],
+    )
+    def test_prepare_gets_the_lowered_proto_with_its_own_inputs_outputs_and_digest(self, prepared, proto, kinds):
+        exe = hal.compile(proto).to("ort:cpu", strict=True, verify=False)
+        (model,) = prepared
+        assert kinds <= {s.kind for s in model.steps} and model.steps == exe.lowering
+        assert model.proto is not proto
+        lowered = Model(model.proto)
+        # the records the core passes are what the lowered graph declares: lowering keeps the I/O
+        assert [(i.name, i.format) for i in model.inputs] == [(i.name, i.format) for i in lowered.inputs]
+        assert [(o.name, o.format) for o in model.outputs] == [(o.name, o.format) for o in lowered.outputs]
+        assert model.digest == lowered.digest
+
+    def test_from_proto_reads_inputs_without_initializers(self, linear_model):
+        model = LoweredModel.from_proto(linear_model)
+        assert [i.name for i in model.inputs] == ["x"] and [o.name for o in model.outputs] == ["y"]
+        assert model.digest == Model(linear_model).digest and model.steps == ()
+
+    def test_the_digest_is_not_an_option(self):
+        with pytest.raises(TypeError):
+            CompileOptions(model_digest="ab" * 32)  # type: ignore[call-arg]
+
+
+class Ordinal(OrtBackend):
+    name = "ordinal"
+
+    def discover(self):  # pragma: no cover - not called
+        return []
+
+
+class TestDevices:
+    def test_the_handle_is_the_backends_own(self):
+        a = Device(id="ordinal:0", backend="ordinal", vendor="V", name="N", kind="gpu", handle=0)
+        b = evolve(a, handle=object())
+        assert a == b and hash(a) == hash(b)
+        assert "handle" not in repr(a) and "handle" not in a.to_dict()
+        assert Device.from_dict(a.to_dict()).handle is None
+        assert evolve(a, name="M").handle == 0
+
+    def test_handle_of_checks_the_type(self):
+        backend = Ordinal()
+        device = Device(id="ordinal:1", backend="ordinal", vendor="V", name="N", kind="gpu", handle=1)
+        assert backend.handle_of(device, int) == 1
+        with pytest.raises(CompileError, match=r"ordinal:1 has no str handle.*hal.devices\(\)"):
+            backend.handle_of(device, str)
+        with pytest.raises(CompileError, match="got NoneType"):
+            backend.handle_of(Device.from_dict(device.to_dict()), int)
+
+    def test_the_one_unavailable_device(self):
+        device = Ordinal().unavailable("no driver; install it", vendor="Acme", kind=DeviceKind.NPU)
+        assert (device.id, device.available, device.reason, device.kind) == ("ordinal:0", False, "no driver; install it", DeviceKind.NPU)
+        assert device.name == "no Acme device found" and device.capabilities == hal.Capabilities()
+        named = Ordinal().unavailable("x", vendor="Acme", kind="cpu", name="Acme runtime", local_id="CPU")
+        assert (named.id, named.name) == ("ordinal:CPU", "Acme runtime")
+
+    def test_host_memory(self):
+        memory = Memory.host(bandwidth_gbps=50.0)
+        assert memory.capacity_bytes is None or memory.capacity_bytes > 2**20
+        assert memory.bandwidth_gbps == 50.0
+        if sys.platform == "linux":
+            assert memory.capacity_bytes
+
+
+class NoSuchProvider(OrtBackend):
+    """An accelerator build whose provider library is not there (as onnxruntime-gpu without CUDA)."""
+
+    name = "nosuch"
+    distribution = "onnxruntime-nosuch"
+    provider_libraries = {"NoSuchExecutionProvider": "libonnxruntime_providers_nosuch.so"}
+    install_advice = "install the NoSuch toolkit"
+    cpu_fallback = False
+
+    def discover(self):  # pragma: no cover - not registered
+        return []
+
+    def providers(self, device, options):
+        return [("NoSuchExecutionProvider", {"device_id": self.handle_of(device, int)})]
+
+
+class TestTheOnnxruntimeGuard:
+    def test_a_missing_provider_library_is_named(self):
+        backend = NoSuchProvider()
+        problem = backend.library_problem("NoSuchExecutionProvider")
+        assert problem and "libonnxruntime_providers_nosuch.so" in problem and "onnxruntime-nosuch" in problem
+        assert backend.library_problem("CPUExecutionProvider") is None  # not one of its libraries
+
+    def test_runtime_problem_says_what_to_do(self):
+        problem, version = NoSuchProvider().runtime_problem("NoSuchExecutionProvider")
+        assert version and problem is not None and "NoSuchExecutionProvider" in problem
+        problem, version = Ordinal().runtime_problem("CPUExecutionProvider")
+        assert problem is None and version
+
+    def test_sessions_forbid_the_cpu_only_where_asked(self):
+        device = Device(id="nosuch:0", backend="nosuch", vendor="V", name="N", kind="gpu", handle=0)
+        guarded = NoSuchProvider().session_options(device, CompileOptions())
+        assert guarded.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+        plain = Ordinal().session_options(device, CompileOptions())
+        with pytest.raises(Exception, match="does not have configuration"):
+            plain.get_session_config_entry("session.disable_cpu_ep_fallback")
+
+    def test_prepare_names_the_library_and_refuses_unavailable_devices(self, add_model):
+        backend = NoSuchProvider()
+        device = Device(id="nosuch:0", backend="nosuch", vendor="V", name="N", kind="gpu", handle=0)
+        with pytest.raises(CompileError) as info:
+            backend.prepare(LoweredModel.from_proto(add_model), device, CompileOptions())
+        text = str(info.value)
+        assert "libonnxruntime_providers_nosuch.so" in text and "install the NoSuch toolkit" in text
+        with pytest.raises(hal.errors.UnavailableDeviceError, match="nosuch:0 is unavailable: gone"):
+            backend.prepare(LoweredModel.from_proto(add_model), evolve(device, available=False, reason="gone"), CompileOptions())
+
+    def test_the_cpu_backend_runs_a_lowered_model(self, fresh_registry, add_model):
+        reg = fresh_registry()
+        runner = reg.backend("ort").prepare(LoweredModel.from_proto(add_model), reg.device("ort:cpu"), CompileOptions())
+        x = np.ones((2, 3), np.float32)
+        np.testing.assert_array_equal(runner.run({"x": x, "y": x}, ["z"])[0], x + x)
+
+
+class TestInProcessPlugins:
+    def test_add_and_remove_plugin(self, fresh_registry):
+        class Plugin:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                register(Ordinal())
+
+        fresh_registry()
+        hal.plugin.add_plugin(Plugin(), name="ordinal-plugin")
+        try:
+            info = {p.name: p for p in hal.plugins()}["ordinal-plugin"]
+            assert info.status == "loaded" and info.backends == ("ordinal",)
+        finally:
+            hal.plugin.remove_plugin("ordinal-plugin")
+        assert "ordinal-plugin" not in {p.name for p in hal.plugins()}
+
