@@ -471,7 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, metavar="N", help="run every N-th case by name (default 1: all)")
     p.add_argument("--json", action="store_true", help="one object per device: device, total, passed, wrong, errors, reasons")
     p.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("plugin", help="write a new vendor plugin package")
+    plugin = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")
+    p = plugin.add_parser("new", help="scaffold hal-NAME: entry point, a backend with TODOs, tests running the contract kit")
+    p.add_argument("name", help="backend name: device ids NAME:0, module hal_NAME")
+    p.add_argument("--dir", default=".", help="where to create the hal-NAME folder (default: here)")
+    p.set_defaults(func=cmd_plugin_new)
     return parser
+
+
+def cmd_plugin_new(args: argparse.Namespace) -> int:
+    from hal._scaffold import new_plugin
+
+    root, written = new_plugin(args.name, args.dir)
+    print(f"wrote {root}:")
+    for path in written:
+        print(f"  {path.relative_to(root)}")
+    print(f"next: cd {root} && pytest   (then write discover() and prepare() in hal_{args.name}/__init__.py)")
+    return 0
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
