@@ -513,6 +513,15 @@ class Reference:
         if why_not is None:
             try:
                 return self._evaluate(feeds), REFERENCE_EVALUATOR
+            except FloatingPointError as exc:
+                # A zero divisor (a step, a count, a modulus drawn as 0): the inputs are outside
+                # the model's domain. No device runs them: some trap on integer division by zero
+                # (SIGFPE ends the process; IREE's STFT with frame_step 0 does).
+                msg = (
+                    f"the inputs divide by zero in the model ({exc}); they are outside its domain, "
+                    "so no device is run on them: pass example= with inputs the model is meant for"
+                )
+                raise HalError(msg) from exc
             except _Deadline:
                 why_not = f"the ONNX reference evaluator took over {4 * self.budget:g} s (HAL_VERIFY_BUDGET_S={self.budget:g})"
             except Exception as exc:  # noqa: BLE001 - the evaluator lacks many ops and types: use ort:cpu
@@ -581,7 +590,8 @@ class Reference:
             evaluator = self._evaluator
         self._deadline.at = time.perf_counter() + 4 * self.budget
         names = [o.name for o in self.proto.graph.output]
-        values = evaluator.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+        with np.errstate(divide="raise"):  # see _run: a zero divisor stops verification here
+            values = evaluator.run(names, {k: np.asarray(v) for k, v in feeds.items()})
         return {n: np.asarray(v) for n, v in zip(names, values)}
 
 

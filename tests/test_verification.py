@@ -396,3 +396,41 @@ class TestSeededInputsTheDeviceRefuses:
                 hal.compile(linear_model).to("drift:0", strict=True, example={"x": np.ones((1, 8), np.float32)})
         finally:
             reg.remove_plugin("drift")
+
+
+class TestInputsOutsideTheModelsDomain:
+    """Seeded integers include 0; as a divisor (a step, a count, a modulus) some runtimes trap on
+    it and the process ends (IREE's STFT with frame_step 0: SIGFPE). The reference sees the zero
+    division first, and the device is never run on such inputs."""
+
+    @staticmethod
+    def int_div_model():
+        return make_model(
+            [helper.make_node("Div", ["a", "b"], ["y"])],
+            [("a", TensorProto.INT64, [16]), ("b", TensorProto.INT64, [16])],
+            [("y", TensorProto.INT64, [16])],
+        )
+
+    def test_a_zero_divisor_leaves_the_device_unrun_and_unverified(self, fresh_registry):
+        feeds = seeded_feeds(hal.compile(self.int_div_model()).model.inputs)
+        assert (feeds["b"] == 0).any(), "the seeded divisor has no zero: the test would not test anything"
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0))
+        try:
+            before = Counter.runs
+            exe = hal.compile(self.int_div_model()).to("drift:0", strict=True)
+            assert Counter.runs == before, "the device was run on inputs that divide by zero"
+        finally:
+            reg.remove_plugin("drift")
+        assert exe.verification.status == "skipped" and "divide by zero" in exe.verification.detail
+        assert exe.lowering[-1].kind == "unverified"
+
+    def test_an_example_inside_the_domain_is_verified(self, fresh_registry):
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0))
+        try:
+            example = {"a": np.arange(16, dtype=np.int64), "b": np.full(16, 3, np.int64)}
+            exe = hal.compile(self.int_div_model()).to("drift:0", strict=True, example=example)
+        finally:
+            reg.remove_plugin("drift")
+        assert exe.verification.passed

@@ -395,9 +395,9 @@ _STRICT_PREFIX = re.compile(r"^(\w+): \S+ cannot run the model(?: \(operators: [
 #: auto's refusal lists every device's reason; the first (the best-ranked device's) stands for it.
 _AUTO_PREFIX = re.compile(r"^(\w+): no device could compile '[^']*': (?:\S+: )?([^;]*).*$")
 _DEVICE_ID = re.compile(r"(?<![\w:/.-])[a-z][\w.-]*:[A-Za-z0-9][\w.-]*(?!\w)")
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_QUOTED = re.compile(r"(?<!\w)'[^'\n]*'(?!\w)|\"[^\"\n]*\"")
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
-_REASON_LENGTH = 120
+_REASON_LENGTH = 160
 
 
 def reason(result: CaseResult) -> str:
