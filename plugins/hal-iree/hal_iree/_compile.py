@@ -67,7 +67,13 @@ def compiler_version() -> str:
             version = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(version)
     if getattr(version, "VERSION", None) is None:
-        from iree.compiler import version
+        try:
+            from iree.compiler import version
+        except ImportError:
+            # A runtime-only install (iree-base-runtime) runs vmfbs compiled elsewhere; with no
+            # compiler there is no version to key a cache entry by, and nothing to compile with.
+            msg = "iree-base-compiler is not installed (iree.compiler does not import); pip install iree-base-compiler"
+            raise CompileError(msg) from None
 
     revision = (getattr(version, "REVISIONS", {}) or {}).get("IREE", "")
     return f"{version.VERSION}@{revision[:12]}" if revision else str(version.VERSION)

@@ -13,12 +13,13 @@ are copied out. Modules are immutable and shared; each context holds its own mod
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from hal.plugin import NumberFormat
+from hal_iree._shapes import ShapeOracle
 
 __all__ = ["IreeRunner", "hal_element_type", "numpy_dtype"]
 
@@ -85,9 +86,17 @@ class IreeRunner:
         function: Any,
         inputs: Sequence[tuple[str, NumberFormat]],
         outputs: Sequence[tuple[str, NumberFormat]],
+        on_thread: Callable[[], None] | None = None,
+        shapes: ShapeOracle | None = None,
     ) -> None:
         import iree.runtime as rt
 
+        # Called before any runtime call on the caller's thread (iree:cuda makes the device's
+        # CUDA context current there: IREE's CUDA driver sets it on the creating thread only).
+        self._on_thread = on_thread
+        # Models with dynamic input dimensions: the output shapes the model gives, checked (see
+        # hal_iree._shapes: IREE does not broadcast dynamic dimensions, and does not say so).
+        self._shapes = shapes
         self.vm_module = vm_module  # kept alive as long as a context uses it
         self._instance = instance
         self._modules = [hal_module, vm_module]
@@ -116,19 +125,28 @@ class IreeRunner:
         """A fresh VM context for :meth:`run_on` (the module state of one caller)."""
         import iree.runtime as rt
 
+        if self._on_thread is not None:
+            self._on_thread()
         return rt.VmContext(self._instance, modules=self._modules)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run the entry function; return host copies of ``output_names``, in that order."""
+        if self._on_thread is not None:
+            self._on_thread()
+        shapes = self._shapes
+        expected = shapes.before(feeds) if shapes is not None else None
         idle = self._idle
         try:
             context = idle.pop()
         except IndexError:  # every context is invoking in another thread: make one more
             context = self.new_context()
         try:
-            return self.run_on(context, feeds, output_names)
+            results = self.run_on(context, feeds, output_names)
         finally:
             idle.append(context)
+        if shapes is not None:
+            shapes.after(expected, output_names, results)  # type: ignore[arg-type]
+        return results
 
     def run_on(self, context: Any, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run in ``context``, which no other thread may use until this returns."""

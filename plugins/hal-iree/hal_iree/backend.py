@@ -14,7 +14,11 @@ in ``CompileOptions.extra`` (``compiled.to(device, **extra)``):
 ``iree_opt_level`` (int 0-3)
     ``--iree-opt-level=O<n>``; IREE's default is O2.
 ``iree_gpu_target`` (str)
-    GPU target for cuda (``sm_90``), hip (``gfx942``; required) or vulkan (``rdna3``).
+    GPU target for cuda (``sm_89``), hip (``gfx942``; required) or vulkan (``rdna3``). For
+    cuda it defaults to the newest target iree-compile knows that the GPU runs, from the compute
+    capability the CUDA driver reports at discovery (``details["compute_capability"]``,
+    ``details["gpu_target"]``): IREE 3.13 has no sm_90, so an H100/H200 gets sm_89's PTX, which
+    the driver compiles for it.
 
 ``reduced_precision=True`` lets contractions (MatMul, Gemm, Conv) take bf16 inputs
 (``--iree-global-opt-demote-contraction-inputs-type=bf16``); by default the model runs in the
@@ -23,12 +27,16 @@ types it declares.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from attrs import frozen
 
 from hal.plugin import (
     Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, LoweredModel, Maturity,
@@ -123,6 +131,83 @@ _OPTIONS = ("channels_last", "iree_flags", "iree_opt_level", "iree_gpu_target")
 _SOURCE_PREFIX = re.compile(r"^(?:Error creating driver:\s*)?(?:[\w./-]+:\d+:\s*)?(?:[A-Z_]+;\s*)?")
 
 
+@frozen
+class _Handle:
+    """What prepare needs of a device: the IREE HAL driver, and for cuda the GPU's target."""
+
+    driver: str
+    gpu_target: str | None = None
+
+
+def cuda_compute_capability(ordinal: int = 0) -> tuple[int, int] | None:
+    """(major, minor) of CUDA device ``ordinal``, asked of the driver library, or None.
+
+    IREE's runtime does not report a device's compute capability; the driver API answers in
+    microseconds. ctypes rather than a CUDA Python package: libcuda is the one library iree:cuda
+    needs anyway.
+    """
+    name = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+        device = ctypes.c_int()
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
+            return None
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
+        if lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0:
+            return None
+        if lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return major.value, minor.value
+
+
+class CudaContext:
+    """The primary CUDA context of one GPU, made current on each thread that calls IREE.
+
+    IREE's CUDA driver retains the device's primary context and makes it current on the thread
+    that creates the device, and nowhere else: loading a module or invoking from another thread
+    fails with CUDA_ERROR_INVALID_CONTEXT (seen on an H200 with iree-base-runtime 3.13: the
+    HAL's discovery thread, and every thread but the first of a threaded caller). ``enter`` costs
+    one thread-local lookup once a thread has the context.
+    """
+
+    def __init__(self, ordinal: int = 0) -> None:
+        self._lib = ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
+        device = ctypes.c_int()
+        self._context = ctypes.c_void_p()
+        if self._lib.cuInit(0) != 0 or self._lib.cuDeviceGet(ctypes.byref(device), ordinal) != 0:
+            msg = f"the CUDA driver cannot open device {ordinal}"
+            raise CompileError(msg)
+        # Retained for the life of the process, as IREE's device retains it.
+        if self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(self._context), device) != 0:
+            msg = f"the CUDA driver cannot retain the primary context of device {ordinal}"
+            raise CompileError(msg)
+        self._local = threading.local()
+
+    def enter(self) -> None:
+        if getattr(self._local, "current", False):
+            return
+        if self._lib.cuCtxSetCurrent(self._context) != 0:
+            msg = "the CUDA driver cannot make the GPU's context current on this thread"
+            raise CompileError(msg)
+        self._local.current = True
+
+
+#: ``--iree-cuda-target`` values iree-compile 3.13 accepts (each tried on a one-op module): it
+#: has no sm_90 or sm_100 ("missing GPU target in #hal.executable.target", iree-org/iree#22147).
+_IREE_CUDA_TARGETS = (60, 61, 70, 72, 75, 80, 86, 87, 89, 120)
+
+
+def iree_cuda_target(capability: tuple[int, int]) -> str | None:
+    """The newest target iree-compile knows that a GPU of ``capability`` runs: its own, or an
+    older one whose PTX the driver compiles for it (sm_89 for an H100/H200's 9.0)."""
+    value = capability[0] * 10 + capability[1]
+    known = [t for t in _IREE_CUDA_TARGETS if t <= value]
+    return f"sm_{max(known)}" if known else None
+
+
 def short_reason(exc: BaseException, driver: str) -> str:
     """The runtime's error for a driver, cut to its first line without source locations,
     followed by what to do."""
@@ -144,6 +229,7 @@ class IreeBackend(Backend):
         self._lock = threading.Lock()
         self._instance: Any = None
         self._hal_modules: dict[str, tuple[Any, Any]] = {}
+        self._cuda: CudaContext | None = None  # made on the first iree:cuda load
 
     @property
     def version(self) -> str:
@@ -171,7 +257,11 @@ class IreeBackend(Backend):
                 available_devices = rt.get_driver(driver).query_available_devices()
                 if not available_devices:
                     raise RuntimeError(f"the {driver} driver found no devices")
-                rt.get_device(driver)  # cached by the runtime; proves a device can be created
+                # Proves a device can be created, and drops it. Not rt.get_device(), which keeps
+                # the device for the process: discovery runs on a thread that then ends, and a
+                # CUDA device made there fails every later load with CUDA_ERROR_INVALID_CONTEXT
+                # (seen on an H200); prepare makes its own (see _runtime).
+                rt.get_driver(driver).create_default_device()
             except Exception as exc:  # the runtime raises RuntimeError or ValueError per driver
                 devices.append(self._device(name, driver, kind, vendor, False, short_reason(exc, driver), details))
                 continue
@@ -180,6 +270,11 @@ class IreeBackend(Backend):
             details["devices"] = len(available_devices)
             if driver == "local-task":
                 details["target"] = "llvm-cpu (host CPU features)"
+            elif driver == "cuda":
+                capability = cuda_compute_capability()
+                if capability is not None:
+                    details["compute_capability"] = f"{capability[0]}.{capability[1]}"
+                    details["gpu_target"] = iree_cuda_target(capability) or ""
             devices.append(self._device(name, driver, kind, vendor, True, None, details))
         return devices
 
@@ -202,7 +297,8 @@ class IreeBackend(Backend):
         return Device(
             id=f"iree:{name}", backend=self.name, vendor=vendor, name=label, kind=kind,
             capabilities=caps, available=available, reason=reason, details=details,
-            handle=driver,  # the IREE HAL driver prepare compiles for and loads on
+            # the IREE HAL driver prepare compiles for and loads on, and the GPU's own target
+            handle=_Handle(driver, details.get("gpu_target") or None),
         )
 
     # -- preparing a model -----------------------------------------------------------------
@@ -217,8 +313,9 @@ class IreeBackend(Backend):
         if unknown:
             msg = f"unknown option(s) {unknown} for {device.id}; hal-iree accepts {list(_OPTIONS)}"
             raise CompileError(msg)
-        driver = self.handle_of(device, str)
-        gpu_target = extra.get("iree_gpu_target")
+        handle = self.handle_of(device, _Handle)
+        driver = handle.driver
+        gpu_target = extra.get("iree_gpu_target", handle.gpu_target)
         if gpu_target is not None and not isinstance(gpu_target, str):
             msg = f"iree_gpu_target must be a string such as 'sm_90' or 'gfx942', got {gpu_target!r}"
             raise CompileError(msg)
@@ -304,18 +401,29 @@ class IreeBackend(Backend):
             if self._instance is None:
                 self._instance = rt.VmInstance()
             if driver not in self._hal_modules:
-                device = rt.get_device(driver)
+                device = rt.get_driver(driver).create_default_device()
                 self._hal_modules[driver] = (device, rt.create_hal_module(self._instance, device))
             device, hal_module = self._hal_modules[driver]
             return self._instance, device, hal_module
+
+    def _cuda_context(self) -> CudaContext:
+        with self._lock:
+            if self._cuda is None:
+                self._cuda = CudaContext()
+            return self._cuda
 
     def _load(self, data: bytes, model: LoweredModel, device: Device) -> IreeRunner:
         import iree.runtime as rt
 
         from hal_iree._compile import ENTRY
         from hal_iree._runner import IreeRunner
+        from hal_iree._shapes import ShapeOracle
 
-        instance, hal_device, hal_module = self._runtime(self.handle_of(device, str))
+        driver = self.handle_of(device, _Handle).driver
+        instance, hal_device, hal_module = self._runtime(driver)
+        on_thread = self._cuda_context().enter if driver == "cuda" else None
+        if on_thread is not None:
+            on_thread()
         try:
             vm_module = rt.VmModule.copy_buffer(instance, data)
         except Exception as exc:
@@ -330,7 +438,11 @@ class IreeBackend(Backend):
         inputs = [(i.name, i.format) for i in model.inputs]
         outputs = [(o.name, o.format) for o in model.outputs]
         try:
-            return IreeRunner(vm_module, hal_module, hal_device, instance, function, inputs, outputs)
+            shapes = (
+                ShapeOracle(model.proto, [n for n, _ in inputs], [n for n, _ in outputs])
+                if ShapeOracle.needed(model.proto) else None
+            )
+            return IreeRunner(vm_module, hal_module, hal_device, instance, function, inputs, outputs, on_thread, shapes)
         except KeyError as exc:
             msg = f"IREE's runtime cannot exchange tensors of type {exc.args[0].value} with {device.id}"
             raise CompileError(msg) from None

@@ -49,7 +49,7 @@ class Chip:
 #: Known chips, most specific pattern first (an H100 PCIe must not pick up the SXM figures).
 #: NVML names seen in the wild: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe",
 #: "NVIDIA A100-SXM4-80GB" (PCIe cards differ in
-#: bandwidth and are left out), "NVIDIA B200", "NVIDIA H800", "NVIDIA H20".
+#: bandwidth and are left out), "NVIDIA B200", "NVIDIA H800", "NVIDIA H20", "NVIDIA H200" (seen).
 CHIPS: tuple[Chip, ...] = (
     Chip(
         r"\bH100\b.*(SXM|HBM3)",
@@ -57,6 +57,14 @@ CHIPS: tuple[Chip, ...] = (
         (("float8_e4m3fn", 1979.0), ("float8_e5m2", 1979.0), ("bfloat16", 989.0), ("float16", 989.0)),
         3350.0,
         "NVIDIA H100 datasheet (chips.md); float16 dense equals bfloat16 in the same datasheet",
+    ),
+    Chip(
+        r"\bH200\b(?!.*NVL)",
+        "H200 SXM",
+        (("float8_e4m3fn", 1979.0), ("float8_e5m2", 1979.0), ("bfloat16", 989.0), ("float16", 989.0)),
+        4800.0,
+        "NVIDIA H200 datasheet (SXM: the H100's compute, 141 GB HBM3e at 4.8 TB/s); not in chips.md, "
+        "unverified here. NVML's name 'NVIDIA H200' as read on a lent H200 (2026-12-04)",
     ),
     Chip(
         r"\bH800\b(?!.*PCIe)",

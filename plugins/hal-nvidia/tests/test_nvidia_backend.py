@@ -206,6 +206,10 @@ def test_chip_table_matching() -> None:
     assert find_chip("NVIDIA H100 PCIe") is None
     assert find_chip("NVIDIA A100 80GB PCIe") is None
     assert find_chip("NVIDIA H800 PCIe") is None
+    # NVML's name on a real H200 (read on a lent machine); not the H20, whose name it contains.
+    assert find_chip("NVIDIA H200").model == "H200 SXM"  # type: ignore[union-attr]
+    assert find_chip("NVIDIA H20").model == "H20"  # type: ignore[union-attr]
+    assert find_chip("NVIDIA H200 NVL") is None  # the PCIe card's figures differ
     assert "secondary" in find_chip("NVIDIA H800").source  # type: ignore[union-attr]
     # nvmlDeviceGetNvLinkVersion answers the nvmlNvlinkVersion_t enum, not the generation
     assert [nvlink_generation(v) for v in (4, 5, 6, 7)] == [3, 3, 4, 5]
