@@ -434,3 +434,27 @@ class TestInputsOutsideTheModelsDomain:
         finally:
             reg.remove_plugin("drift")
         assert exe.verification.passed
+
+    def test_seeded_inputs_with_an_empty_answer_leave_the_device_unrun(self, fresh_registry):
+        """CenterCropPad to a seeded shape [0, 0, 1]: the reference answers an empty tensor, which
+        proves nothing, and IREE corrupted its heap there (the process ended)."""
+        model = make_model(
+            [helper.make_node("CenterCropPad", ["x", "shape"], ["y"])],
+            [("x", TensorProto.FLOAT, [10, 7, 3]), ("shape", TensorProto.INT64, [3])],
+            [("y", TensorProto.FLOAT, ["a", "b", "c"])],
+            opset=18,
+        )
+        feeds = seeded_feeds(hal.compile(model).model.inputs)
+        assert 0 in feeds["shape"], "the seeded shape has no 0: the test would not test anything"
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0))
+        try:
+            before = Counter.runs
+            exe = hal.compile(model).to("drift:0", strict=True)
+            assert Counter.runs == before, "the device was run on inputs whose answer is empty"
+            real = {"x": np.ones((10, 7, 3), np.float32), "shape": np.array([4, 4, 3], np.int64)}
+            verified = hal.compile(model).to("drift:0", strict=True, example=real)
+        finally:
+            reg.remove_plugin("drift")
+        assert exe.verification.status == "skipped" and "empty outputs (y (0, 0, 1))" in exe.verification.detail
+        assert verified.verification.passed
