@@ -110,9 +110,21 @@ Testing
 
 The contract kit: ``pytest -p hal.testing --hal-device NAME:0`` runs the backend contract on a
 device from your own test suite (see :mod:`hal.testing`); on an unavailable device it checks the
-reason and skips the rest. To try a plugin that is not installed, :func:`add_plugin` registers a
-module in this process (and :func:`remove_plugin` takes it out); :meth:`LoweredModel.from_proto`
-builds ``prepare``'s argument for tests that call a backend directly.
+reason and skips the rest. A plugin's tests import from onnx-hal only ``hal``, ``hal.plugin``,
+``hal.errors`` and ``hal.testing`` with its submodules (this repository checks its plugins' tests
+as it checks their code). What they have here:
+
+- :func:`add_plugin` registers a module in this process, to try a plugin that is not installed
+  (:func:`remove_plugin` takes it out);
+- :func:`reload_plugins` after changing ``HAL_LOAD_PLUGINS`` / ``HAL_DISABLE_PLUGINS`` (with
+  ``monkeypatch.setenv``): plugins and devices are found afresh on next use;
+- :func:`backend` is the instance of your backend the host calls, to read what it counts
+  (compiles, cache hits) or to call ``prepare`` directly, with :meth:`LoweredModel.from_proto`
+  building its argument and ``hal.devices()`` the device;
+- :func:`runtime_limits`: the IR version and opset the installed onnxruntime loads, for a test of
+  an :class:`OrtBackend` that checks what :func:`fit_capabilities` made of its table;
+- :attr:`Artifact.record` is where a cache file's record lives, for a test that damages one
+  (``Artifact(path, key).record``, with the path and key your backend gives it).
 """
 
 from __future__ import annotations
@@ -133,8 +145,8 @@ __all__ = [
     "Artifact", "OrtBackend", "OrtRunner", "bits_view", "fit_capabilities", "from_bits", "pack", "unpack",
     # errors
     "CompileError", "HalError", "RunError", "UnavailableDeviceError",
-    # trying a plugin in-process
-    "add_plugin", "remove_plugin",
+    # testing a plugin
+    "add_plugin", "backend", "reload_plugins", "remove_plugin", "runtime_limits",
 ]
 
 # Loaded on first use, as in ``hal``: a plugin module importing names from here pays only for
@@ -149,7 +161,7 @@ _LAZY = {
         ),
         "hal.lowering": ("LoweredModel", "LoweringStep", "StepKind"),
         "hal.model": ("TensorInfo",),
-        "hal.backends.onnxruntime": ("OrtBackend", "OrtRunner", "fit_capabilities"),
+        "hal.backends.onnxruntime": ("OrtBackend", "OrtRunner", "fit_capabilities", "runtime_limits"),
         "hal.tensors": ("bits_view", "from_bits", "pack", "unpack"),
         "hal.cache": ("Artifact",),
         "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
@@ -159,7 +171,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from hal.backend import Backend, CompileOptions, Device, Runner
-    from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities
+    from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities, runtime_limits
     from hal.cache import Artifact
     from hal.capabilities import (
         Capabilities, DeviceKind, E8M0Encoding, Health, Interconnect, InterconnectKind, Maturity, Memory,
@@ -185,6 +197,28 @@ def remove_plugin(name: str) -> None:
     from hal._plugins import registry
 
     registry().remove_plugin(name)
+
+
+def reload_plugins() -> None:
+    """Forget every plugin, backend and discovered device of this process (in-process plugins
+    from :func:`add_plugin` too); the next use of the HAL loads them again, reading
+    ``HAL_LOAD_PLUGINS``, ``HAL_DISABLE_PLUGINS`` and the installed entry points afresh. For a test
+    that changes those variables: call it after ``monkeypatch.setenv`` and again in a
+    ``finally`` (the variables are restored after the test, and the next use sees them)."""
+    from hal._plugins import reset_registry
+
+    reset_registry()
+
+
+def backend(name: str) -> Backend:
+    """The registered backend named ``name`` (``"openvino"``, not a device id): the instance the
+    HAL calls in this process, loading plugins first if none are loaded. A test reads what the
+    backend keeps (counters such as compiles and cache hits) or calls ``prepare`` on it directly.
+    An unknown name raises :class:`hal.errors.UnknownDeviceError` (a :class:`HalError` and a
+    ``KeyError``) listing the registered backends."""
+    from hal._plugins import registry
+
+    return registry().backend(name)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,8 +3,6 @@ allow and block lists, and plugins that break in every way we know of."""
 
 from __future__ import annotations
 
-import importlib
-import textwrap
 import time
 
 import pytest
@@ -146,42 +144,6 @@ class TestBrokenPlugins:
         reg.add_plugin(Plugin(OneDeviceBackend(devices=devices)), name="acme")
         assert "ort:cpu" in ids(reg)
         assert any(message in p.error for p in reg.problems())
-
-
-@pytest.fixture
-def installed(tmp_path, monkeypatch):
-    """Two real distributions on sys.path with `hal` entry points: one good, one that fails to
-    import. importlib.metadata finds them exactly as it finds pip-installed plugins."""
-    (tmp_path / "hal_goodvendor.py").write_text(
-        textwrap.dedent(
-            """
-            import hal
-
-            class Backend(hal.Backend):
-                name = "good"
-                version = "1.2.3"
-                def discover(self):
-                    return [hal.Device(id="good:0", backend="good", vendor="Good", name="G1", kind="gpu")]
-                def prepare(self, model, device, options):
-                    raise hal.errors.CompileError("not in this test")
-
-            @hal.hookimpl
-            def hal_register_backends(register):
-                register(Backend())
-            """
-        )
-    )
-    (tmp_path / "hal_badvendor.py").write_text("import vendor_sdk_that_is_not_installed\n")
-    for dist, module in (("hal_goodvendor", "goodvendor"), ("hal_badvendor", "badvendor")):
-        info = tmp_path / f"{dist}-1.2.3.dist-info"
-        info.mkdir()
-        name = dist.replace("_", "-")
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
-        (info / "entry_points.txt").write_text(f"[hal]\n{module} = {dist}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
-    yield
-    _plugins.reset_registry()
 
 
 class TestEntryPoints:

@@ -37,18 +37,45 @@ PLUGIN_PACKAGES = sorted(
 )
 
 
-def private_imports(source: str) -> list[str]:
-    """The imports in ``source`` that reach into onnx-hal past ``hal`` and ``hal.plugin``: any
-    other ``hal.*`` module, or a name ``from hal import`` that is not in ``hal.__all__``."""
+#: The plugins' test suites: what a vendor's tests may import is checked too.
+PLUGIN_TESTS = sorted([*ROOT.glob("plugins/*/tests"), ROOT / "examples/plugin/tests"], key=str)
+
+#: The onnx-hal modules past ``hal`` that a plugin's code may import.
+CODE_MODULES = frozenset({"hal.plugin"})
+#: ... and its tests: the errors and the testing package with its submodules (the contract kit,
+#: model builders) besides.
+TEST_MODULES = frozenset({"hal.plugin", "hal.errors", "hal.testing"})
+
+
+def _public(module: str, allowed: frozenset[str]) -> bool:
+    if module in allowed:
+        return True
+    package, _, rest = module.rpartition(".")
+    return package == "hal.testing" and "hal.testing" in allowed and not rest.startswith("_")
+
+
+def private_imports(source: str, allowed: frozenset[str] = CODE_MODULES) -> list[str]:
+    """The imports in ``source`` that reach into onnx-hal past ``hal`` and the ``allowed``
+    modules: any other ``hal.*`` module, or a name ``from hal import`` that is neither in
+    ``hal.__all__`` nor an allowed module. Strings that are Python with imports (a script a test
+    runs in a child process) are checked as well."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.startswith("hal.") and a.name != "hal.plugin"]
+            found += [a.name for a in node.names if a.name.startswith("hal.") and not _public(a.name, allowed)]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "hal":
-                found += [f"hal.{a.name}" for a in node.names if a.name not in hal.__all__ and a.name != "plugin"]
-            elif node.module.startswith("hal.") and node.module != "hal.plugin":
+                found += [
+                    f"hal.{a.name}" for a in node.names
+                    if a.name not in hal.__all__ and not _public(f"hal.{a.name}", allowed)
+                ]
+            elif node.module.startswith("hal.") and not _public(node.module, allowed):
                 found.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:
+                found += private_imports(node.value, allowed)
+            except SyntaxError:  # prose, not a script
+                pass
     return found
 
 
@@ -82,6 +109,20 @@ class TestPluginsImportOnlyThePublicSurface:
         )
         assert private_imports(bad) == ["hal.backend", "hal.tensors", "hal._plugins"]
 
+    def test_tests_may_use_the_errors_and_the_testing_package(self):
+        source = (
+            "import hal.errors\nfrom hal.errors import InputError\nfrom hal.testing.build import make_model\n"
+            "from hal import testing\nimport hal.testing.models\nfrom hal.testing._x import y\n"
+            "from hal.cache import RECORD_SUFFIX\n"
+            'CHILD = """\nimport sys, hal\nfrom hal._plugins import registry\n"""\n'
+            'PROSE = "import what you need"\n'
+        )
+        assert private_imports(source, TEST_MODULES) == ["hal.testing._x", "hal.cache", "hal._plugins"]
+        assert private_imports(source) == [
+            "hal.errors", "hal.errors", "hal.testing.build", "hal.testing", "hal.testing.models", "hal.testing._x",
+            "hal.cache", "hal._plugins",
+        ]
+
     @pytest.mark.parametrize("package", PLUGIN_PACKAGES, ids=lambda p: p.name)
     def test_plugin_imports_only_hal_and_hal_plugin(self, package):
         files = sorted(package.rglob("*.py"))
@@ -89,8 +130,18 @@ class TestPluginsImportOnlyThePublicSurface:
         reached = {str(f.relative_to(ROOT)): private_imports(f.read_text()) for f in files}
         assert not {f: names for f, names in reached.items() if names}
 
+    @pytest.mark.parametrize("tests", PLUGIN_TESTS, ids=lambda p: p.parent.name)
+    def test_plugin_tests_import_only_the_public_surface(self, tests):
+        """A plugin's tests are what its author copies from: hal, hal.plugin, hal.errors and
+        hal.testing only, child-process scripts included."""
+        files = sorted(tests.rglob("*.py"))
+        assert files, f"no tests under {tests}"
+        reached = {str(f.relative_to(ROOT)): private_imports(f.read_text(), TEST_MODULES) for f in files}
+        assert not {f: names for f, names in reached.items() if names}
+
     def test_every_plugin_is_checked(self):
         assert {p.name for p in PLUGIN_PACKAGES} >= {"hal_openvino", "hal_iree", "hal_nvidia", "hal_ascend", "hal_example"}
+        assert {p.parent.name for p in PLUGIN_TESTS} >= {"hal-openvino", "hal-iree", "hal-nvidia", "hal-ascend", "plugin"}
 
 
 class TestLoweredModel:
@@ -145,6 +196,14 @@ class Ordinal(OrtBackend):
 
     def discover(self):  # pragma: no cover - not called
         return []
+
+
+class OrdinalPlugin:
+    """An in-process plugin registering :class:`Ordinal`."""
+
+    @hal.hookimpl
+    def hal_register_backends(self, register):
+        register(Ordinal())
 
 
 class TestDevices:
@@ -236,19 +295,97 @@ class TestTheOnnxruntimeGuard:
 
 class TestInProcessPlugins:
     def test_add_and_remove_plugin(self, fresh_registry):
-        class Plugin:
-            @hal.hookimpl
-            def hal_register_backends(self, register):
-                register(Ordinal())
-
         fresh_registry()
-        hal.plugin.add_plugin(Plugin(), name="ordinal-plugin")
+        hal.plugin.add_plugin(OrdinalPlugin(), name="ordinal-plugin")
         try:
             info = {p.name: p for p in hal.plugins()}["ordinal-plugin"]
             assert info.status == "loaded" and info.backends == ("ordinal",)
         finally:
             hal.plugin.remove_plugin("ordinal-plugin")
         assert "ordinal-plugin" not in {p.name for p in hal.plugins()}
+
+
+class TestReloadPlugins:
+    """``hal.plugin.reload_plugins()``: the HAL_* variables and entry points are read afresh."""
+
+    def loaded(self) -> set[str]:
+        return {p.name for p in hal.plugins() if p.status == "loaded"}
+
+    def test_it_picks_up_a_changed_allow_list(self, installed, fresh_registry, monkeypatch):
+        assert "goodvendor" not in self.loaded()  # HAL_LOAD_PLUGINS="" (fresh_registry)
+        monkeypatch.setenv("HAL_LOAD_PLUGINS", "goodvendor")
+        assert "goodvendor" not in self.loaded()  # read once, until reloaded
+        hal.plugin.reload_plugins()
+        assert "goodvendor" in self.loaded()
+        assert "good:0" in {d.id for d in hal.devices()}
+        monkeypatch.setenv("HAL_LOAD_PLUGINS", "")
+        hal.plugin.reload_plugins()
+        assert "goodvendor" not in self.loaded() and "good:0" not in {d.id for d in hal.devices()}
+
+    def test_it_picks_up_a_changed_block_list(self, fresh_registry, monkeypatch):
+        assert "cpu" in self.loaded()
+        monkeypatch.setenv("HAL_DISABLE_PLUGINS", "cpu")
+        hal.plugin.reload_plugins()
+        assert {p.name: p.status for p in hal.plugins()}["cpu"] == "blocked"
+        assert "ort:cpu" not in {d.id for d in hal.devices()}
+
+    def test_it_forgets_in_process_plugins_and_backend_instances(self, fresh_registry):
+        before = hal.plugin.backend("ort")
+        hal.plugin.add_plugin(OrdinalPlugin(), name="ordinal-plugin")
+        try:
+            assert "ordinal-plugin" in self.loaded()
+            hal.plugin.reload_plugins()
+            assert "ordinal-plugin" not in self.loaded()
+            assert hal.plugin.backend("ort") is not before  # built again, with discovery afresh
+        finally:
+            hal.plugin.remove_plugin("ordinal-plugin")
+
+
+class TestBackend:
+    """``hal.plugin.backend(name)``: the instance the HAL calls in this process."""
+
+    def test_it_is_the_instance_the_hal_prepares_with(self, fresh_registry, add_model, monkeypatch):
+        backend = hal.plugin.backend("ort")
+        assert backend.name == "ort" and isinstance(backend, hal.plugin.Backend)
+        seen = []
+        prepare = backend.prepare
+        monkeypatch.setattr(backend, "prepare", lambda model, device, options: seen.append(device.id) or prepare(model, device, options))
+        hal.compile(add_model).to("ort:cpu", strict=True, verify=False)
+        assert seen == ["ort:cpu"]
+        assert hal.plugin.backend("ort") is backend
+
+    def test_it_finds_in_process_plugins(self, fresh_registry):
+        hal.plugin.add_plugin(OrdinalPlugin(), name="ordinal-plugin")
+        try:
+            assert isinstance(hal.plugin.backend("ordinal"), Ordinal)
+        finally:
+            hal.plugin.remove_plugin("ordinal-plugin")
+        with pytest.raises(hal.errors.HalError, match="no backend named 'ordinal'"):
+            hal.plugin.backend("ordinal")
+
+    def test_an_unknown_name_is_a_hal_error_naming_the_known_ones(self, fresh_registry):
+        with pytest.raises(hal.errors.HalError, match=r"no backend named 'nope'; registered: .*\bort\b") as info:
+            hal.plugin.backend("nope")
+        assert isinstance(info.value, KeyError)
+        with pytest.raises(hal.errors.HalError, match="no backend named 'ort:cpu'"):
+            hal.plugin.backend("ort:cpu")  # a device id is not a backend's name
+
+
+class TestRuntimeLimits:
+    def test_they_are_the_installed_onnxruntimes(self, tmp_path, monkeypatch):
+        import onnxruntime as ort
+
+        monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path))
+        limits = hal.plugin.runtime_limits()
+        assert limits.version == ort.__version__
+        # what the probe found loads: a model at the limits is accepted by onnxruntime itself
+        model = make_model(
+            [helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2])], [("y", TensorProto.FLOAT, [2])],
+            opset=limits.max_opset, ir_version=limits.max_ir_version,
+        )
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.array([-1, 2], np.float32)
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], [0, 2])
 
 
 class TestPluginNew:

@@ -22,11 +22,11 @@ from hal_ascend.backend import NO_NPU_ID, AscendBackend, NpuInfo, parse_npu_smi,
 from onnx import TensorProto, helper
 
 import hal
-from hal._plugins import reset_registry
-from hal.plugin import CompileOptions, Device, LoweredModel
-from hal.backends.onnxruntime import runtime_limits
-from hal.capabilities import E8M0Encoding, InterconnectKind, Maturity, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
+from hal.plugin import (
+    CompileOptions, Device, E8M0Encoding, InterconnectKind, LoweredModel, Maturity, NumberFormat,
+    ScaledFormat, Support, reload_plugins, runtime_limits,
+)
 
 F = NumberFormat
 
@@ -96,14 +96,14 @@ def test_no_cann_lists_an_unavailable_placeholder() -> None:
 def test_compiling_for_ascend_raises_through_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real, through the public API: the placeholder is listed and compiling for it raises."""
     monkeypatch.setenv("HAL_LOAD_PLUGINS", "ascend")
-    reset_registry()
+    reload_plugins()
     try:
         devices = {d.id: d for d in hal.devices()}
         assert not devices[NO_NPU_ID].available
         with pytest.raises(UnavailableDeviceError, match="libascendcl"):
             hal.compile(_add_model()).to(NO_NPU_ID)
     finally:
-        reset_registry()
+        reload_plugins()
 
 
 @no_cann

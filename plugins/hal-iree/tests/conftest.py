@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import hal
-from hal import _plugins
+import hal.plugin
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,14 +28,14 @@ def _iree_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if "iree" not in loaded:
         os.environ["HAL_LOAD_PLUGINS"] = ",".join([*loaded, "iree"])
     os.environ["HAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("hal-cache"))
-    _plugins.reset_registry()
+    hal.plugin.reload_plugins()
     yield
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    _plugins.reset_registry()
+    hal.plugin.reload_plugins()
 
 
 def to_strict(compiled: hal.CompiledModel, device: str, **extra: object) -> hal.Executable:
@@ -48,7 +48,7 @@ def to_strict(compiled: hal.CompiledModel, device: str, **extra: object) -> hal.
 
 def iree_backend():  # type: ignore[no-untyped-def]
     """The registered IreeBackend instance (its compile_count / cache_hits counters)."""
-    return _plugins.registry().backend("iree")
+    return hal.plugin.backend("iree")
 
 
 def make(

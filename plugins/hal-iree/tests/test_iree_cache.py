@@ -16,13 +16,14 @@ import pytest
 from conftest import feeds_for, iree_backend, mlp_model, to_strict
 
 import hal
-from hal.cache import RECORD_SUFFIX
+from hal.plugin import Artifact
 
 DEVICE = "iree:local-task"
 
 
 def _record(vmfb: Path) -> Path:
-    return vmfb.with_name(vmfb.name + RECORD_SUFFIX)
+    """The record next to a vmfb, which hal-iree names by its cache key."""
+    return Artifact(vmfb, vmfb.stem).record
 
 
 @pytest.fixture
@@ -165,10 +166,9 @@ def test_a_full_disk_is_skipped(tmp_path: Path) -> None:
 
 
 _WARM_CHILD = """
-import sys, hal
-from hal._plugins import registry
+import sys, hal, hal.plugin
 exe = hal.compile(sys.argv[1]).to("iree:local-task", strict=True)
-backend = registry().backend("iree")
+backend = hal.plugin.backend("iree")
 print(backend.compile_count, backend.cache_hits, "iree.compiler" in sys.modules)
 """
 

@@ -10,8 +10,8 @@ from conftest import make, to_strict
 from onnx import TensorProto, helper
 
 import hal
-from hal.capabilities import NumberFormat, Support
 from hal.errors import CompileError
+from hal.plugin import NumberFormat, Support
 from hal_iree.backend import cpu_capabilities, host_cpu_flags
 
 DEVICE = "iree:local-task"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import hal
-from hal.capabilities import DeviceKind
+from hal.plugin import DeviceKind
 
 
 def _iree_devices() -> dict[str, hal.Device]:

@@ -24,11 +24,11 @@ from hal_nvidia.chips import NVLINK_LINK_GBPS, find_chip, nvlink_generation
 from onnx import TensorProto, helper
 
 import hal
-from hal._plugins import reset_registry
-from hal.plugin import CompileOptions, Device, LoweredModel
-from hal.backends.onnxruntime import runtime_limits
-from hal.capabilities import E8M0Encoding, InterconnectKind, NumberFormat, ScaledFormat, Support
 from hal.errors import CompileError, HalError, UnavailableDeviceError
+from hal.plugin import (
+    CompileOptions, Device, E8M0Encoding, InterconnectKind, LoweredModel, NumberFormat, ScaledFormat, Support,
+    reload_plugins, runtime_limits,
+)
 
 F = NumberFormat
 
@@ -248,14 +248,14 @@ def test_no_driver_real() -> None:
 def test_compiling_for_the_placeholder_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real, through the public API: cuda:none is listed and compiling for it raises a HalError."""
     monkeypatch.setenv("HAL_LOAD_PLUGINS", "nvidia")
-    reset_registry()
+    reload_plugins()
     try:
         devices = {d.id: d for d in hal.devices()}
         assert NO_GPU_ID in devices and not devices[NO_GPU_ID].available
         with pytest.raises(UnavailableDeviceError, match="NVML"):
             hal.compile(_add_model()).to(NO_GPU_ID)
     finally:
-        reset_registry()
+        reload_plugins()
 
 
 def test_prepare_refuses_an_unavailable_device() -> None:

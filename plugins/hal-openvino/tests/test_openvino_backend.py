@@ -11,9 +11,9 @@ from onnx import TensorProto, helper
 from ov_models import attention, conv, long_dot, make, mlp, vi
 
 import hal
-from hal._plugins import registry
-from hal.plugin import CompileOptions, LoweredModel
+import hal.plugin
 from hal.errors import CompileError, InputError
+from hal.plugin import CompileOptions, LoweredModel
 
 
 def test_import_does_not_load_openvino():
@@ -99,7 +99,7 @@ class TestPrecisionProperties:
     def test_device_lists_which_it_has(self, cpu):
         from hal_openvino.backend import EXACT_PRECISION
 
-        supported = registry().backend("openvino").core().get_property("CPU", "SUPPORTED_PROPERTIES")
+        supported = hal.plugin.backend("openvino").core().get_property("CPU", "SUPPORTED_PROPERTIES")
         listed = dict(cpu.details)["precision_properties"].split(",")
         assert listed == [key for key in EXACT_PRECISION if key in supported]
         assert {"INFERENCE_PRECISION_HINT", "DYNAMIC_QUANTIZATION_GROUP_SIZE"} <= set(listed)
@@ -117,7 +117,7 @@ class TestPrecisionProperties:
     def test_reduced_precision_leaves_openvinos_defaults(self, cpu, caplog):
         from hal_openvino.backend import exact_precision
 
-        core = registry().backend("openvino").core()
+        core = hal.plugin.backend("openvino").core()
         with caplog.at_level("INFO", logger="hal_openvino"):
             exe = hal.compile(mlp()).to("openvino:CPU", strict=True, verify=False, reduced_precision=True)
         for key in exact_precision(cpu):
@@ -135,7 +135,7 @@ class TestPrecisionProperties:
             hal.compile(mlp()).to("openvino:CPU", strict=True, config={key: value})
         exe = hal.compile(mlp()).to("openvino:CPU", strict=True, verify=False, reduced_precision=True, config={key: value})
         # What OpenVINO makes of the value on this CPU (it ignores bf16 without BF16 hardware).
-        core = registry().backend("openvino").core()
+        core = hal.plugin.backend("openvino").core()
         direct = core.compile_model(core.read_model(mlp().SerializeToString(), b""), "CPU", {key: value})
         assert _property_text(exe.runner.compiled.get_property(key)) == _property_text(direct.get_property(key))
 
@@ -179,7 +179,7 @@ def test_model_cache_is_populated(tmp_path, monkeypatch):
 
 def test_warm_compile_loads_the_blob_without_reading_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
-    backend = registry().backend("openvino")
+    backend = hal.plugin.backend("openvino")
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     compiles, hits = backend.compile_count, backend.cache_hits
     cold = hal.compile(conv()).to("openvino:CPU", strict=True)
@@ -218,15 +218,14 @@ def test_damaged_model_file_is_written_again(tmp_path, monkeypatch):
     assert model_file.read_bytes() == compiled.model.serialized
 
 
-def test_unsupported_operator_raises_compile_error():
+def test_unsupported_operator_raises_compile_error(cpu):
     model = make(
         [helper.make_node("Add", ["x", "x"], ["y"])],
         [vi("x", TensorProto.FLOAT8E4M3FN, [4])],
         [vi("y", TensorProto.FLOAT8E4M3FN, [4])],
     )
-    device = registry().device("openvino:CPU")
     with pytest.raises(CompileError, match=r"openvino:CPU.*unsupported src_prc: f8e4m3"):
-        registry().backend("openvino").prepare(LoweredModel.from_proto(model), device, CompileOptions())
+        hal.plugin.backend("openvino").prepare(LoweredModel.from_proto(model), cpu, CompileOptions())
 
 
 def test_unreadable_model_raises_compile_error():
@@ -277,11 +276,10 @@ def test_an_openvino_that_cannot_start_lists_one_unavailable_device():
     assert "plugins.xml is missing" in device.reason and "Exception from" not in device.reason
 
 
-def test_prepare_finds_the_device_by_its_handle():
+def test_prepare_finds_the_device_by_its_handle(cpu):
     """Device records read back from JSON carry no handle: prepare says so instead of guessing."""
     from hal.plugin import Device, LoweredModel
 
-    device = registry().device("openvino:CPU")
-    assert device.handle.name == "CPU" and "FP32" in device.handle.optimization
+    assert cpu.handle.name == "CPU" and "FP32" in cpu.handle.optimization
     with pytest.raises(CompileError, match="no OpenVinoDevice handle"):
-        registry().backend("openvino").prepare(LoweredModel.from_proto(mlp()), Device.from_dict(device.to_dict()), CompileOptions())
+        hal.plugin.backend("openvino").prepare(LoweredModel.from_proto(mlp()), Device.from_dict(cpu.to_dict()), CompileOptions())

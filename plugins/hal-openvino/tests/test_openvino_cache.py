@@ -20,8 +20,7 @@ from ov_models import mlp
 
 import hal
 import hal_openvino.backend as ov_backend
-from hal._plugins import registry
-from hal.cache import Artifact
+from hal.plugin import Artifact, backend
 
 DEVICE = "openvino:CPU"
 X = np.linspace(-2, 2, 4 * 64, dtype=np.float32).reshape(4, 64)
@@ -97,8 +96,7 @@ def test_a_blob_compiled_from_a_damaged_file_is_not_loaded_again(monkeypatch, ca
 
     monkeypatch.setattr(ov_backend, "Artifact", Unchecked)
     assert not np.allclose(run(model), want, rtol=1e-4, atol=1e-4)  # OpenVINO compiled the damaged file
-    backend = registry().backend("openvino")
-    assert backend.compile_count and list(path.parent.parent.glob("*.blob"))
+    assert backend("openvino").compile_count and list(path.parent.parent.glob("*.blob"))
 
     class SameSecond(Artifact):  # rewrites keep the damaged file's time
         def write(self, data, info=None) -> bool:

@@ -14,11 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ov_models import make, vi
 
 import hal
-from hal._plugins import registry
-from hal.plugin import CompileOptions, LoweredModel
-from hal.capabilities import NumberFormat
 from hal.errors import CompileError
-from hal.tensors import pack
+from hal.plugin import CompileOptions, LoweredModel, NumberFormat, backend, pack
 
 
 def _matmul_precisions(exe) -> set[str]:
@@ -94,7 +91,7 @@ def test_fp8_is_storage(cpu, fmt):
     # Does not compute: OpenVINO itself refuses an elementwise Add in the format ...
     add = make([helper.make_node("Add", ["x", "x"], ["y"])], [vi("x", fmt.onnx_type, [4])], [vi("y", fmt.onnx_type, [4])], opset=opset)
     with pytest.raises(CompileError, match="openvino:CPU"):
-        registry().backend("openvino").prepare(LoweredModel.from_proto(add), cpu, CompileOptions())
+        backend("openvino").prepare(LoweredModel.from_proto(add), cpu, CompileOptions())
     # ... so lowering computes it in float32 and rounds back, on OpenVINO (strict: no fallback).
     exe = hal.compile(add).to("openvino:CPU", strict=True)
     assert [s.kind for s in exe.lowering if s.kind not in ("verified", "unverified")] == ["legalize-format"]
