@@ -115,6 +115,8 @@ class $cls(Backend):
         # return an object with run(feeds, output_names) -> [one numpy array per name].
         # The core has already converted the model's opsets into your declared range and
         # legalized its formats; model.inputs / model.outputs / model.digest say what it knows.
+        # External data stays external: model.weights.array(tensor) reads a tensor's bytes (a
+        # read-only view), model.self_contained() gives one protobuf with them inside (< 2 GiB).
         # Raise CompileError with your runtime's one-line reason when it cannot compile.
         msg = f"hal_$name cannot compile for {device.id}: prepare() is not implemented yet"
         raise CompileError(msg)
@@ -196,6 +198,8 @@ An onnx-hal plugin for $title devices: backend `$name`, devices `$name:0`,
 3. Write `prepare()`: compile `model.proto` with your runtime and return a runner,
    `run(feeds, output_names) -> [arrays]`. The core has already converted the model's opsets into
    your declared range and legalized its formats; it verifies your answers after `prepare`.
+   Weights stored as external data stay external: read them with `model.weights.array(tensor)`
+   or take `model.self_contained()`, never a location from the model yourself.
 4. `pytest` again: the kit now runs for real on `$name:0` (discovery, errors, feeds as users
    have them, threads, every declared format, float32 precision, ONNX's node test cases). Change
    `--hal-device` in `setup.cfg` if your first device is not `$name:0`.

@@ -149,7 +149,8 @@ class Backend(abc.ABC):
     def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> Runner:
         """Compile ``model`` for ``device`` and return a :class:`Runner`.
 
-        ``model.proto`` is self-contained (external data loaded and checked), its opsets already
+        ``model.proto`` keeps external data external (checked; bytes in ``model.weights``, or
+        ``model.self_contained()`` for one protobuf up to 2 GiB), its opsets already
         converted into the device's declared range and its element types legalized for the
         device's declared formats; ``model.inputs``, ``model.outputs`` and ``model.digest`` say
         what the core knows, so do not read them from the graph again. Raise

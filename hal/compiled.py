@@ -103,6 +103,7 @@ class CompiledModel:
             if reference is None:
                 reference = Reference(
                     self.model.proto,
+                    weights=self.model.weights,
                     exclude=device_id if own else "",
                     ort_cpu=lambda: self.to("ort:cpu", verify=False, fallback=None),
                 )
@@ -131,7 +132,8 @@ class CompiledModel:
         return self.model.outputs
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the compiled model as one ONNX file carrying its manifest.
+        """Write the compiled model as one ONNX file carrying its manifest; a model with external
+        data gets its weights in one file beside it, ``<name>.data`` (64-byte aligned).
 
         The file appears whole or not at all, with the permissions a new file gets under the
         process's umask. Raises :class:`~hal.errors.OutputPathError` naming the path when it is a
@@ -140,10 +142,15 @@ class CompiledModel:
         import onnx
 
         target = _writable_file(path)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.model.proto)
-        proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(self.manifest, sort_keys=True))
+        weights = self.model.weights
         try:
+            if weights is None:
+                proto = onnx.ModelProto()
+                proto.CopyFrom(self.model.proto)
+            else:
+                # The weights go to one file beside the model, streamed from their mappings.
+                proto = weights.save_beside(self.model.proto, target, f"{target.name}.data")
+            proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(self.manifest, sort_keys=True))
             atomic_write(target, proto.SerializeToString())
             # atomic_write's temporary file is private (0600); a saved model is not.
             os.chmod(target, 0o666 & ~_umask())
@@ -322,7 +329,7 @@ class CompiledModel:
         )
         # Lowering converts opsets and legalizes inside the graph, never the declared inputs and
         # outputs, so the model's own records describe the lowered proto too.
-        lowered = LoweredModel(proto, self.model.inputs, self.model.outputs, digest, steps)
+        lowered = LoweredModel(proto, self.model.inputs, self.model.outputs, digest, steps, self.model.weights)
         try:
             runner = backend.prepare(lowered, device, options)
         except HalError:
@@ -403,7 +410,9 @@ class CompiledModel:
             data, digest = None, self.digest
         else:
             data = proto.SerializeToString(deterministic=True)
-            digest = hashlib.sha256(data).hexdigest()
+            weights = self.model.weights
+            # With external data, the digest covers the bytes, not where they sit (hal.weights).
+            digest = hashlib.sha256(data if weights is None else weights.normalized(proto)).hexdigest()
         meta = json.dumps({"steps": [s.to_dict() for s in steps], "unchanged": data is None, "digest": digest}).encode()
         cache.put(key, len(meta).to_bytes(8, "little") + meta + (data or b""))
         lowered = _Lowering(tuple(steps), digest, key, data)
@@ -644,10 +653,10 @@ def compile(model: str | os.PathLike[str] | bytes | onnx.ModelProto | Model) -> 
     proto = loaded.proto
     manifest = _strip_manifest(proto) if any(p.key == MANIFEST_KEY for p in proto.metadata_props) else None
     if manifest is not None:
-        return _from_manifest(Model(proto, path=loaded.path), manifest)
-    source = Model(proto, path=loaded.path).digest
+        return _from_manifest(Model(proto, path=loaded.path, weights=loaded.weights), manifest)
+    source = Model(proto, path=loaded.path, weights=loaded.weights).digest
     optimized, steps = optimize(proto)
-    result = Model(optimized, path=loaded.path)
+    result = Model(optimized, path=loaded.path, weights=loaded.weights)
     manifest = {
         "format": MANIFEST_VERSION,
         "source_digest": source,
@@ -676,4 +685,4 @@ def load_compiled(path: str | os.PathLike[str] | Path) -> CompiledModel:
     if manifest is None:
         msg = f"{path} is an ONNX model but not a compiled one; use hal.compile() on it, or `hal compile` to write one"
         raise ModelError(msg)
-    return _from_manifest(Model(loaded.proto, path=loaded.path), manifest)
+    return _from_manifest(Model(loaded.proto, path=loaded.path, weights=loaded.weights), manifest)

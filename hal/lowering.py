@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import onnx
 
     from hal.model import TensorInfo
+    from hal.weights import Weights
 
 __all__ = ["LoweredModel", "LoweringStep", "Placement", "StepKind"]
 
@@ -81,11 +82,18 @@ class LoweredModel:
     """The model as :meth:`hal.Backend.prepare` receives it: lowered for the device, with what the
     core already knows, so no plugin re-reads the graph or re-hashes it.
 
-    ``proto`` is self-contained (external data loaded and checked), its opsets in the device's
-    declared range and its element types legalized for the device's declared formats. ``inputs``
-    and ``outputs`` are the graph's (initializers excluded), ``digest`` the sha256 (hex) of
-    ``proto.SerializeToString(deterministic=True)`` — name artifacts by it — and ``steps`` what
-    lowering changed. Do not modify ``proto``: it may be shared with the caller's model.
+    ``proto`` has its opsets in the device's declared range and its element types legalized for
+    the device's declared formats. Tensors the model stores as external data stay external in
+    ``proto``; their bytes are in ``weights`` (:class:`hal.weights.Weights`: the checked files,
+    open and mapped read-only; None when the model holds every tensor itself). Never resolve an
+    external data location yourself (nor let onnx do it: ``numpy_helper.to_array`` opens the path
+    relative to the current directory): read ``weights.array(tensor)``, or call
+    :meth:`self_contained` for one protobuf with the bytes inside (up to 2 GiB).
+
+    ``inputs`` and ``outputs`` are the graph's (initializers excluded), ``digest`` a sha256 (hex)
+    over ``proto.SerializeToString(deterministic=True)`` and the external data's bytes — name
+    artifacts by it — and ``steps`` what lowering changed. Do not modify ``proto``: it may be
+    shared with the caller's model.
     """
 
     proto: onnx.ModelProto = field(eq=False, repr=False)
@@ -93,6 +101,13 @@ class LoweredModel:
     outputs: tuple[TensorInfo, ...] = field(converter=tuple)
     digest: str
     steps: tuple[LoweringStep, ...] = field(default=(), converter=tuple)
+    weights: Weights | None = field(default=None, eq=False, repr=False)
+
+    def self_contained(self) -> onnx.ModelProto:
+        """``proto`` with the external data's bytes inside it, for a runtime that takes one
+        message: ``proto`` itself when nothing is external. Raises
+        :class:`~hal.errors.ModelError` past protobuf's 2 GiB: take ``weights`` instead."""
+        return self.proto if self.weights is None else self.weights.inline(self.proto)
 
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, steps: tuple[LoweringStep, ...] = ()) -> LoweredModel:

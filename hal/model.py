@@ -3,8 +3,9 @@
 :func:`load` refuses, with a :class:`~hal.errors.ModelError` that says what to do: empty,
 truncated or garbage files; files over a size bound; external data whose location is absolute,
 contains ``..``, goes through a symbolic link or is a hard link, or whose offset and length leave
-the file. External data is read by the HAL itself and inlined, so no runtime ever opens a path
-named inside a model.
+the file. External data stays external: each file is opened once (without following links,
+checked to be the file examined) and mapped read-only (:mod:`hal.weights`); no runtime ever
+opens a path named inside a model.
 
 It also refuses subgraphs (If/Loop/Scan bodies) nested deeper than :data:`MAX_GRAPH_DEPTH`, so
 no walker of the graph, ours or a runtime's, meets unbounded recursion; and models that contradict
@@ -20,7 +21,6 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from onnx import TensorProto
 
 from hal.capabilities import NumberFormat
 from hal.errors import ModelError
+from hal.weights import Weights, _all_tensors, _walk_tensors, external_tensors
 
 __all__ = ["MAX_GRAPH_DEPTH", "Model", "Requirements", "TensorInfo", "load"]
 
@@ -120,14 +121,26 @@ class Requirements:
 
 
 class Model:
-    """A safely loaded ONNX model. Build with :func:`load`."""
+    """A safely loaded ONNX model. Build with :func:`load`.
 
-    def __init__(self, proto: onnx.ModelProto, *, path: Path | None = None) -> None:
+    ``proto`` is the graph; tensors stored as external data stay external, their bytes held by
+    ``weights`` (:class:`hal.weights.Weights`: checked, open and mapped files), None when the
+    model keeps every tensor inside the protobuf.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, *, path: Path | None = None, weights: Weights | None = None) -> None:
         self.proto = proto
         self.path = path
+        self.weights = weights
 
     def __repr__(self) -> str:
-        return f"<hal.Model {self.name!r} {len(self.proto.graph.node)} nodes>"
+        external = f", {self.weights.nbytes} bytes of external data" if self.weights is not None else ""
+        return f"<hal.Model {self.name!r} {len(self.proto.graph.node)} nodes{external}>"
+
+    def self_contained(self) -> onnx.ModelProto:
+        """The model with its external data inside the protobuf (for runtimes that take one
+        message); raises :class:`~hal.errors.ModelError` past protobuf's 2 GiB."""
+        return self.proto if self.weights is None else self.weights.inline(self.proto)
 
     @property
     def name(self) -> str:
@@ -139,8 +152,13 @@ class Model:
 
     @cached_property
     def digest(self) -> str:
-        """sha256 of the deterministic serialization: the model's content hash."""
-        return hashlib.sha256(self.serialized).hexdigest()
+        """The model's content hash: sha256 of the deterministic serialization, each external
+        reference replaced by the sha256 of its bytes (hashed once, see :mod:`hal.weights`)."""
+        if self.weights is None:
+            return hashlib.sha256(self.serialized).hexdigest()
+        digest = hashlib.sha256(self.weights.normalized(self.proto)).hexdigest()
+        self.weights.remember()
+        return digest
 
     @cached_property
     def inputs(self) -> tuple[TensorInfo, ...]:
@@ -165,8 +183,8 @@ def load(source: str | os.PathLike[str] | bytes | onnx.ModelProto | Model, *, ba
     """Load an ONNX model from a path, its bytes or a ``ModelProto``, checking it on the way.
 
     External data is allowed only next to a model file (or under ``base_dir`` for bytes and
-    protos) and is read into the model. Raises :class:`~hal.errors.ModelError` for anything
-    unusable or unsafe.
+    protos); it stays in its files, checked, open and mapped (``Model.weights``). Raises
+    :class:`~hal.errors.ModelError` for anything unusable or unsafe.
     """
     if isinstance(source, Model):
         return source
@@ -186,10 +204,10 @@ def load(source: str | os.PathLike[str] | bytes | onnx.ModelProto | Model, *, ba
     where = str(path) if path else "model"
     _check_structure(proto, where)
     _check_depth(proto, where)
-    _inline_external_data(proto, Path(base_dir) if base_dir is not None else None)
+    weights = _external_data(proto, Path(base_dir) if base_dir is not None else None, where)
     _check_onnx(proto, where)
     _check_consistent(proto, where)
-    return Model(proto, path=path)
+    return Model(proto, path=path, weights=weights)
 
 
 def _read_model_file(path: Path) -> bytes:
@@ -272,9 +290,29 @@ def _check_depth(proto: onnx.ModelProto, where: str) -> None:
                 stack.extend((g.node, depth + 1) for g in subs)
 
 
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` for onnx's checker, which looks for external data files relative to the current
+    directory: external initializers enter as graph inputs of their type and shape (their
+    references were checked by :class:`~hal.weights.Weights`)."""
+    graph = proto.graph
+    if not any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+        return proto
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)  # external tensors are references only: the graph is small
+    view = light.graph
+    del view.initializer[:]
+    declared = {v.name for v in graph.input}
+    for tensor in graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            view.initializer.append(tensor)
+        elif tensor.name not in declared:
+            view.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
+
+
 def _check_onnx(proto: onnx.ModelProto, where: str) -> None:
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(_checkable(proto))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         msg = f"{where} is not a valid ONNX model: {first}"
@@ -315,7 +353,7 @@ def _check_consistent(proto: onnx.ModelProto, where: str) -> None:
     view.sparse_initializer.extend(graph.sparse_initializer)
     declared = {v.name for v in graph.input}
     for tensor in graph.initializer:
-        if tensor.ByteSize() <= _INFERENCE_DATA_BYTES:
+        if tensor.ByteSize() <= _INFERENCE_DATA_BYTES and tensor.data_location != TensorProto.EXTERNAL:
             view.initializer.append(tensor)
         elif tensor.name not in declared:
             view.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
@@ -334,118 +372,33 @@ def _check_consistent(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(msg) from None
 
 
-def _walk_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
-            if attr.HasField("g"):
-                yield from _walk_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _walk_tensors(g)
-
-
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
-    yield from _walk_tensors(proto.graph)
-    for fn in proto.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                if attr.HasField("g"):
-                    yield from _walk_tensors(attr.g)
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-def _inline_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
-    budget = _bound("HAL_MAX_EXTERNAL_BYTES", MAX_EXTERNAL_BYTES)
-    for tensor in _all_tensors(proto):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        data = _read_external(tensor.name, info, base_dir)
-        budget -= len(data)
-        if budget < 0:
-            msg = "external data exceeds the HAL_MAX_EXTERNAL_BYTES bound; raise it if you trust the model"
-            raise ModelError(msg)
-        tensor.raw_data = data
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
-
-
-def _read_external(tensor: str, info: dict[str, str], base_dir: Path | None) -> bytes:
-    location = info.get("location", "")
-    where = f"tensor {tensor!r}: external data location {location!r}"
-    if not location:
-        msg = f"tensor {tensor!r} is marked external but names no location; re-export the model"
-        raise ModelError(msg)
+def _external_data(proto: onnx.ModelProto, base_dir: Path | None, where: str) -> Weights | None:
+    """Check every external reference and open its file; the tensors stay external."""
+    tensors = list(external_tensors(proto))
+    if not tensors:
+        return None
     if base_dir is None:
-        msg = f"{where} cannot be resolved for a model given as bytes; load it from its file path"
+        info = {e.key: e.value for e in tensors[0].external_data}
+        msg = (
+            f"tensor {tensors[0].name!r}: external data location {info.get('location', '')!r} cannot be "
+            "resolved for a model given as bytes; load it from its file path"
+        )
         raise ModelError(msg)
-    if os.path.isabs(location) or location.startswith(("/", "\\")) or _DRIVE.match(location):
-        msg = f"{where} is absolute; external data must sit beside the model (a relative path)"
-        raise ModelError(msg)
-    parts = [p for p in re.split(r"[\\/]+", location) if p not in ("", ".")]
-    if ".." in parts or not parts:
-        msg = f"{where} contains '..'; external data must stay inside the model's directory"
-        raise ModelError(msg)
+    weights = Weights(Path(base_dir))
     try:
-        offset = int(info.get("offset", "0"))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        msg = f"{where} has a non-integer offset or length"
-        raise ModelError(msg) from None
-    if offset < 0 or (length is not None and length < 0):
-        msg = f"{where} has a negative offset or length"
-        raise ModelError(msg)
-
-    current = Path(base_dir)
-    for part in parts:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            msg = f"{where}: {current} does not exist; keep the data file beside the model"
-            raise ModelError(msg) from None
-        if stat.S_ISLNK(st.st_mode):
-            msg = f"{where} goes through the symbolic link {current}; copy the real file beside the model"
+        for tensor in tensors:
+            weights.add(tensor)
+        budget = _bound("HAL_MAX_EXTERNAL_BYTES", MAX_EXTERNAL_BYTES)
+        if weights.nbytes > budget:
+            msg = (
+                f"{where}'s external data files hold {weights.nbytes} bytes, over the HAL_MAX_EXTERNAL_BYTES "
+                f"bound ({budget}); raise it if you trust the model"
+            )
             raise ModelError(msg)
-    if not stat.S_ISREG(st.st_mode):
-        msg = f"{where} is not a regular file"
-        raise ModelError(msg)
-    if st.st_nlink > 1:
-        msg = f"{where} is a hard link ({st.st_nlink} links); copy the file instead of linking it"
-        raise ModelError(msg)
-    size = st.st_size
-    if length is None:
-        length = size - offset
-    if offset > size or offset + length > size:
-        msg = f"{where}: offset {offset} + length {length} is past the end of the {size}-byte file"
-        raise ModelError(msg)
-    fd = os.open(current, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        if os.fstat(fd).st_ino != st.st_ino:  # swapped between the check and the open
-            msg = f"{where} changed while it was being opened"
-            raise ModelError(msg)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            f.seek(offset)
-            data = f.read(length)
-    finally:
-        os.close(fd)
-    if len(data) != length:
-        msg = f"{where}: could read only {len(data)} of {length} bytes"
-        raise ModelError(msg)
-    return data
+    except BaseException:
+        weights.close()
+        raise
+    return weights
 
 
 # -- analysis ----------------------------------------------------------------------------------

@@ -52,8 +52,10 @@ Subclass :class:`Backend`, set ``name`` (unique; every device id starts with ``n
 ``prepare(model: LoweredModel, device: Device, options: CompileOptions) -> Runner``
     Compile for one device. What the core has already done to ``model.proto``:
 
-    - loaded it safely (external data inside the model's directory, sizes bounded) and made it
-      self-contained; optimized it once, device-independently (constants folded, dead nodes gone);
+    - loaded it safely (external data inside the model's directory, sizes bounded; the tensors
+      stay external, their bytes in ``model.weights``: read ``model.weights.array(tensor)`` or ask
+      for ``model.self_contained()``, never a location yourself); optimized it once,
+      device-independently (constants folded, dead nodes gone);
     - converted its default-domain opset into the device's declared :class:`OpsetRange` (and its
       IR version to ``max_ir_version``) and refused operators of undeclared domains: a runtime
       whose importer needs opset 17 declares ``OpsetRange(17, ...)`` and never converts itself

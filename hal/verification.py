@@ -492,8 +492,11 @@ class Reference:
     built only if the evaluator cannot be used.
     """
 
-    def __init__(self, proto: onnx.ModelProto, *, exclude: str, ort_cpu: Any, budget: float | None = None) -> None:
+    def __init__(
+        self, proto: onnx.ModelProto, *, exclude: str, ort_cpu: Any, budget: float | None = None, weights: Any = None
+    ) -> None:
         self.proto = proto
+        self.weights = weights  # hal.weights.Weights of proto's external tensors, if any
         self.exclude = exclude
         self._ort_cpu = ort_cpu
         self.budget = budget_seconds() if budget is None else budget
@@ -590,7 +593,10 @@ class Reference:
 
         with self._lock:
             if self._evaluator is None:
-                self._evaluator = ReferenceEvaluator(self.proto)
+                # The evaluator reads external data from paths: give it the bytes instead (a
+                # model too large to inline is over the evaluator's budget anyway).
+                proto = self.proto if self.weights is None else self.weights.inline(self.proto)
+                self._evaluator = ReferenceEvaluator(proto)
                 # The evaluator cannot be interrupted; a deadline checked before each node bounds
                 # it. ``rt_nodes_`` is its list of node runners (onnx 1.13 to 1.23); without it,
                 # the estimate alone bounds the time.

@@ -21,7 +21,7 @@ HAL = Path(__file__).resolve().parents[1] / "hal"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.errors", "hal._paths"),
     ("hal.capabilities", "hal.cache"),
-    ("hal.tensors", "hal.model"),
+    ("hal.tensors", "hal.model", "hal.weights"),
     ("hal.lowering",),
     ("hal.backend", "hal.hookspecs", "hal.verification"),
     ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable"),

@@ -120,12 +120,14 @@ class TestBadFiles:
 
 
 class TestExternalData:
-    def test_valid_external_data_is_inlined_and_runs(self, tmp_path):
+    def test_valid_external_data_stays_external_and_runs(self, tmp_path):
         path, w = external_model(tmp_path, offset=16)
         model = hal.load(path)
         (init,) = model.proto.graph.initializer
-        assert init.data_location == TensorProto.DEFAULT and not init.external_data
-        np.testing.assert_array_equal(numpy_helper.to_array(init), w)
+        assert init.data_location == TensorProto.EXTERNAL and not init.raw_data, "the weights were copied in"
+        mapped = model.weights.array(init)
+        np.testing.assert_array_equal(mapped, w)
+        assert not mapped.flags.writeable, "a view of the mapped file must be read-only"
         exe = hal.compile(model).to("ort:cpu")
         x = np.ones((1, 8), np.float32)
         np.testing.assert_allclose(exe.run({"x": x})["y"], x @ w)
@@ -204,7 +206,7 @@ class TestExternalData:
         with pytest.raises(ModelError, match="load it from its file path"):
             hal.load(path.read_bytes())
         model = hal.load(path.read_bytes(), base_dir=tmp_path)
-        np.testing.assert_array_equal(numpy_helper.to_array(model.proto.graph.initializer[0]), w)
+        np.testing.assert_array_equal(model.weights.array(model.proto.graph.initializer[0]), w)
 
 
 def _neg(in_type=TensorProto.FLOAT, in_shape=(2, 3), out_type=TensorProto.FLOAT, out_shape=(2, 3)):

@@ -14,6 +14,7 @@ failed prepare names the library that did not load.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -21,7 +22,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -82,6 +84,79 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any]]]:
+    """The graph for onnxruntime, and its external initializers as OrtValues over the mapped
+    bytes (``SessionOptions.add_initializer``: onnxruntime uses the buffer, never copies it, and
+    never opens the file the model names). External tensors it cannot take that way (inside
+    subgraphs or attributes, sub-byte types, strings) are copied into the graph; the rest of the
+    model stays as small as its graph."""
+    import onnxruntime as ort
+
+    from hal.weights import external_tensors
+
+    weights = model.weights
+    assert weights is not None
+    proto = model.proto
+    values: list[tuple[str, Any]] = []
+    taken: set[str] = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != tensor.EXTERNAL:
+            continue
+        fmt = NumberFormat.from_onnx(tensor.data_type)
+        if fmt.bits < 8 or fmt is NumberFormat.STRING:
+            continue
+        array = weights.array(tensor)
+        if fmt in RAW_BIT_FORMATS or array.dtype.kind not in "biufc":
+            value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits_view(array), tensor.data_type)
+        else:
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+        values.append((tensor.name, value))
+        taken.add(tensor.name)
+    left = [t for t in external_tensors(proto) if t.name not in taken]
+    if left:
+        import onnx
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        for tensor in external_tensors(copy):
+            if tensor.name not in taken:
+                tensor.raw_data = weights.view(tensor).tobytes()
+                del tensor.external_data[:]
+                tensor.data_location = tensor.DEFAULT
+        proto = copy
+    return proto, values
+
+
+@contextlib.contextmanager
+def _placeholder_directory(proto: Any, weights: Any) -> Iterator[Path]:
+    """A private directory holding ``proto`` as ``model.onnx`` and, for each external data file
+    it names, an empty sparse file of that size (no disk space).
+
+    onnxruntime checks that every external data location exists inside the model's directory
+    (relative to the working directory for a model given as bytes), even for initializers
+    ``add_initializer`` replaces, and refuses a symbolic link that leads outside it. The
+    placeholders satisfy the check and are never read: every external initializer is replaced
+    (checked by the tests: the answers are the weights', not zeros). Removed on exit; the
+    session has read the model by then.
+    """
+    import onnx
+
+    from hal.weights import external_tensors
+
+    with tempfile.TemporaryDirectory(prefix="hal-ort-") as tmp:
+        root = Path(tmp)
+        for tensor in external_tensors(proto):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            placeholder = root / weights.normal_location(location)
+            if not placeholder.exists():
+                placeholder.parent.mkdir(parents=True, exist_ok=True)
+                with open(placeholder, "wb") as f:
+                    f.truncate(weights.file_size(location))
+        path = root / "model.onnx"
+        onnx.save_model(proto, str(path))
+        yield path
+
+
 class OrtRunner:
     """Runs one onnxruntime session. Plain numpy feeds take the direct path; ml_dtypes feeds and
     outputs go through OrtValues holding their raw bits."""
@@ -90,6 +165,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.session = session
+        self.keep: Any = None  # what the session's buffers live in (external initializers)
         self._ort = ort
         self._raw_in = {i.name: i.format for i in model.inputs if i.format in RAW_BIT_FORMATS}
         self._raw_out = {o.name: o.format for o in model.outputs if o.format in RAW_BIT_FORMATS}
@@ -388,11 +464,23 @@ class OrtBackend(Backend):
                 f"install {self.distribution} for device {device.id}"
             )
             raise CompileError(msg)
+        if model.weights is not None:
+            # External data: onnxruntime takes the mapped bytes as they are (no copy, no path of
+            # the model's opened again); its optimized-model cache would write them inline.
+            proto, initializers = external_initializers(model)
+            with _placeholder_directory(proto, model.weights) as path:
+                session = self._new_session(str(path), None, device, options, providers, initializers)
+            runner = self._checked_runner(session, model, device, wanted)
+            runner.keep = (initializers, model.weights)  # the buffers must outlive the session
+            return runner
         # The core's digest names the cache entry, so a hit neither serializes nor hashes the model.
         artifact = self._cache_artifact(model, device, options, providers)
         session = self._cached_session(artifact, device, options, providers)
         if session is None:
             session = self._new_session(model.proto.SerializeToString(), artifact, device, options, providers)
+        return self._checked_runner(session, model, device, wanted)
+
+    def _checked_runner(self, session: Any, model: LoweredModel, device: Device, wanted: str) -> OrtRunner:
         used = session.get_providers()
         if not used or used[0] != wanted:
             msg = (
@@ -445,9 +533,17 @@ class OrtBackend(Backend):
         return session
 
     def _new_session(
-        self, data: bytes, artifact: Artifact | None, device: Device, options: CompileOptions, providers: list[Any]
+        self,
+        data: bytes,
+        artifact: Artifact | None,
+        device: Device,
+        options: CompileOptions,
+        providers: list[Any],
+        initializers: Sequence[tuple[str, Any]] = (),
     ) -> Any:
         so = self.session_options(device, options)
+        for name, value in initializers:
+            so.add_initializer(name, value)
         tmp = None
         if artifact is not None:
             # onnxruntime writes the optimized model while creating the session; it goes to a

@@ -390,6 +390,12 @@ def _widen_attributes(
         if attr.name == "dtype" and attr.type == AttributeProto.INT and attr.i in codes:
             attr.i = codes[attr.i].onnx_type
         elif attr.type == AttributeProto.TENSOR and attr.t.data_type in codes:
+            if attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                msg = (
+                    f"{node.op_type} node {node.name or node.output[0]!r} holds its {attr.t.data_type} value as "
+                    "external data, which legalization does not read; store that value in the model"
+                )
+                raise LoweringError(msg)
             wide = codes[attr.t.data_type]
             value = numpy_helper.to_array(attr.t).astype(wide.dtype)
             attr.t.CopyFrom(numpy_helper.from_array(np.asarray(value), attr.t.name))

@@ -244,8 +244,11 @@ def _fold_constants(model: onnx.ModelProto, steps: list[LoweringStep]) -> None:
     graph_outputs = {o.name for o in graph.output}
     value_info = {v.name: v for v in graph.value_info}
     # name -> (TensorProto, numpy value or None until first needed)
+    # External weights are never read here: their bytes are the backend's business (mapped by
+    # hal.weights; onnx's own reader would open the path the model names).
+    external = {t.name for t in graph.initializer if t.data_location == TensorProto.EXTERNAL}
     constants: dict[str, list[Any]] = {
-        t.name: [t, None] for t in graph.initializer if t.name not in graph_inputs
+        t.name: [t, None] for t in graph.initializer if t.name not in graph_inputs and t.name not in external
     }
     new_initializers: list[TensorProto] = []
     kept: list[onnx.NodeProto] = []
@@ -261,6 +264,19 @@ def _fold_constants(model: onnx.ModelProto, steps: list[LoweringStep]) -> None:
         for tensor in tensors:
             constants[tensor.name] = [tensor, None]
             new_initializers.append(tensor)
+    left = sum(
+        1 for node in kept
+        if node.input and any(i in external for i in node.input)
+        and all(not i or i in constants or i in external for i in node.input)
+    )
+    if left:
+        steps.append(
+            LoweringStep(
+                "fold-constants",
+                f"{left} node(s) with only constant inputs left as they are: they read external weights, "
+                "which the compiler does not copy into memory",
+            )
+        )
     if not folded:
         return
     del graph.node[:]

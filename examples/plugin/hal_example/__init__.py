@@ -66,7 +66,7 @@ class ReferenceBackend(Backend):
         # The core has already converted model.proto into opsets 7-25 and refused formats the
         # capabilities above do not declare; it verifies this device's answers after prepare.
         try:
-            return ReferenceRunner(model.proto)
+            return ReferenceRunner(model.self_contained())  # external data read into the model
         except Exception as exc:
             msg = f"the reference evaluator cannot load the model for {device.id}: {exc}"
             raise CompileError(msg) from exc

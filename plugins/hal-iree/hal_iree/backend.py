@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import frozen
 
 from hal.plugin import (
-    Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, LoweredModel, Maturity,
+    Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, HalError, LoweredModel, Maturity,
     Memory, OpsetRange, Stability, UnavailableDeviceError,
 )
 from hal_iree._compile import MIN_IMPORT_OPSET
@@ -384,7 +384,14 @@ class IreeBackend(Backend):
                 with self._lock:
                     self.cache_hits += 1
                 return runner
-        data = _compile.build_vmfb(model.proto, flags, device.id, workdir=None)
+        # IREE's ONNX importer reads the weights from the protobuf: external data goes in (up to
+        # protobuf's 2 GiB; IREE's parameter archives would take more, not done yet).
+        try:
+            proto = model.self_contained()
+        except HalError as exc:
+            msg = f"{device.id} cannot take this model's external data: {exc}"
+            raise CompileError(msg) from None
+        data = _compile.build_vmfb(proto, flags, device.id, workdir=None)
         with self._lock:
             self.compile_count += 1
         if cache_dir:
