@@ -231,7 +231,7 @@ def seeded_feeds(
             feeds[info.name] = np.asarray(example[info.name])
             continue
         shape = tuple(
-            d if isinstance(d, int) and d > 0
+            d if isinstance(d, int) and d >= 0  # a declared 0 is a static empty axis, not unknown
             else symbols.setdefault(d, BATCH_SIZE if axis == 0 else DYNAMIC_SIZE) if isinstance(d, str) and d
             else (BATCH_SIZE if axis == 0 else DYNAMIC_SIZE)
             for axis, d in enumerate(info.shape or ())
@@ -521,6 +521,13 @@ class Reference:
         return result
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+        random = _random_operators(self.proto)
+        if random:
+            msg = (
+                f"the model draws random numbers ({', '.join(random)}): its outputs differ between "
+                "runtimes and runs, so there is nothing to compare"
+            )
+            raise HalError(msg)
         why_not = self._evaluator_problem(feeds)
         if why_not is None:
             try:
@@ -608,6 +615,27 @@ class Reference:
         with np.errstate(divide="raise"):  # see _run: a zero divisor stops verification here
             values = evaluator.run(names, {k: np.asarray(v) for k, v in feeds.items()})
         return {n: np.asarray(v) for n, v in zip(names, values)}
+
+
+#: ONNX operators whose outputs are random draws (a ``seed`` fixes them within one runtime only).
+RANDOM_OPERATORS = frozenset(
+    {"Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
+)
+
+
+def _random_operators(proto: onnx.ModelProto) -> list[str]:
+    """The random operators ``proto`` uses anywhere (subgraphs and functions included)."""
+    found: set[str] = set()
+    graphs: list[Any] = [proto.graph, *proto.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            if node.domain in ("", "ai.onnx") and node.op_type in RANDOM_OPERATORS:
+                found.add(node.op_type)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    return sorted(found)
 
 
 def _bounded(run: Any, deadline: threading.local) -> Any:

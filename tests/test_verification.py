@@ -458,3 +458,32 @@ class TestInputsOutsideTheModelsDomain:
             reg.remove_plugin("drift")
         assert exe.verification.status == "skipped" and "empty outputs (y (0, 0, 1))" in exe.verification.detail
         assert verified.verification.passed
+
+
+class TestWhatCannotBeCompared:
+    def test_a_model_that_draws_random_numbers_is_left_unverified(self):
+        """Bernoulli draws differ between runtimes (a seed fixes them within one only): comparing
+        would refuse every device but the reference."""
+        model = make_model(
+            [helper.make_node("Bernoulli", ["p"], ["y"], seed=1.0)],
+            [("p", TensorProto.FLOAT, [64])],
+            [("y", TensorProto.FLOAT, [64])],
+            opset=15,
+        )
+        exe = hal.compile(model).to("ort:cpu", strict=True)
+        assert exe.verification.status == "skipped"
+        assert "draws random numbers (Bernoulli)" in exe.verification.detail
+
+    def test_a_declared_empty_axis_is_seeded_empty(self):
+        """A dimension declared 0 is a static empty axis (ReduceL1's empty ``axes``), not an
+        unknown size: seeding it 16 long changed what the model computes."""
+        infos = hal.compile(
+            make_model(
+                [helper.make_node("ReduceL1", ["x", "axes"], ["y"], keepdims=1)],
+                [("x", TensorProto.FLOAT, [3, 2, 2]), ("axes", TensorProto.INT64, [0])],
+                [("y", TensorProto.FLOAT, [1, 1, 1])],
+                opset=18,
+            )
+        ).model.inputs
+        feeds = seeded_feeds(infos)
+        assert feeds["axes"].shape == (0,) and feeds["x"].shape == (3, 2, 2)

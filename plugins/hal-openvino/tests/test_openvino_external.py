@@ -42,3 +42,18 @@ def test_external_weights_run_and_are_the_checked_ones(tmp_path) -> None:  # typ
     x = np.linspace(-1, 1, 32, dtype=np.float32).reshape(2, 16)
     np.testing.assert_allclose(exe.run({"x": x})["y"], x @ w, rtol=1e-5, atol=1e-5)
     assert exe.verification.passed
+
+
+def test_an_input_openvino_drops_is_accepted_and_ignored() -> None:
+    """CastLike's ``like`` input matters by its type only: OpenVINO's compiled model has no such
+    input (the runner used to refuse the model: 62 ONNX node cases)."""
+    model = make_model(
+        [helper.make_node("CastLike", ["x", "like"], ["y"])],
+        [("x", TensorProto.FLOAT, [4]), ("like", TensorProto.FLOAT16, [1])],
+        [("y", TensorProto.FLOAT16, [4])],
+        opset=19,
+    )
+    exe = hal.compile(model).to("openvino:CPU", strict=True)
+    x = np.array([0.5, -1.25, 3.0, 1e-3], np.float32)
+    out = exe.run({"x": x, "like": np.zeros(1, np.float16)})["y"]
+    np.testing.assert_array_equal(out, x.astype(np.float16))
