@@ -97,16 +97,18 @@ class _File:
         self.size = st.st_size
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         self.map: mmap.mmap | None = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else None
+        self.private: mmap.mmap | None = None  # copy-on-write, made on demand (Weights.array)
         self.memo: dict[str, str] | None = None  # "offset:length" -> sha256, see Weights.tensor_sha256
         self.dirty = False
 
     def close(self) -> None:
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # a view is still alive somewhere: the mapping goes with it
-                pass
-            self.map = None
+        for mapping in (self.map, self.private):
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:  # a view is still alive somewhere: the mapping goes with it
+                    pass
+        self.map = self.private = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -232,14 +234,28 @@ class Weights:
         assert file.map is not None
         return memoryview(file.map)[offset : offset + length]
 
-    def array(self, tensor: TensorProto) -> np.ndarray:
-        """External ``tensor`` as a read-only numpy array over the mapping (packed 4- and 2-bit
-        types come as their raw bytes, uint8)."""
+    def array(self, tensor: TensorProto, *, private: bool = False) -> np.ndarray:
+        """External ``tensor`` as a numpy array over the mapping, without a copy (packed 4- and
+        2-bit types come as their raw bytes, uint8). Read-only; with ``private``, writable over
+        a copy-on-write mapping of the same open file, for a runtime that insists on writable
+        memory (OpenVINO's shared tensors): pages are shared until written, and a write stays in
+        this process, never reaching the file."""
         fmt = NumberFormat.from_onnx(tensor.data_type)
-        data = self.view(tensor)
+        data = self.view(tensor) if not private else self._private_view(tensor)
         if fmt.bits < 8:
             return np.frombuffer(data, dtype=np.uint8)
         return np.frombuffer(data, dtype=fmt.dtype).reshape(tuple(tensor.dims))
+
+    def _private_view(self, tensor: TensorProto) -> memoryview:
+        info = {e.key: e.value for e in tensor.external_data}
+        file = self._files[_normal(info.get("location", ""), f"tensor {tensor.name!r}")]
+        offset, length = _span(info, f"tensor {tensor.name!r}", file.size)
+        if length == 0:
+            return memoryview(bytearray())
+        with self._lock:
+            if file.private is None:
+                file.private = mmap.mmap(file.fd, 0, access=mmap.ACCESS_COPY)
+        return memoryview(file.private)[offset : offset + length]
 
     def inline(self, proto: onnx.ModelProto, *, limit: int = MAX_INLINE_BYTES) -> onnx.ModelProto:
         """A copy of ``proto`` with every external tensor's bytes inside it, for a runtime that

@@ -350,26 +350,38 @@ class OpenVinoBackend(Backend):
         return config
 
     def _compile_external(self, core: Any, model: LoweredModel, device: Device, ov_name: str, config: dict[str, Any]) -> Any:
-        """A model with external data, read by OpenVINO from memory with the bytes inside the
-        protobuf (``LoweredModel.self_contained``: up to 2 GiB, and a copy of the weights).
+        """A model with external data, without OpenVINO opening any path.
 
-        OpenVINO reads external data only from a path, and resolves it to a canonical file name
-        which it then opens: a link to the file the HAL checked and holds open is followed back
-        to the model's directory (where the file may have been swapped since), so no link is
-        safe to hand it. A hard link in a private directory on the weights' file system, or
-        OpenVINO's own weight mapping from memory, would avoid the copy; not done yet. Not kept
-        in OpenVINO's model cache."""
+        OpenVINO reads external data only from a path, and resolves it to its canonical name
+        before opening it: a link to the file the HAL checked leads back to the model's directory
+        (where the file may have been swapped since), so none is safe to hand it. Instead the
+        graph is read with each external weight as a parameter of its type and shape, and each
+        such parameter is then replaced by a constant over the HAL's mapping of the checked file
+        (``Weights.array(private=True)``: shared, not copied; OpenVINO's shared tensors need
+        writable memory, which a copy-on-write mapping gives without touching the file). External
+        tensors this cannot take (inside subgraphs, sub-byte or ml_dtypes types) go into the
+        graph as bytes. Not kept in OpenVINO's model cache."""
+        import openvino
+
+        weights = model.weights
+        assert weights is not None
+        graph, as_parameters = _weights_as_inputs(model)
         try:
-            proto = model.self_contained()
-        except HalError as exc:
-            msg = f"{device.id} cannot take this model's external data: {exc}"
-            raise CompileError(msg) from None
-        try:
-            ov_model = core.read_model(proto.SerializeToString(), b"")
+            ov_model = core.read_model(graph.SerializeToString(), b"")
         except Exception as exc:
             msg = f"OpenVINO cannot read the model for {device.id}: {first_message(exc)}"
             raise CompileError(msg) from exc
         try:
+            for parameter in list(ov_model.get_parameters()):
+                name = next((n for n in parameter.output(0).get_names() if n in as_parameters), None)
+                if name is None:
+                    continue
+                array = weights.array(as_parameters[name], private=True)
+                constant = openvino.op.Constant(openvino.Tensor(array, shared_memory=True))
+                for target in list(parameter.output(0).get_target_inputs()):
+                    target.replace_source_output(constant.output(0))
+                ov_model.remove_parameter(parameter)
+            ov_model.validate_nodes_and_infer_types()
             return core.compile_model(ov_model, ov_name, config)
         except Exception as exc:
             msg = f"OpenVINO cannot compile the model for {device.id}: {first_message(exc)}"
@@ -422,6 +434,39 @@ class OpenVinoBackend(Backend):
             # Allowed, but never silent: say what OpenVINO chose.
             log.info("%s computes floating point in %s (reduced_precision=True)", device.id, runner.inference_precision)
         return runner
+
+
+#: Element types whose numpy arrays OpenVINO's Tensor takes as they are.
+_SHAREABLE = frozenset({
+    NumberFormat.FLOAT32, NumberFormat.FLOAT16, NumberFormat.FLOAT64, NumberFormat.INT8, NumberFormat.UINT8,
+    NumberFormat.INT16, NumberFormat.UINT16, NumberFormat.INT32, NumberFormat.UINT32, NumberFormat.INT64,
+    NumberFormat.UINT64, NumberFormat.BOOL,
+})
+
+
+def _weights_as_inputs(model: LoweredModel) -> tuple[Any, dict[str, Any]]:
+    """A copy of ``model.proto`` in which each external main-graph initializer of a type numpy
+    holds is a graph input of its type and shape instead (``{name: tensor}`` returned with it),
+    and every other external tensor carries its bytes. The weights themselves are not copied."""
+    import onnx
+
+    weights = model.weights
+    assert weights is not None
+    out = onnx.ModelProto()
+    out.CopyFrom(model.proto)  # the graph only: external tensors hold no bytes
+    graph = out.graph
+    as_parameters: dict[str, Any] = {}
+    declared = {v.name for v in graph.input}
+    for tensor in model.proto.graph.initializer:  # the caller's records, which stay as they are
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external and NumberFormat.from_onnx(tensor.data_type) in _SHAREABLE and tensor.name not in declared:
+            as_parameters[tensor.name] = tensor
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    kept = [t for t in graph.initializer if t.name not in as_parameters]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    rest = weights.inline(out)  # whatever is still external (subgraphs, other types) gets its bytes
+    return rest, as_parameters
 
 
 def _loaded_from_cache(compiled: Any) -> bool:
