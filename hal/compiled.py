@@ -44,7 +44,7 @@ from hal.executable import Executable
 from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
 from hal.model import Model, load
 from hal.ranking import Verdict, assess, rank
-from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds
+from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds, shape_signature
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -382,7 +382,7 @@ class CompiledModel:
         from hal.compiler import lower_for
 
         key = cache_key(
-            layout=3,  # JSON (steps, digest, or the refusal), then the lowered model's bytes or nothing
+            layout=4,  # JSON (steps, digest, or the refusal); a changed model's bytes in their own entry
             model=self.digest,
             capabilities=caps.to_dict(),
             hal=_versions(),
@@ -390,59 +390,73 @@ class CompiledModel:
         cache = CompileCache()
         payload = cache.get(key)
         if payload is not None:
-            size = int.from_bytes(payload[:8], "little")
             try:
-                meta = json.loads(payload[8 : 8 + size])
+                meta = json.loads(payload)
                 if meta.get("error") is not None:
                     return LoweringError(str(meta["error"]), tuple(meta.get("operators", ())))
                 steps = tuple(LoweringStep(**s) for s in meta["steps"])
-                data = payload[8 + size :] if not meta["unchanged"] else None
-                return _Lowering(steps, str(meta["digest"]), key, data)
+                # Ranking reads this entry only; the lowered model's bytes are read by prepare.
+                return _Lowering(steps, str(meta["digest"]), key, changed=not meta["unchanged"], caps=caps)
             except Exception:  # noqa: BLE001 - an entry from an incompatible version: rebuild it
                 log.warning("compile cache entry %s unusable; rebuilding", key[:12])
         try:
             proto, steps = lower_for(self.model.proto, caps)
         except LoweringError as exc:
-            meta = json.dumps({"error": str(exc), "operators": list(getattr(exc, "operators", ()))}).encode()
-            cache.put(key, len(meta).to_bytes(8, "little") + meta)
+            cache.put(key, json.dumps({"error": str(exc), "operators": list(getattr(exc, "operators", ()))}).encode())
             return exc
         if proto is self.model.proto:
-            data, digest = None, self.digest
+            digest = self.digest
         else:
             data = proto.SerializeToString(deterministic=True)
             weights = self.model.weights
             # With external data, the digest covers the bytes, not where they sit (hal.weights).
             digest = hashlib.sha256(data if weights is None else weights.normalized(proto)).hexdigest()
-        meta = json.dumps({"steps": [s.to_dict() for s in steps], "unchanged": data is None, "digest": digest}).encode()
-        cache.put(key, len(meta).to_bytes(8, "little") + meta + (data or b""))
-        lowered = _Lowering(tuple(steps), digest, key, data)
-        if data is not None:
+            cache.put(_model_key(key), data)
+        changed = proto is not self.model.proto
+        cache.put(key, json.dumps({"steps": [s.to_dict() for s in steps], "unchanged": not changed, "digest": digest}).encode())
+        lowered = _Lowering(tuple(steps), digest, key, changed=changed, caps=caps)
+        if changed:
             lowered.parsed = proto  # already in memory: no need to parse the bytes back
         return lowered
 
     def _lowered(self, device: Device) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
         """The lowered model for ``device``, its steps, its digest and its cache key. A lowering
         that changed nothing answers with this model itself, so a warm ``to()`` neither reads nor
-        parses a copy of the model."""
+        parses a copy of the model; a changed one is read from its own cache entry here, for the
+        device chosen, never for the devices ranking only looked at."""
         import onnx
 
         lowering = self._lowering(device)
-        if lowering.data is None:
+        if not lowering.changed:
             return self.model.proto, list(lowering.steps), self.digest, lowering.key
         if lowering.parsed is None:
-            lowering.parsed = onnx.ModelProto.FromString(lowering.data)
+            data = CompileCache().get(_model_key(lowering.key))
+            if data is None:  # evicted or damaged (removed with a WARNING): lower again
+                from hal.compiler import lower_for
+
+                proto, _ = lower_for(self.model.proto, lowering.caps)
+                CompileCache().put(_model_key(lowering.key), proto.SerializeToString(deterministic=True))
+                lowering.parsed = proto
+            else:
+                lowering.parsed = onnx.ModelProto.FromString(data)
         return lowering.parsed, list(lowering.steps), lowering.digest, lowering.key
+
+
+def _model_key(lowering_key: str) -> str:
+    """The cache key of a lowered model's bytes, beside its lowering's entry."""
+    return cache_key(lowered_model=lowering_key)
 
 
 @define
 class _Lowering:
-    """One cached lowering: steps, digest, cache key, and the lowered model's bytes (None when
-    lowering changed nothing), parsed on first use by ``prepare``, not by ranking."""
+    """One cached lowering: steps, digest, cache key, whether it changed the model, and the
+    lowered model, read and parsed on first use by ``prepare``, never by ranking."""
 
     steps: tuple[LoweringStep, ...]
     digest: str
     key: str
-    data: bytes | None
+    changed: bool
+    caps: Any = None  # the capabilities it was lowered for (to lower again if its bytes are lost)
     parsed: Any = None
 
 
@@ -497,8 +511,8 @@ class _Verification:
         return self._feeds
 
     @property
-    def signature(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        return _signature(self.feeds)
+    def signature(self) -> tuple[tuple[str, Any], ...]:
+        return shape_signature(self.feeds)
 
     def start(self) -> None:
         """Compute the reference's outputs on a thread (it overlaps the backend's compile)."""
@@ -551,18 +565,28 @@ def _cached_report(key: str) -> VerificationReport | None:
         return None
 
 
-def _signature(feeds: Mapping[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    return tuple(sorted((name, tuple(getattr(value, "shape", ()))) for name, value in feeds.items()))
-
-
 def _feeds_digest(feeds: Mapping[str, Any]) -> str:
+    """sha256 of :func:`seeded_feeds`' names, types, shapes and values (a sequence's elements in
+    order; an absent optional as such)."""
     import numpy as np
 
     h = hashlib.sha256()
-    for name in sorted(feeds):
-        array = np.asarray(feeds[name])
-        h.update(f"{name}:{array.dtype}:{array.shape}:".encode())
+
+    def add(label: str, value: Any) -> None:
+        array = np.asarray(value)
+        h.update(f"{label}:{array.dtype}:{array.shape}:".encode())
         h.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
+
+    for name in sorted(feeds):
+        value = feeds[name]
+        if value is None:
+            h.update(f"{name}:absent:".encode())
+        elif isinstance(value, list):  # seeded_feeds gives arrays for tensors, lists for sequences
+            h.update(f"{name}:sequence of {len(value)}:".encode())
+            for index, item in enumerate(value):
+                add(f"{name}[{index}]", item)
+        else:
+            add(name, value)
     return h.hexdigest()
 
 
