@@ -44,6 +44,7 @@ __all__ = [
     "StepKind",
     "Support",
     "TensorInfo",
+    "ValueKind",
     "VerificationReport",
     "compile",
     "devices",
@@ -71,6 +72,7 @@ _LAZY = {
     "ScaledFormat": "hal.capabilities",
     "Stability": "hal.capabilities",
     "Support": "hal.capabilities",
+    "ValueKind": "hal.capabilities",
     "CompiledModel": "hal.compiled",
     "compile": "hal.compiled",
     "load_compiled": "hal.compiled",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:
         ScaledFormat,
         Stability,
         Support,
+        ValueKind,
     )
     from hal.compiled import CompiledModel, compile, load_compiled
     from hal.executable import Executable

@@ -33,6 +33,7 @@ __all__ = [
     "ScaledFormat",
     "Stability",
     "Support",
+    "ValueKind",
 ]
 
 
@@ -229,6 +230,31 @@ def _dtypes() -> dict[NumberFormat, Any]:
                 table[fmt] = np.dtype(fmt.value)
         _DTYPES.update(table)
     return _DTYPES
+
+
+class ValueKind(str, enum.Enum):
+    """What a graph input or output holds: a tensor, a sequence of tensors (a list of arrays in
+    Python), an optional tensor (an array or None), or an optional sequence (a list or None).
+
+    A ``str`` enum, so ``info.kind == "sequence"`` holds and JSON writes the value. The element's
+    format and shape are the :class:`~hal.model.TensorInfo`'s own.
+    """
+
+    TENSOR = "tensor"
+    SEQUENCE = "sequence"
+    OPTIONAL = "optional"
+    OPTIONAL_SEQUENCE = "optional-sequence"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_sequence(self) -> bool:
+        return self in (ValueKind.SEQUENCE, ValueKind.OPTIONAL_SEQUENCE)
+
+    @property
+    def is_optional(self) -> bool:
+        return self in (ValueKind.OPTIONAL, ValueKind.OPTIONAL_SEQUENCE)
 
 
 class DeviceKind(enum.Enum):
@@ -447,6 +473,11 @@ def _format_set(value: Iterable[NumberFormat | str]) -> frozenset[NumberFormat]:
     return frozenset(_fmt(v) for v in value)
 
 
+def _io_kinds(value: Iterable[ValueKind | str]) -> frozenset[ValueKind]:
+    kinds = frozenset(v if isinstance(v, ValueKind) else ValueKind(v) for v in value)
+    return kinds - {ValueKind.TENSOR}  # every device passes tensors: not a declaration
+
+
 def _scaled(value: Iterable[ScaledFormat | Mapping[str, Any]]) -> tuple[ScaledFormat, ...]:
     return tuple(v if isinstance(v, ScaledFormat) else ScaledFormat(**v) for v in value)
 
@@ -480,6 +511,11 @@ class Capabilities:
     #: instead of moving the elements through a wider format. Empty (the safe default) when unsure:
     #: onnxruntime CPU has no int4 Reshape, OpenVINO moves int4 and FP8 but cannot cast to int4.
     movable: frozenset[NumberFormat] = field(default=frozenset(), converter=_format_set)
+    #: Graph inputs and outputs besides tensors that the device's runner passes (``sequence``,
+    #: ``optional``, ``optional-sequence``; :class:`ValueKind`). Lowering refuses a model with any
+    #: other kind of input or output for the device. Empty (tensors only) unless the runtime's API
+    #: takes lists and None: onnxruntime's does, OpenVINO's and IREE's do not.
+    io_kinds: frozenset[ValueKind] = field(default=frozenset(), converter=_io_kinds)
 
     @classmethod
     def from_levels(
@@ -525,6 +561,7 @@ class Capabilities:
             opsets=OpsetRange(**(data.get("opsets") or {})),
             dynamic_shapes=bool(data.get("dynamic_shapes", True)),
             movable=data.get("movable") or (),
+            io_kinds=data.get("io_kinds") or (),
         )
 
     @classmethod
@@ -551,6 +588,6 @@ def _jsonable(value: Any) -> Any:
         return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, frozenset):  # sets of formats, in the table's order
-        return [f.value for f in sorted(value, key=_INDEX.__getitem__)]
+    if isinstance(value, frozenset):  # sets of enum members (formats, kinds), in declaration order
+        return [v.value for v in sorted(value, key=lambda v: list(type(v)).index(v))]
     return value

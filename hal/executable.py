@@ -5,6 +5,9 @@ and what the runtime returns is checked against the model's declared outputs (co
 types, ranks, static dimensions) before the caller sees it; every check is prepared once in
 ``__init__`` so a call costs little more than the runtime's own.
 
+Sequences and optionals (:class:`~hal.capabilities.ValueKind`) travel as lists of arrays and as
+an array or None; each element is checked as a tensor of the declared element type would be.
+
 Symbolic dimensions are not enforced, as onnxruntime does not enforce them: exporters write
 ``"?"``, ``"unk__N"`` or ``""`` for "unknown", not for "equal". A named symbol whose sizes differ
 between inputs is logged once per executable as a WARNING.
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hal.capabilities import ValueKind
 from hal.errors import InputError, RunError, VerificationError
 
 if TYPE_CHECKING:
@@ -35,8 +39,9 @@ _ndarray = np.ndarray  # one global lookup on the hot path instead of two
 #: "unk__N", "None". They are not shared symbols.
 _PLACEHOLDER = re.compile(r"[^A-Za-z]*|unk__\d+|None")
 
-# (name, dtype or None, full static shape or None, rank or None, ((axis, size), ...))
-_Spec = tuple[str, Any, "tuple[int, ...] | None", "int | None", "tuple[tuple[int, int], ...]"]
+# (name, kind (None for a tensor), dtype or None, full static shape or None, rank or None,
+#  ((axis, size), ...)); for a sequence or an optional, the shape is its elements'.
+_Spec = tuple[str, "ValueKind | None", Any, "tuple[int, ...] | None", "int | None", "tuple[tuple[int, int], ...]"]
 
 
 def _spec(info: TensorInfo) -> _Spec:
@@ -44,12 +49,28 @@ def _spec(info: TensorInfo) -> _Spec:
         dtype = info.dtype
     except (TypeError, ValueError, KeyError):  # a format numpy cannot hold (float6): not checked
         dtype = None
+    kind = None if info.kind is ValueKind.TENSOR else info.kind
     shape = info.shape
     if shape is None:
-        return (info.name, dtype, None, None, ())
+        return (info.name, kind, dtype, None, None, ())
     static = tuple((axis, d) for axis, d in enumerate(shape) if isinstance(d, int) and d > 0)
     full = tuple(shape) if len(static) == len(shape) else None  # type: ignore[arg-type]
-    return (info.name, dtype, full, len(shape), static)
+    return (info.name, kind, dtype, full, len(shape), static)
+
+
+def _a(text: str) -> str:
+    return f"{'an' if text[:1] in 'aeiou' else 'a'} {text}"
+
+
+def _what(value: Any) -> str:
+    if value is None:
+        return "None"
+    return "one array" if isinstance(value, np.ndarray) else f"a {type(value).__name__}"
+
+
+def _label(what: str, name: str, index: int | None) -> str:
+    """``input 'x'``, or ``input 's' element 2`` for an element of a sequence."""
+    return f"{what} {name!r}" if index is None else f"{what} {name!r} element {index}"
 
 
 def _shape_text(shape: Sequence[int | str | None]) -> str:
@@ -87,6 +108,8 @@ class Executable:
         self._all_output_specs = tuple(self._output_specs[n] for n in self._output_names)
         symbols: dict[str, list[tuple[str, int]]] = {}
         for info in self.inputs:
+            if info.kind is not ValueKind.TENSOR:
+                continue  # elements of a sequence may differ in size; an optional may be absent
             for axis, d in enumerate(info.shape or ()):
                 if isinstance(d, str) and not _PLACEHOLDER.fullmatch(d):
                     symbols.setdefault(d, []).append((info.name, axis))
@@ -96,9 +119,13 @@ class Executable:
     def __repr__(self) -> str:
         return f"<hal.Executable on {self.device.id}: {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
 
-    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, Any]:
         """Run the model. ``feeds`` maps every input name to an array of its element type
         (ml_dtypes arrays for bfloat16, FP8, int4, ...); returns ``{output name: array}``.
+
+        A sequence input takes a list (or tuple) of arrays, an optional input an array or None
+        (absent), an optional sequence a list or None; each array is checked as a tensor input
+        is. A sequence output comes back as a list of arrays, an absent optional as None.
 
         Python numbers and (nested) lists are converted only where every value survives exactly
         (``1.0`` into int64, ``True`` into float32); floats into a float type are rounded to its
@@ -114,13 +141,20 @@ class Executable:
         if len(feeds) != len(self._specs):
             self._raise_names(feeds)
         converted: dict[str, np.ndarray] | None = None
-        for name, dtype, full, rank, static in self._specs:
+        for name, kind, dtype, full, rank, static in self._specs:
             try:
                 array = feeds[name]
             except KeyError:
                 self._raise_names(feeds)
+            if kind is not None:
+                value = self._feed_value(name, array)
+                if value is not array:
+                    if converted is None:
+                        converted = dict(feeds)
+                    converted[name] = value
+                continue
             if type(array) is not np.ndarray:
-                array = self._convert(name, array, dtype)
+                array = self._convert(f"input {name!r}", array, dtype)
                 if converted is None:
                     converted = dict(feeds)
                 converted[name] = array
@@ -132,13 +166,13 @@ class Executable:
                 raise InputError(msg)
             if full is not None:
                 if array.shape != full:
-                    self._raise_shape(name, array, full)
+                    self._raise_shape(f"input {name!r}", array, full)
             elif rank is not None:
                 if array.ndim != rank:
-                    self._raise_shape(name, array, self._declared(name))
+                    self._raise_shape(f"input {name!r}", array, self._declared(name))
                 for axis, size in static:
                     if array.shape[axis] != size:
-                        self._raise_shape(name, array, self._declared(name))
+                        self._raise_shape(f"input {name!r}", array, self._declared(name))
         if converted is not None:
             feeds = converted
         if self._shared:
@@ -164,7 +198,10 @@ class Executable:
             raise RunError(msg) from exc
         if (type(results) is not list and type(results) is not tuple) or len(results) != len(names):
             self._raise_results(results, names)
-        for array, (name, dtype, full, rank, static) in zip(results, specs):
+        for array, (name, kind, dtype, full, rank, static) in zip(results, specs):
+            if kind is not None:
+                self._check_output_value(name, kind, array, dtype, full, rank, static)
+                continue
             if type(array) is not _ndarray or (array.dtype is not dtype and array.dtype != dtype and dtype is not None):
                 self._raise_output(name, array, dtype, "")
             if full is not None:
@@ -230,7 +267,7 @@ class Executable:
         )
         raise RunError(msg)
 
-    def _raise_output(self, name: str, array: Any, dtype: Any, declared: str) -> None:
+    def _raise_output(self, name: str, array: Any, dtype: Any, declared: str, index: int | None = None) -> None:
         if not isinstance(array, np.ndarray):
             what = f"as a {type(array).__name__} instead of a numpy array"
         elif dtype is not None and array.dtype != dtype:
@@ -238,10 +275,72 @@ class Executable:
         else:
             what = f"with shape {list(array.shape)}, but the model declares {declared}"
         msg = (
-            f"{self._backend()} returned output {name!r} {what}: the backend answered something "
+            f"{self._backend()} returned {_label('output', name, index)} {what}: the backend answered something "
             "other than the model's output; report it to its plugin's authors, or run on another device"
         )
         raise RunError(msg)
+
+    def _check_output_value(
+        self, name: str, kind: ValueKind, value: Any, dtype: Any, full: Any, rank: int | None, static: Any
+    ) -> None:
+        """A sequence output must be a list of arrays, an optional one an array or None, each
+        array of the declared element type, rank and static dimensions."""
+        if value is None and kind.is_optional:
+            return
+        if kind.is_sequence:
+            if type(value) is not list:
+                info = next(o for o in self.outputs if o.name == name)
+                msg = (
+                    f"{self._backend()} returned output {name!r} as {_what(value)}, but the model declares "
+                    f"{_a(info.describe())}, which comes back as a list of arrays; report it to its plugin's "
+                    "authors, or run on another device"
+                )
+                raise RunError(msg)
+            items: list[tuple[int | None, Any]] = list(enumerate(value))
+        else:
+            items = [(None, value)]
+        for index, array in items:
+            if type(array) is not _ndarray or (dtype is not None and array.dtype != dtype):
+                self._raise_output(name, array, dtype, "", index)
+            if (full is not None and array.shape != full) or (
+                rank is not None and (array.ndim != rank or any(array.shape[a] != size for a, size in static))
+            ):
+                self._raise_output(name, array, dtype, self._declared_output(name), index)
+
+    def _feed_value(self, name: str, value: Any) -> Any:
+        """A sequence or optional feed checked: a new list of checked arrays, an array, or None."""
+        spec = next(s for s in self._specs if s[0] == name)
+        kind = spec[1]
+        assert kind is not None
+        if value is None and kind.is_optional:
+            return None
+        if not kind.is_sequence:  # an optional tensor, present
+            return self._feed_element(spec, value, None)
+        if not isinstance(value, (list, tuple)):
+            info = next(i for i in self.inputs if i.name == name)
+            split = " (list(array) splits one along its first axis)" if isinstance(value, np.ndarray) else ""
+            absent = " or None" if kind.is_optional else ""
+            msg = f"input {name!r} is {_a(info.describe())}: pass a list of arrays{absent}{split}, not {_what(value)}"
+            raise InputError(msg)
+        return [self._feed_element(spec, item, index) for index, item in enumerate(value)]
+
+    def _feed_element(self, spec: _Spec, value: Any, index: int | None) -> np.ndarray:
+        """One array of a sequence or optional feed, checked and converted as a tensor feed is."""
+        name, _, dtype, full, rank, static = spec
+        label = _label("input", name, index)
+        if type(value) is not np.ndarray:
+            value = self._convert(label, value, dtype)
+        if dtype is not None and value.dtype != dtype:
+            msg = (
+                f"{label} has element type {value.dtype}, expected {dtype}; "
+                f"convert it with array.astype({_dtype_expr(dtype)})"
+            )
+            raise InputError(msg)
+        if (full is not None and value.shape != full) or (
+            rank is not None and (value.ndim != rank or any(value.shape[a] != size for a, size in static))
+        ):
+            self._raise_shape(label, value, self._declared(name))
+        return value
 
     def _raise_names(self, feeds: Mapping[str, Any]) -> None:
         given = set(feeds)
@@ -256,10 +355,11 @@ class Executable:
         raise InputError(msg)
 
     @staticmethod
-    def _raise_shape(name: str, array: np.ndarray, declared: Sequence[int | str | None]) -> None:
+    def _raise_shape(label: str, array: np.ndarray, declared: Sequence[int | str | None]) -> None:
+        """``label``: ``input 'x'`` or ``input 's' element 2``."""
         if len(array.shape) != len(declared):
             msg = (
-                f"input {name!r} has rank {array.ndim} (shape {list(array.shape)}), expected rank "
+                f"{label} has rank {array.ndim} (shape {list(array.shape)}), expected rank "
                 f"{len(declared)} with shape {_shape_text(declared)}"
             )
         else:
@@ -268,22 +368,23 @@ class Executable:
                 for axis, d in enumerate(declared)
                 if isinstance(d, int) and d > 0 and array.shape[axis] != d
             ]
-            msg = f"input {name!r} has shape {list(array.shape)}, expected {_shape_text(declared)}: {'; '.join(bad)}"
+            msg = f"{label} has shape {list(array.shape)}, expected {_shape_text(declared)}: {'; '.join(bad)}"
         raise InputError(msg)
 
     @staticmethod
-    def _convert(name: str, value: Any, dtype: np.dtype) -> np.ndarray:
+    def _convert(label: str, value: Any, dtype: np.dtype) -> np.ndarray:
+        """``label``: ``input 'x'`` or ``input 's' element 2``."""
         if isinstance(value, np.ndarray):  # a subclass: take it as a plain array
             return value.view(np.ndarray)
         if not isinstance(value, (np.generic, int, float, bool, complex, str, bytes, list, tuple)):
-            msg = f"input {name!r} is a {type(value).__name__}; pass a numpy array of {dtype}"
+            msg = f"{label} is a {type(value).__name__}; pass a numpy array of {dtype}"
             raise InputError(msg)
         try:
             raw = np.asarray(value)
         except (TypeError, ValueError, OverflowError) as exc:
-            msg = f"input {name!r} cannot be read as an array of {dtype}: {exc}"
+            msg = f"{label} cannot be read as an array of {dtype}: {exc}"
             raise InputError(msg) from None
-        return _exactly(name, raw, dtype)
+        return _exactly(label, raw, dtype)
 
     def _check_shared(self, feeds: Mapping[str, np.ndarray]) -> None:
         for symbol, uses in self._shared:
@@ -302,7 +403,7 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind in "fc" or (dtype.type.__module__.startswith("ml_dtypes") and "float" in dtype.name)
 
 
-def _exactly(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _exactly(label: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``raw`` (an array numpy made of Python values) as ``dtype``, or an InputError when that
     would change a value: integers and bools must survive exactly; floats into a float type may
     round to its nearest value but not overflow."""
@@ -316,7 +417,7 @@ def _exactly(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
             try:
                 array = raw.astype(dtype)
             except (TypeError, ValueError, OverflowError) as exc:
-                msg = f"input {name!r} cannot be read as an array of {dtype}: {exc}"
+                msg = f"{label} cannot be read as an array of {dtype}: {exc}"
                 raise InputError(msg) from None
             if raw.dtype.kind in "fc" and _is_float(dtype):
                 wide = array.astype(np.complex128 if dtype.kind == "c" else np.float64)
@@ -333,7 +434,7 @@ def _exactly(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
         fix = f"pass values {dtype} holds"
         if raw.dtype.kind == "f" and (dtype.kind in "iu" or dtype.name.startswith(("int", "uint"))):
             fix += f", or round them yourself: np.round(values).astype({_dtype_expr(dtype)})"
-        msg = f"input {name!r}: the value {first!r} {why} in {dtype} (it would become {after!r}); {fix}"
+        msg = f"{label}: the value {first!r} {why} in {dtype} (it would become {after!r}); {fix}"
         raise InputError(msg)
     if raw.dtype.kind in "US" or dtype.kind == "O":
         what = f"{raw.dtype} values, expected {dtype}: numbers are not read from text, nor text from numbers"
@@ -341,7 +442,7 @@ def _exactly(name: str, raw: np.ndarray, dtype: np.dtype) -> np.ndarray:
         what = f"values numpy cannot give one type (integers beyond 64 bits, or mixed objects), expected {dtype}"
     else:
         what = f"{raw.dtype} values, which {dtype} cannot hold"
-    msg = f"input {name!r} holds {what}; pass a numpy array of {dtype}"
+    msg = f"{label} holds {what}; pass a numpy array of {dtype}"
     raise InputError(msg)
 
 

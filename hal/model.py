@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from attrs import frozen
+from attrs import field, frozen
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from hal.capabilities import NumberFormat
+from hal.capabilities import NumberFormat, ValueKind
 from hal.errors import ModelError
 from hal.weights import Weights, _all_tensors, _walk_tensors, external_tensors
 
@@ -60,24 +60,65 @@ def _bound(name: str, default: int) -> int:
 
 @frozen
 class TensorInfo:
-    """An input or output: name, element format and shape (ints, symbolic names or None)."""
+    """An input or output: name, element format and shape (ints, symbolic names or None).
+
+    ``kind`` says what the value holds (:class:`~hal.capabilities.ValueKind`): a tensor, or a
+    sequence of tensors, an optional tensor or an optional sequence, whose elements have this
+    format and shape (each element of a sequence alike; ``shape`` None: any rank).
+    """
 
     name: str
     format: NumberFormat
     shape: tuple[int | str | None, ...] | None
+    kind: ValueKind = field(default=ValueKind.TENSOR, converter=ValueKind)
 
     @property
     def dtype(self) -> Any:
         return self.format.dtype
 
+    def describe(self) -> str:
+        """The type as ``hal inspect`` prints it: ``float32 [1, ?]``, ``sequence of float32 [?, 3]``,
+        ``optional float32 [2]``, ``optional sequence of int64 any shape``."""
+        if self.shape is None:
+            shape = "any shape"
+        else:
+            shape = "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        prefix = {
+            ValueKind.TENSOR: "",
+            ValueKind.SEQUENCE: "sequence of ",
+            ValueKind.OPTIONAL: "optional ",
+            ValueKind.OPTIONAL_SEQUENCE: "optional sequence of ",
+        }[self.kind]
+        return f"{prefix}{self.format.value} {shape}"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "format": self.format.value, "shape": None if self.shape is None else list(self.shape)}
+        shape = None if self.shape is None else list(self.shape)
+        out: dict[str, Any] = {"name": self.name, "format": self.format.value, "shape": shape}
+        if self.kind is not ValueKind.TENSOR:  # a tensor's record stays as it always was
+            out["kind"] = self.kind.value
+        return out
+
+
+def _element_tensor(tp: onnx.TypeProto) -> tuple[ValueKind, Any] | None:
+    """``(kind, the element's TypeProto.Tensor)`` for the kinds of value the HAL passes, None for
+    the others (maps, sparse tensors, sequences of sequences, untyped values)."""
+    kind = ValueKind.TENSOR
+    which = tp.WhichOneof("value")
+    if which == "optional_type":
+        kind, tp = ValueKind.OPTIONAL, tp.optional_type.elem_type
+        which = tp.WhichOneof("value")
+    if which == "sequence_type":
+        kind = ValueKind.OPTIONAL_SEQUENCE if kind is ValueKind.OPTIONAL else ValueKind.SEQUENCE
+        tp = tp.sequence_type.elem_type
+        which = tp.WhichOneof("value")
+    return (kind, tp.tensor_type) if which == "tensor_type" else None
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo | None:
-    if not value.type.HasField("tensor_type"):
+    found = _element_tensor(value.type)
+    if found is None:
         return None
-    tt = value.type.tensor_type
+    kind, tt = found
     shape: tuple[int | str | None, ...] | None = None
     if tt.HasField("shape"):
         shape = tuple(
@@ -88,7 +129,7 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo | None:
     except ValueError:
         msg = f"tensor {value.name!r} has element type code {tt.elem_type}, which this ONNX version does not define"
         raise ModelError(msg) from None
-    return TensorInfo(value.name, fmt, shape)
+    return TensorInfo(value.name, fmt, shape, kind)
 
 
 @frozen
@@ -419,7 +460,7 @@ def _tensor_bytes(t: TensorProto) -> int:
 
 def _value_bytes(value: onnx.ValueInfoProto) -> int:
     info = _tensor_info(value)
-    if info is None or info.shape is None:
+    if info is None or info.shape is None or info.kind is not ValueKind.TENSOR:  # a sequence's length is unknown
         return 0
     count = 1
     for d in info.shape:
@@ -472,7 +513,7 @@ def analyze(proto: onnx.ModelProto) -> Requirements:
     initializers = {t.name for t in graph.initializer}
     for v in list(graph.input) + list(graph.output):
         info = _tensor_info(v)
-        if info is None or v.name in initializers or info.shape is None:
+        if info is None or v.name in initializers or info.shape is None or info.kind is not ValueKind.TENSOR:
             continue
         for axis, d in enumerate(info.shape):
             if not isinstance(d, int) or d <= 0:

@@ -142,9 +142,9 @@ __all__ = [
     "hookimpl",
     # describing a device
     "Capabilities", "DeviceKind", "E8M0Encoding", "Health", "Interconnect", "InterconnectKind", "Maturity", "Memory",
-    "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support",
+    "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support", "ValueKind",
     # building blocks
-    "Artifact", "OrtBackend", "OrtRunner", "bits_view", "fit_capabilities", "from_bits", "pack", "unpack",
+    "ORT_IO_KINDS", "Artifact", "OrtBackend", "OrtRunner", "bits_view", "fit_capabilities", "from_bits", "pack", "unpack",
     # errors
     "CompileError", "HalError", "RunError", "UnavailableDeviceError",
     # testing a plugin
@@ -159,11 +159,11 @@ _LAZY = {
         "hal.backend": ("Backend", "CompileOptions", "Device", "Runner"),
         "hal.capabilities": (
             "Capabilities", "DeviceKind", "E8M0Encoding", "Health", "Interconnect", "InterconnectKind",
-            "Maturity", "Memory", "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support",
+            "Maturity", "Memory", "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support", "ValueKind",
         ),
         "hal.lowering": ("LoweredModel", "LoweringStep", "StepKind"),
         "hal.model": ("TensorInfo",),
-        "hal.backends.onnxruntime": ("OrtBackend", "OrtRunner", "fit_capabilities", "runtime_limits"),
+        "hal.backends.onnxruntime": ("ORT_IO_KINDS", "OrtBackend", "OrtRunner", "fit_capabilities", "runtime_limits"),
         "hal.tensors": ("bits_view", "from_bits", "pack", "unpack"),
         "hal.cache": ("Artifact",),
         "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
@@ -173,11 +173,11 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from hal.backend import Backend, CompileOptions, Device, Runner
-    from hal.backends.onnxruntime import OrtBackend, OrtRunner, fit_capabilities, runtime_limits
+    from hal.backends.onnxruntime import ORT_IO_KINDS, OrtBackend, OrtRunner, fit_capabilities, runtime_limits
     from hal.cache import Artifact
     from hal.capabilities import (
         Capabilities, DeviceKind, E8M0Encoding, Health, Interconnect, InterconnectKind, Maturity, Memory,
-        NumberFormat, OpsetRange, ScaledFormat, Stability, Support,
+        NumberFormat, OpsetRange, ScaledFormat, Stability, Support, ValueKind,
     )
     from hal.errors import CompileError, HalError, RunError, UnavailableDeviceError
     from hal.lowering import LoweredModel, LoweringStep, StepKind

@@ -16,7 +16,8 @@ Tolerances, per output element type (:data:`TOLERANCES`), are normwise: an outpu
 ``max|actual - expected| <= atol + rtol * max|expected|`` over its finite elements, with NaN and
 infinities in the same places and the same shape and element type. Integers, booleans and strings
 must match exactly. With ``reduced_precision=True`` float32 outputs get bfloat16's tolerance,
-since the device may compute in bfloat16.
+since the device may compute in bfloat16. A sequence output passes when it has as many elements as
+the reference's and each passes so; an optional one when both are absent or both pass.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from attrs import field, frozen
 
-from hal.capabilities import NumberFormat
+from hal.capabilities import NumberFormat, ValueKind
 from hal.errors import HalError, InputError, VerificationError
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ __all__ = [
     "compare",
     "judge",
     "seeded_feeds",
+    "shape_signature",
     "tolerance_for",
 ]
 
@@ -198,6 +200,8 @@ class VerificationReport:
 #: large enough for a few stride-2 stages. Pass real inputs as ``example=`` where they matter.
 BATCH_SIZE = 1
 DYNAMIC_SIZE = 16
+#: Elements in a seeded sequence: more than one, so that an element's index matters.
+SEQUENCE_LENGTH = 2
 
 
 def seeded_feeds(
@@ -205,12 +209,13 @@ def seeded_feeds(
     *,
     seed: int = 0,
     example: Mapping[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """One array per input, drawn from ``seed``, or taken from ``example`` where given.
+) -> dict[str, Any]:
+    """One value per input, drawn from ``seed``, or taken from ``example`` where given.
 
     Floats are uniform in [-1, 1) (rounded to the format), integers in [0, 2) so that they index
     any non-empty axis, booleans fair coin flips, strings short words. A symbolic dimension gets
-    one size everywhere it appears (from ``example`` where an example input fixes it).
+    one size everywhere it appears (from ``example`` where an example input fixes it). A sequence
+    gets :data:`SEQUENCE_LENGTH` arrays of its element's shape; an optional is present.
     """
     example = dict(example or {})
     unknown = sorted(set(example) - {i.name for i in inputs})
@@ -219,16 +224,25 @@ def seeded_feeds(
         raise InputError(msg)
     symbols: dict[str, int] = {}
     for info in inputs:
-        if info.name in example and info.shape is not None:
-            shape = np.shape(example[info.name])
-            for d, size in zip(info.shape, shape):
-                if isinstance(d, str) and d:
-                    symbols.setdefault(d, int(size))
+        given = example.get(info.name)
+        if given is None or info.shape is None:
+            continue
+        if info.kind.is_sequence:  # the first element fixes the element's symbols
+            if not isinstance(given, (list, tuple)) or not given:
+                continue
+            given = given[0]
+        for d, size in zip(info.shape, np.shape(given)):
+            if isinstance(d, str) and d:
+                symbols.setdefault(d, int(size))
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
+    feeds: dict[str, Any] = {}
     for info in inputs:
         if info.name in example:
-            feeds[info.name] = np.asarray(example[info.name])
+            given = example[info.name]
+            if given is None or not info.kind.is_sequence or not isinstance(given, (list, tuple)):
+                feeds[info.name] = given if given is None else np.asarray(given)
+            else:
+                feeds[info.name] = [np.asarray(item) for item in given]
             continue
         shape = tuple(
             d if isinstance(d, int) and d >= 0  # a declared 0 is a static empty axis, not unknown
@@ -236,8 +250,26 @@ def seeded_feeds(
             else (BATCH_SIZE if axis == 0 else DYNAMIC_SIZE)
             for axis, d in enumerate(info.shape or ())
         )
-        feeds[info.name] = _random(info.format, shape, rng)
+        if info.kind.is_sequence:
+            feeds[info.name] = [_random(info.format, shape, rng) for _ in range(SEQUENCE_LENGTH)]
+        else:
+            feeds[info.name] = _random(info.format, shape, rng)
     return feeds
+
+
+def shape_signature(feeds: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The shapes of ``feeds``, by input name, as a hashable key: an array's shape, a sequence's
+    tuple of its elements' shapes (in a list, to tell it from an array's), None for an absent
+    optional."""
+
+    def shape(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return ("sequence", tuple(tuple(np.shape(item)) for item in value))
+        return tuple(np.shape(value))
+
+    return tuple(sorted((name, shape(value)) for name, value in feeds.items()))
 
 
 def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -260,22 +292,63 @@ def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator)
 
 
 def compare(
-    actual: Mapping[str, np.ndarray],
-    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, Any],
+    expected: Mapping[str, Any],
     outputs: Sequence[TensorInfo],
     *,
     reduced_precision: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
 ) -> tuple[OutputCheck, ...]:
-    """Compare every declared output; ``rtol``/``atol`` override the per-type tolerances."""
+    """Compare every declared output; ``rtol``/``atol`` override the per-type tolerances.
+
+    A sequence is compared element by element (the check reports the worst element), an
+    optional as absent in both or as a tensor."""
     checks = []
     for info in outputs:
         tol = tolerance_for(info.format, reduced_precision=reduced_precision)
         if rtol is not None or atol is not None:
             tol = Tolerance(tol.rtol if rtol is None else rtol, tol.atol if atol is None else atol)
-        checks.append(_compare_one(info.name, actual.get(info.name), expected.get(info.name), tol))
+        name = info.name
+        if name not in actual:
+            checks.append(OutputCheck(name, False, math.inf, math.inf, tol, "missing from the device's outputs"))
+        elif name not in expected:
+            checks.append(OutputCheck(name, False, math.inf, math.inf, tol, "missing from the reference's outputs"))
+        elif info.kind is ValueKind.TENSOR:
+            checks.append(_compare_one(name, actual[name], expected[name], tol))
+        else:
+            checks.append(_compare_value(name, info.kind, actual[name], expected[name], tol))
     return tuple(checks)
+
+
+def _compare_value(name: str, kind: ValueKind, got: Any, want: Any, tol: Tolerance) -> OutputCheck:
+    """A sequence or optional output: absent in both, or every element within ``tol``."""
+
+    def fail(reason: str) -> OutputCheck:
+        return OutputCheck(name, False, math.inf, math.inf, tol, reason)
+
+    if got is None or want is None:
+        if got is None and want is None and kind.is_optional:
+            return OutputCheck(name, True, 0.0, 0.0, tol)
+        if not kind.is_optional:
+            who = "device" if got is None else "reference"
+            return fail(f"None from the {who}, where the model declares a {kind.value}")
+        return fail("absent, where the reference's is present" if got is None else "present, where the reference's is absent")
+    if not kind.is_sequence:
+        return _compare_one(name, got, want, tol)
+    if not isinstance(got, (list, tuple)) or not isinstance(want, (list, tuple)):
+        return fail(f"a {type(got).__name__}, the reference gives a {type(want).__name__}; a sequence is a list")
+    if len(got) != len(want):
+        return fail(f"{len(got)} elements, the reference gives {len(want)}")
+    checks = [_compare_one(f"{name}[{i}]", g, w, tol) for i, (g, w) in enumerate(zip(got, want))]
+    if not checks:
+        return OutputCheck(name, True, 0.0, 0.0, tol)
+    worst = max(checks, key=lambda c: (not c.passed, c.max_rel))
+    reason = None
+    if not worst.passed:  # the element's own reason, or its errors against the tolerance
+        reason = f"element {checks.index(worst)}: {worst.reason or worst.describe().split(': ', 1)[1]}"
+    max_abs, max_rel = max(c.max_abs for c in checks), max(c.max_rel for c in checks)
+    return OutputCheck(name, all(c.passed for c in checks), max_abs, max_rel, worst.tolerance, reason)
 
 
 def _compare_one(name: str, got: Any, want: Any, tol: Tolerance) -> OutputCheck:
@@ -317,6 +390,22 @@ def _compare_one(name: str, got: Any, want: Any, tol: Tolerance) -> OutputCheck:
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     passed = max_abs <= tol.atol + tol.rtol * scale
     return OutputCheck(name, passed, max_abs, max_rel, tol)
+
+
+def _empty(value: Any) -> bool:
+    """An output that holds no element: an empty array, or a sequence of none or only empty ones
+    (an absent optional is an answer, not an empty one)."""
+    if value is None:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(np.size(item) == 0 for item in value)
+    return np.size(value) == 0
+
+
+def _shown_shape(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a sequence of {len(value)}" + (f" shaped {tuple(np.shape(value[0]))}" if value else "")
+    return str(tuple(np.shape(value)))
 
 
 def _is_numeric_float(dtype: np.dtype) -> bool:
@@ -363,12 +452,12 @@ def judge(
     if isinstance(expected, HalError):
         return report("skipped", detail=str(expected))
     want, name = expected
-    empty = sorted(n for n, v in want.items() if np.size(v) == 0)
+    empty = sorted(n for n, v in want.items() if _empty(v))
     if empty and not real_inputs:
         # Seeded integers made a size or a shape 0: an empty answer proves nothing, and runtimes
         # are least tested there (IREE's CenterCropPad to shape [0, 0, 1] corrupted the heap and
         # ended the process).
-        shown = ", ".join(f"{n} {tuple(np.shape(want[n]))}" for n in empty)
+        shown = ", ".join(f"{n} {_shown_shape(want[n])}" for n in empty)
         return report("skipped", name, detail=(
             f"the seeded inputs give empty outputs ({shown}), so the device is not run on them; "
             "pass example= with real inputs to verify it"))
@@ -444,7 +533,7 @@ def estimate_evaluator_seconds(proto: onnx.ModelProto, feeds: Mapping[str, np.nd
     graph = proto.graph
     sizes: dict[str, int] = {}
     for value in graph.input:
-        if value.name in feeds:
+        if value.name in feeds and value.type.HasField("tensor_type"):
             for d, size in zip(value.type.tensor_type.shape.dim, np.shape(feeds[value.name])):
                 if d.dim_param:
                     sizes.setdefault(d.dim_param, int(size))
@@ -613,8 +702,18 @@ class Reference:
         self._deadline.at = time.perf_counter() + 4 * self.budget
         names = [o.name for o in self.proto.graph.output]
         with np.errstate(divide="raise"):  # see _run: a zero divisor stops verification here
-            values = evaluator.run(names, {k: np.asarray(v) for k, v in feeds.items()})
-        return {n: np.asarray(v) for n, v in zip(names, values)}
+            values = evaluator.run(names, {k: _as_arrays(v) for k, v in feeds.items()})
+        return {n: _as_arrays(v) for n, v in zip(names, values)}
+
+
+def _as_arrays(value: Any) -> Any:
+    """An array, a list of arrays for a sequence, None for an absent optional: as the evaluator
+    takes and gives them."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [np.asarray(item) for item in value]
+    return np.asarray(value)
 
 
 #: ONNX operators whose outputs are random draws (a ``seed`` fixes them within one runtime only).
@@ -679,7 +778,7 @@ class ShapeCheckedRunner:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         results = self.runner.run(feeds, output_names)
-        signature = tuple(sorted((name, array.shape) for name, array in feeds.items()))
+        signature = shape_signature(feeds)
         if signature in self._seen:
             return results
         infos = [self.outputs[n] for n in output_names]

@@ -8,7 +8,9 @@ The declared format table is what onnxruntime's CPU kernels really do, checked b
 (emulated); bfloat16, FP8 and 4-bit types only cast and (de)quantize (storage); float8_e8m0 and
 2-bit types need opset 25 for Cast; float4_e2m1 and float6 have no kernels at all. At discovery
 the table is fitted to the installed onnxruntime (:func:`hal.backends.onnxruntime.fit_capabilities`:
-its newest IR version and opset, float8_e8m0 only where its kernels exist).
+its newest IR version and opset, float8_e8m0 only where its kernels exist). Graph inputs and
+outputs may be sequences and optionals (``io_kinds``), which onnxruntime's ``run`` passes as lists
+and None.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import platform
 from attrs import evolve
 
 from hal.plugin import (
-    Capabilities, Device, DeviceKind, Memory, OpsetRange, OrtBackend, ScaledFormat, Support,
+    ORT_IO_KINDS, Capabilities, Device, DeviceKind, Memory, OpsetRange, OrtBackend, ScaledFormat, Support,
     fit_capabilities, hookimpl,
 )
 
@@ -61,6 +63,9 @@ CPU_CAPABILITIES = Capabilities.from_levels(
     # com.microsoft: onnxruntime's contrib operators (Gelu, FusedMatMul, ...), which its own
     # graph optimizer and transformer exporters write.
     opsets=OpsetRange(7, 25, domains=("com.microsoft",)),
+    # Sequences and optionals as graph inputs and outputs: onnxruntime's run takes and returns
+    # lists and None, and OrtRunner passes them.
+    io_kinds=ORT_IO_KINDS,
 )
 
 

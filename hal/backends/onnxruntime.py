@@ -38,6 +38,7 @@ from hal.capabilities import (
     FormatTable,
     NumberFormat,
     Support,
+    ValueKind,
 )
 from hal.errors import CompileError, UnavailableDeviceError
 from hal.tensors import bits_view, from_bits, pack
@@ -45,7 +46,10 @@ from hal.tensors import bits_view, from_bits, pack
 if TYPE_CHECKING:
     from hal.lowering import LoweredModel
 
-__all__ = ["OrtBackend", "OrtRunner", "RuntimeLimits", "fit_capabilities", "probe_runtime_limits", "runtime_limits"]
+__all__ = [
+    "ORT_IO_KINDS", "OrtBackend", "OrtRunner", "RuntimeLimits", "fit_capabilities", "probe_runtime_limits",
+    "runtime_limits",
+]
 
 log = logging.getLogger("hal.backends.onnxruntime")
 
@@ -157,9 +161,20 @@ def _placeholder_directory(proto: Any, weights: Any) -> Iterator[Path]:
         yield path
 
 
+#: The kinds of graph input and output :class:`OrtRunner` passes besides tensors: onnxruntime's
+#: ``run`` takes a list of arrays for a sequence and None for an absent optional, and returns them
+#: alike. Declare them in ``Capabilities.io_kinds`` of a backend whose runner is an OrtRunner.
+ORT_IO_KINDS = frozenset({ValueKind.SEQUENCE, ValueKind.OPTIONAL, ValueKind.OPTIONAL_SEQUENCE})
+
+
 class OrtRunner:
     """Runs one onnxruntime session. Plain numpy feeds take the direct path; ml_dtypes feeds and
-    outputs go through OrtValues holding their raw bits."""
+    outputs go through OrtValues holding their raw bits.
+
+    Sequences and optionals take the direct path as lists and None (onnxruntime converts each
+    array). Raises :class:`~hal.errors.CompileError` for a model that has them together with a
+    format passed by its raw bits: OrtValues hold no sequences, and numpy arrays no bfloat16.
+    """
 
     def __init__(self, session: Any, model: LoweredModel) -> None:
         import onnxruntime as ort
@@ -174,11 +189,27 @@ class OrtRunner:
         # has already made; about 4 us of the 9 us a one-Add model costs per call here.
         inner = getattr(session, "_sess", None)
         self._direct = inner.run if inner is not None and hasattr(inner, "run") else None
-        if self._raw_in or self._raw_out or self._direct is None:
+        containers = [v.name for v in (*model.inputs, *model.outputs) if v.kind is not ValueKind.TENSOR]
+        if containers:
+            raw = sorted({f.value for f in (*self._raw_in.values(), *self._raw_out.values())})
+            if raw:
+                msg = (
+                    f"onnxruntime takes sequences and optionals ({', '.join(containers)}) only as numpy arrays, "
+                    f"which cannot hold {', '.join(raw)}, and the OrtValues that carry those hold no sequences: "
+                    "this model cannot pass through its Python API; cast those inputs and outputs to a format "
+                    "numpy holds"
+                )
+                raise CompileError(msg)
+            if self._direct is None:
+                self.run = self._run_public  # type: ignore[method-assign]
+        elif self._raw_in or self._raw_out or self._direct is None:
             self.run = self._run_raw  # type: ignore[method-assign]
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         return self._direct(output_names, feeds, self._run_options)  # type: ignore[misc]
+
+    def _run_public(self, feeds: dict[str, Any], output_names: Sequence[str]) -> list[Any]:
+        return self.session.run(list(output_names), feeds, self._run_options)  # type: ignore[no-any-return]
 
     def _run_raw(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         OrtValue = self._ort.OrtValue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hal.compiler.graph_io import check_io
 from hal.compiler.legalize import legalize_formats
 from hal.compiler.opset import check_domains, convert_opset
 from hal.compiler.optimize import optimize
@@ -20,15 +21,17 @@ if TYPE_CHECKING:
     from hal.capabilities import Capabilities
     from hal.lowering import LoweringStep
 
-__all__ = ["check_domains", "convert_opset", "legalize_formats", "lower_for", "optimize"]
+__all__ = ["check_domains", "check_io", "convert_opset", "legalize_formats", "lower_for", "optimize"]
 
 
 def lower_for(
     proto: onnx.ModelProto, capabilities: Capabilities
 ) -> tuple[onnx.ModelProto, list[LoweringStep]]:
-    """Fit ``proto`` to a device: refuse operator domains it does not declare
-    (:func:`check_domains`), :func:`convert_opset` into ``capabilities.opsets``, then
-    :func:`legalize_formats`. Raises :class:`~hal.errors.LoweringError` when any cannot."""
+    """Fit ``proto`` to a device: refuse graph inputs and outputs it cannot pass (:func:`check_io`)
+    and operator domains it does not declare (:func:`check_domains`), :func:`convert_opset` into
+    ``capabilities.opsets``, then :func:`legalize_formats`. Raises
+    :class:`~hal.errors.LoweringError` when any cannot."""
+    check_io(proto, capabilities)
     check_domains(proto, capabilities.opsets)
     proto, steps = convert_opset(proto, capabilities.opsets)
     proto, more = legalize_formats(proto, capabilities)

@@ -97,7 +97,7 @@ def optimize(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoweringStep
 
 def _infer_shapes(proto: onnx.ModelProto, steps: list[LoweringStep]) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(
+        inferred = onnx.shape_inference.infer_shapes(
             proto, check_type=False, strict_mode=False, data_prop=True
         )
     except Exception as exc:  # noqa: BLE001 - models over 2 GiB, unknown custom domains that throw, ...
@@ -110,6 +110,14 @@ def _infer_shapes(proto: onnx.ModelProto, steps: list[LoweringStep]) -> onnx.Mod
         out = onnx.ModelProto()
         out.CopyFrom(proto)
         return out
+    # Inference gives a sequence the element shape of the value it started from (a Loop's
+    # initial sequence, declared as one of scalars, makes the loop's result "a sequence of
+    # scalars" whatever the body inserts): a sequence or optional output keeps the type the
+    # model declares, which is what the executable holds the runtime's answer to.
+    for declared, output in zip(proto.graph.output, inferred.graph.output):
+        if not declared.type.HasField("tensor_type"):
+            output.type.CopyFrom(declared.type)
+    return inferred
 
 
 # -- helpers -----------------------------------------------------------------------------------

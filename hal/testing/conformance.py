@@ -13,9 +13,9 @@ target:
 - ``pass``: every output matches;
 - ``fail``: the model ran and an output differs (shape, element type or values);
 - ``error``: the HAL refused the case with a :class:`~hal.errors.HalError` before running it
-  (``hal.compile`` or ``to()``: the device or the HAL does not support it), or the case has
-  inputs or outputs that are not tensors (sequences, optionals, maps), which the HAL's API
-  cannot express: those are errors for every target alike;
+  (``hal.compile`` or ``to()``: the device or the HAL does not support it; a device refuses a
+  case whose inputs or outputs are sequences or optionals unless it declares them in
+  ``Capabilities.io_kinds``);
 - ``crash``: anything else: the device accepted the model and then failed to run it
   (:class:`~hal.errors.RunError`), or an exception that is not a ``HalError``. The message says
   which, and ``CaseResult.hal_error`` is False for the latter (a bug: every failure a caller can
@@ -24,7 +24,8 @@ target:
 Inputs are fed as onnx's backend test runner reads them from a case's ``.pb`` files
 (:func:`onnx.numpy_helper.to_array` of the serialized tensor) and read-only, as users have
 them (``np.frombuffer``, ``np.load(..., mmap_mode="r")``): a runner that writes into its inputs
-or frees a copy it still reads shows here.
+or frees a copy it still reads shows here. A sequence is fed as a list of such arrays, an absent
+optional as None.
 
 :func:`survey` runs a sample on several targets and :func:`summarize` reduces a result to what
 ``hal conformance`` prints: passed / wrong / errors per target and the most common reasons.
@@ -194,19 +195,6 @@ def _generated_cases() -> tuple[TestCase, ...]:
         return tuple(collect_testcases())
 
 
-def _unexpressible(model: onnx.ModelProto) -> str | None:
-    """Why the HAL's API cannot feed or return this model's values, or None if it can."""
-    initializers = {t.name for t in model.graph.initializer}
-    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
-        for value in values:
-            if value.name in initializers:
-                continue
-            which = value.type.WhichOneof("value")
-            if which != "tensor_type":
-                return f"{kind} {value.name!r} is a {which or 'untyped value'}; the HAL passes tensors only"
-    return None
-
-
 def _normalize(value: Any) -> Any:
     """The runner's ``_normalize_tensor``: cases may hold TensorProto values."""
     import onnx
@@ -222,7 +210,8 @@ def as_read(value: Any) -> Any:
 
     The runner reads inputs with :func:`onnx.numpy_helper.to_array`, which gives read-only views
     of the file's bytes for most element types; here every array is made read-only, so a backend
-    that writes into its inputs, or copies them and frees the copy too early, shows.
+    that writes into its inputs, or copies them and frees the copy too early, shows. A sequence
+    (a list) is read element by element; None (an absent optional) stays None.
     """
     import numpy as np
     import onnx
@@ -232,8 +221,10 @@ def as_read(value: Any) -> Any:
         array = numpy_helper.to_array(value)
     elif isinstance(value, (np.ndarray, np.generic)):
         array = numpy_helper.to_array(numpy_helper.from_array(np.asarray(value)))
+    elif isinstance(value, (list, tuple)):
+        return [as_read(item) for item in value]
     else:
-        return value  # sequences, optionals, maps: the HAL cannot pass them anyway
+        return value  # None, or what the HAL does not pass (maps), as it is
     array = array.view()
     array.flags.writeable = False
     return array
@@ -247,11 +238,34 @@ def compare_outputs(expected: Sequence[Any], actual: Sequence[Any], *, rtol: flo
 
     This is onnx's own ``Runner.assert_similar_outputs`` (same shapes and element types;
     ``np.testing.assert_allclose`` with ``rtol``/``atol``; object and string arrays compared
-    exactly; bfloat16 compared in float32 with two ulps of ``rtol``; lists element by element).
+    exactly; bfloat16 compared in float32 with two ulps of ``rtol``), with sequences held to the
+    same length and compared element by element (onnx's runner takes the actual's length and
+    walks arrays inside a list row by row) and an absent optional (None) equal only to None.
     """
     from onnx.backend.test.runner import Runner
 
-    Runner.assert_similar_outputs(list(expected), list(actual), rtol, atol)
+    def plain(value: Any) -> bool:
+        return value is not None and not isinstance(value, (list, tuple))
+
+    if len(expected) != len(actual) or all(plain(v) for v in (*expected, *actual)):
+        Runner.assert_similar_outputs(list(expected), list(actual), rtol, atol)
+        return
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        if plain(want) and plain(got):
+            Runner.assert_similar_outputs([want], [got], rtol, atol)
+        elif want is None or got is None:
+            if want is not got:
+                shown = "absent" if got is None else f"a {type(got).__name__}"
+                msg = f"output {index} is {shown}, expected {'None (absent)' if want is None else 'a value'}"
+                raise AssertionError(msg)
+        elif not (isinstance(want, (list, tuple)) and isinstance(got, (list, tuple))):
+            msg = f"output {index} is a {type(got).__name__}, expected a {type(want).__name__}"
+            raise AssertionError(msg)
+        elif len(want) != len(got):
+            msg = f"output {index} is a sequence of {len(got)} elements, expected {len(want)}"
+            raise AssertionError(msg)
+        else:
+            Runner.assert_similar_outputs([_normalize(w) for w in want], list(got), rtol, atol)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -331,9 +345,6 @@ def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | None = No
         elapsed = time.perf_counter() - start
         return {t: CaseResult(case.name, t, outcome, elapsed, None, message) for t in targets}
 
-    why = _unexpressible(case.model)
-    if why is not None:
-        return everywhere("error", why)
     try:
         compiled = hal.compile(case.model)
     except HalError as exc:
