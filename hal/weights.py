@@ -27,6 +27,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ MAX_INLINE_BYTES = 2**31 - 2**26
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _HASH_CHUNK = 8 << 20
+#: Leaves of a tensor's tree hash (see Weights.tensor_sha256).
+_TREE_CHUNK = 64 << 20
 
 
 def _walk_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -284,26 +287,34 @@ class Weights:
         over, the same wherever and however its weights are laid out in files."""
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
-        for tensor in external_tensors(copy):
-            sha = self.tensor_sha256(tensor)
+        tensors = list(external_tensors(copy))
+        # hashlib releases the GIL on large buffers: chunks are hashed on every core at once.
+        with ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="hal-hash") as pool:
+            shas = [self.tensor_sha256(t, pool=pool) for t in tensors]
+        for tensor, sha in zip(tensors, shas):
             del tensor.external_data[:]
             entry = tensor.external_data.add()
             entry.key, entry.value = "sha256", sha
         return copy.SerializeToString(deterministic=True)
 
-    def tensor_sha256(self, tensor: TensorProto) -> str:
-        """sha256 of external ``tensor``'s bytes: read once per file identity, offset and length,
-        then remembered under ``HAL_CACHE_DIR/digests`` (a second load hashes nothing)."""
+    def tensor_sha256(self, tensor: TensorProto, *, pool: ThreadPoolExecutor | None = None) -> str:
+        """A sha256 tree hash of external ``tensor``'s bytes (the sha256 of the sha256s of its
+        64 MiB chunks, so that ``pool`` hashes a large tensor on every core): read once per file
+        identity, offset and length, then remembered under ``HAL_CACHE_DIR/digests`` (a second
+        load hashes nothing)."""
         info = {e.key: e.value for e in tensor.external_data}
         file = self._files[_normal(info.get("location", ""), f"tensor {tensor.name!r}")]
         offset, length = _span(info, f"tensor {tensor.name!r}", file.size)
-        span = f"{offset}:{length}"
+        span = f"{offset}:{length}:tree{_TREE_CHUNK >> 20}"
         with self._lock:
             memo = self._memo(file)
             sha = memo.get(span)
         if sha is not None:
             return sha
-        sha = _hash_range(file.fd, offset, length)
+        starts = range(offset, offset + length, _TREE_CHUNK) if length else range(offset, offset + 1)
+        jobs = [(file.fd, start, min(_TREE_CHUNK, offset + length - start)) for start in starts]
+        chunks = list(pool.map(_hash_job, jobs)) if pool is not None else [_hash_job(j) for j in jobs]
+        sha = hashlib.sha256("".join(chunks).encode()).hexdigest()
         with self._lock:
             memo[span] = sha
             file.dirty = True
@@ -383,6 +394,10 @@ def _chunks(fd: int, offset: int, length: int, doing: str, start: int = 0) -> It
             raise ModelError(msg)
         yield done, view[:got]
         done += got
+
+
+def _hash_job(job: tuple[int, int, int]) -> str:
+    return _hash_range(*job)
 
 
 def _hash_range(fd: int, offset: int, length: int) -> str:
