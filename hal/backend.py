@@ -113,6 +113,10 @@ class Runner(Protocol):
     may drop them as soon as ``run`` returns: copy what the runtime keeps. Outputs belong to the
     caller: never return a buffer the runtime writes again. ``run`` may be called from many
     threads at once.
+
+    A device that declares sequences or optionals (``Capabilities.io_kinds``) gets a list of
+    arrays for a sequence feed and None for an absent optional, and returns them alike: a list
+    of arrays for a sequence output, None for an absent optional.
     """
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> Sequence[np.ndarray]: ...

@@ -138,6 +138,11 @@ def _shape(shape: Sequence[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def _value_type(info: Any) -> str:
+    """``float32 [1, ?]`` for a tensor, ``sequence of float32 [?, 3]`` and the like otherwise."""
+    return f"{info.format.value} {_shape(info.shape)}" if info.kind == "tensor" else info.describe()
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import hal
 
@@ -162,10 +167,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("opsets       " + ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in req.opsets))
     print("inputs")
     for i in model.inputs:
-        print(f"  {i.name}: {i.format.value} {_shape(i.shape)}")
+        print(f"  {i.name}: {_value_type(i)}")
     print("outputs")
     for o in model.outputs:
-        print(f"  {o.name}: {o.format.value} {_shape(o.shape)}")
+        print(f"  {o.name}: {_value_type(o)}")
     print("formats      " + ", ".join(f.value for f in req.formats))
     if req.dynamic_dims:
         print("dynamic      " + ", ".join(f"{t}[{a}]={s}" for t, a, s in req.dynamic_dims))
@@ -366,6 +371,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = _parse_inputs(args.input)
     out_dir = _output_dir(args.output_dir) if args.output_dir else None
     compiled = hal.compile(args.model)
+    sequences = [i for i in compiled.inputs if i.kind.is_sequence]
+    if sequences:
+        from hal.errors import InputError
+
+        shown = ", ".join(f"{i.name!r} ({i.describe()})" for i in sequences)
+        msg = f"hal run feeds one .npy array per input, and {shown} takes a list of arrays: run the model from Python"
+        raise InputError(msg)
     exe = compiled.to(args.device)
     expected = {i.name: i.dtype for i in exe.inputs}
     feeds = {name: _load_npy(name, path, expected.get(name)) for name, path in inputs.items()}
@@ -373,16 +385,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     files = _output_files(list(outputs), out_dir) if out_dir is not None else {}
     print(f"ran {compiled.model.name} on {exe.device.id}")
     for name, array in outputs.items():
-        line = f"  {name}: {array.dtype} {list(array.shape)}"
-        if out_dir is not None:
-            target = files[name]
+        if array is None:  # an absent optional: nothing to write
+            print(f"  {name}: absent (None)")
+            continue
+        if isinstance(array, list):  # a sequence: one .npz of arr_0, arr_1, ... in order
+            line = f"  {name}: sequence of {len(array)}: " + ", ".join(f"{a.dtype} {list(a.shape)}" for a in array)
+            target = files[name].with_suffix(".npz") if out_dir is not None else None
+        else:
+            line = f"  {name}: {array.dtype} {list(array.shape)}"
+            target = files[name] if out_dir is not None else None
+        if target is not None:
             try:
-                np.save(target, array, allow_pickle=False)
+                if isinstance(array, list):
+                    np.savez(target, *array, allow_pickle=False)
+                else:
+                    np.save(target, array, allow_pickle=False)
             except OSError as exc:
                 msg = f"cannot write output {name!r} to {target}: {exc.strerror or exc}"
                 raise OutputPathError(msg) from None
             line += f" -> {target}"
-        elif array.size <= 16:
+        elif not isinstance(array, list) and array.size <= 16:
             line += f" {array.tolist()}"
         print(line)
     return 0

@@ -276,9 +276,14 @@ class CompiledModel:
                     skipped.append(LoweringStep(StepKind.FALLBACK, f"{other.id} skipped: {other_reason}"))
                 exe.lowering = (*skipped, *exe.lowering)
             return exe
-        reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or "no available device can run it"
+        reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
         raise CompileError(msg)
+
+    def _why_none_ranked(self) -> str:
+        """Each available device's reason for not running the model, when ``auto`` ranked none."""
+        verdicts = [assess(self.model, d, self._steps_for) for d in registry().devices() if d.available]
+        return "; ".join(f"{v.device}: {v.reason}" for v in verdicts if v.reason) or "no available device can run it"
 
     # -- internals ---------------------------------------------------------------------------
 

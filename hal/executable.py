@@ -104,6 +104,7 @@ class Executable:
         self._output_set = frozenset(self._output_names)
         self._input_names = frozenset(i.name for i in self.inputs)
         self._specs = tuple(_spec(info) for info in self.inputs)
+        self._value_specs = {spec[0]: spec for spec in self._specs if spec[1] is not None}  # sequences, optionals
         self._output_specs = {info.name: _spec(info) for info in self.outputs}
         self._all_output_specs = tuple(self._output_specs[n] for n in self._output_names)
         symbols: dict[str, list[tuple[str, int]]] = {}
@@ -309,7 +310,7 @@ class Executable:
 
     def _feed_value(self, name: str, value: Any) -> Any:
         """A sequence or optional feed checked: a new list of checked arrays, an array, or None."""
-        spec = next(s for s in self._specs if s[0] == name)
+        spec = self._value_specs[name]
         kind = spec[1]
         assert kind is not None
         if value is None and kind.is_optional:

@@ -64,8 +64,8 @@ Subclass :class:`Backend`, set ``name`` (unique; every device id starts with ``n
       is computed through ``Cast`` to a wider one, and a format it cannot hold (``NONE``) was
       refused before ``prepare`` was called.
 
-    ``model.inputs`` / ``model.outputs`` (:class:`TensorInfo`: name, :class:`NumberFormat`, shape)
-    are the graph's, the declared types unchanged by legalization; ``model.digest`` is the sha256
+    ``model.inputs`` / ``model.outputs`` (:class:`TensorInfo`: name, :class:`NumberFormat`, shape,
+    and :class:`ValueKind`: a tensor, or a sequence or optional of such elements) are the graph's, the declared types unchanged by legalization; ``model.digest`` is the sha256
     of the proto (name artifacts by it); ``model.steps`` what lowering changed. Do not modify
     ``model.proto``. Raise :class:`CompileError` with the runtime's one-line reason when it cannot
     compile, :class:`UnavailableDeviceError` for a device that cannot run; never fall back to
@@ -82,16 +82,23 @@ are already checked against the inputs (names, dtypes, ranks, static dims), and 
 strided, memory-mapped, or dropped right after ``run``; return one array per requested output,
 of the declared type, owned by the caller; ``run`` may be called from many threads at once.
 
+Sequences and optionals reach a runner only when its device declares them
+(``Capabilities.io_kinds``: ``"sequence"``, ``"optional"``, ``"optional-sequence"``; lowering
+refuses such a model for any other device, with the reason). Such a runner gets a list of arrays
+for a sequence feed (each array checked like a tensor feed, and as read-only or strided) and None
+for an absent optional, and returns a list of arrays for a sequence output and None for an
+absent optional; the core checks each array against the declared element type.
+
 Building blocks
 ===============
 
 - Capabilities: :meth:`Capabilities.from_levels` (``native=[...]``, ``emulated``, ``storage``,
   ``scaled=[ScaledFormat(...)]``, ``opsets=OpsetRange(...)``, ``memory=Memory(...)``,
   ``interconnect=Interconnect(...)``, ``stability=Stability(...)``, ``e8m0_encoding``,
-  ``movable``, ``dynamic_shapes``) with the records :class:`Support`, :class:`NumberFormat`,
+  ``movable``, ``dynamic_shapes``, ``io_kinds``) with the records :class:`Support`, :class:`NumberFormat`,
   :class:`ScaledFormat`, :class:`OpsetRange`, :class:`Memory` (:meth:`Memory.host` for a CPU),
   :class:`Interconnect` / :class:`InterconnectKind`, :class:`Stability` / :class:`Maturity` /
-  :class:`Health`, :class:`E8M0Encoding`. Declare what the device really does: the contract kit
+  :class:`Health`, :class:`E8M0Encoding`, :class:`ValueKind`. Declare what the device really does: the contract kit
   checks every level.
 - onnxruntime distributions: subclass :class:`OrtBackend` and implement ``discover`` and
   ``providers``; it creates sessions, moves ml_dtypes tensors by their bits (:class:`OrtRunner`),
@@ -100,7 +107,8 @@ Building blocks
   ``install_advice`` and ``cpu_fallback = False``, and take each device's ``reason`` from
   :meth:`OrtBackend.runtime_problem`: the provider must really load, never fall back to the CPU
   (onnxruntime-gpu and onnxruntime-cann list providers they cannot create). Fit the declared
-  table to the installed onnxruntime with :func:`fit_capabilities`.
+  table to the installed onnxruntime with :func:`fit_capabilities`. :class:`OrtRunner` passes
+  sequences and optionals: declare ``io_kinds=ORT_IO_KINDS`` once your provider has run them.
 - Tensors whose runtime refuses ml_dtypes arrays: :func:`bits_view` (same-width unsigned view),
   :func:`from_bits`, :func:`pack` / :func:`unpack` (ONNX's sub-byte layout).
 - Cache files: :class:`Artifact` (a file in ``options.cache_dir``, checked against its record

@@ -22,6 +22,7 @@ from hal.capabilities import (
     ScaledFormat,
     Stability,
     Support,
+    ValueKind,
 )
 
 
@@ -136,6 +137,16 @@ class TestCapabilities:
         assert data["movable"] == ["float8_e4m3fnuz", "float8_e8m0"]  # in the table's order
         assert back.movable == {NumberFormat.FLOAT8_E8M0, NumberFormat.FLOAT8_E4M3FNUZ}
         assert data["opsets"] == {"min": 7, "max": 25, "max_ir_version": 13, "max_loadable": None, "domains": []}
+
+    def test_io_kinds_round_trip_and_tensors_go_without_saying(self):
+        caps = Capabilities(io_kinds=["optional-sequence", ValueKind.SEQUENCE, "tensor"])
+        assert caps.io_kinds == {ValueKind.SEQUENCE, ValueKind.OPTIONAL_SEQUENCE}
+        data = json.loads(caps.to_json())
+        assert data["io_kinds"] == ["sequence", "optional-sequence"]  # in ValueKind's order
+        assert Capabilities.from_json(caps.to_json()) == caps
+        assert Capabilities().io_kinds == frozenset() and Capabilities.from_dict({}).io_kinds == frozenset()
+        with pytest.raises(ValueError, match="'map' is not a valid ValueKind"):
+            Capabilities(io_kinds=["map"])
 
     def test_cann_e8m0_encoding_round_trips(self):
         caps = Capabilities(e8m0_encoding="cann-zero")

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from hal.cli import main
-from hal.testing.build import make_model
+from hal.testing.build import make_model, optional_info, sequence_info
 
 
 @pytest.fixture
@@ -148,6 +148,44 @@ def _ab_model():
     """Two outputs whose names map to the same file name."""
     return make_model([helper.make_node("Neg", ["x"], ["a/b"]), helper.make_node("Abs", ["x"], ["a_b"])],
                       [("x", TensorProto.FLOAT, [3])], [("a/b", TensorProto.FLOAT, [3]), ("a_b", TensorProto.FLOAT, [3])])
+
+
+class TestSequencesAndOptionals:
+    @pytest.fixture
+    def split_path(self, tmp_path):
+        nodes = [helper.make_node("SplitToSequence", ["x"], ["rows"], axis=0, keepdims=0),
+                 helper.make_node("Identity", ["p"], ["q"])]
+        model = make_model(nodes, [("x", TensorProto.FLOAT, [3, 2]), optional_info("p", TensorProto.INT64, [2])],
+                           [sequence_info("rows", TensorProto.FLOAT, [2]), optional_info("q", TensorProto.INT64, [2])], opset=18)
+        onnx.save(model, tmp_path / "split.onnx")
+        return tmp_path / "split.onnx"
+
+    def test_inspect_says_what_each_holds(self, capsys, split_path):
+        code, out, _ = run(capsys, "inspect", str(split_path))
+        assert code == 0
+        assert "rows: sequence of float32 [2]" in out and "p: optional int64 [2]" in out and "x: float32 [3, 2]" in out
+        _, out, _ = run(capsys, "inspect", str(split_path), "--json")
+        assert json.loads(out)["outputs"][0] == {"name": "rows", "format": "float32", "shape": [2], "kind": "sequence"}
+
+    def test_run_writes_a_sequence_as_npz(self, capsys, tmp_path, split_path):
+        x = np.arange(6, dtype=np.float32).reshape(3, 2)
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "p.npy", np.array([4, 5]))
+        code, out, err = run(capsys, "run", str(split_path), "--device", "ort:cpu", "--input", f"x={tmp_path / 'x.npy'}",
+                             "--input", f"p={tmp_path / 'p.npy'}", "--output-dir", str(tmp_path / "out"))
+        assert code == 0, err
+        assert "rows: sequence of 3: float32 [2], float32 [2], float32 [2] ->" in out
+        with np.load(tmp_path / "out" / "rows.npz") as rows:
+            assert [rows[f"arr_{i}"].tolist() for i in range(3)] == x.tolist()
+        assert np.load(tmp_path / "out" / "q.npy").tolist() == [4, 5]
+
+    def test_a_sequence_input_is_refused_with_the_reason(self, capsys, tmp_path):
+        model = make_model([helper.make_node("Identity", ["s"], ["t"])], [sequence_info("s", TensorProto.FLOAT, None)],
+                           [sequence_info("t", TensorProto.FLOAT, None)], opset=18)
+        onnx.save(model, tmp_path / "seq.onnx")
+        code, _, err = run(capsys, "run", str(tmp_path / "seq.onnx"), "--device", "ort:cpu")
+        assert code == 1
+        assert "'s' (sequence of float32 any shape) takes a list of arrays: run the model from Python" in err
 
 
 class TestCliMistakes:

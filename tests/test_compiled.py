@@ -16,7 +16,7 @@ import hal
 from hal import cache as hal_cache
 from hal.cli import main
 from hal.errors import CompileError, LoweringError, ModelError
-from hal.testing.build import make_model
+from hal.testing.build import make_model, optional_info, sequence_info
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +207,134 @@ class TestAuto:
         cpu, ref = compiled.explain("ort:cpu"), compiled.explain("ref:0")
         assert cpu.status == "lowered" and any("bfloat16" in s.detail for s in cpu.steps)
         assert ref.status == "as-is"
+
+
+class EvaluatorGpu(hal.Backend):
+    """An accelerator (ranked before ort:cpu) that runs models with ONNX's reference evaluator
+    and declares the graph input and output kinds it is given."""
+
+    name = "evalgpu"
+    version = "1"
+
+    def __init__(self, io_kinds=()):
+        self.io_kinds = io_kinds
+        self.prepared = 0
+
+    def discover(self):
+        caps = hal.Capabilities.from_levels(native=["float32", "int64", "bool"], io_kinds=self.io_kinds)
+        return [hal.Device(id="evalgpu:0", backend="evalgpu", vendor="ONNX", name="evaluator", kind="gpu", capabilities=caps)]
+
+    def prepare(self, model, device, options):
+        from onnx.reference import ReferenceEvaluator
+
+        self.prepared += 1
+        session = ReferenceEvaluator(model.proto)
+
+        class Runner:
+            def run(self, feeds, names):
+                return session.run(list(names), feeds)
+
+        return Runner()
+
+
+@pytest.fixture
+def evalgpu(fresh_registry):
+    """``evalgpu(io_kinds)``: the EvaluatorGpu backend registered in this process."""
+    reg = fresh_registry()
+    added = []
+
+    def add(io_kinds=()):
+        backend = EvaluatorGpu(io_kinds)
+
+        class Plugin:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                register(backend)
+
+        reg.add_plugin(Plugin(), name="evalgpu")
+        added.append("evalgpu")
+        return backend
+
+    yield add
+    for name in added:
+        reg.remove_plugin(name)
+
+
+def split_model():
+    """SplitToSequence of x into rows, then each row doubled by SequenceMap: a sequence out."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["e", "e"], ["d"])], "double",
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 3])], [helper.make_tensor_value_info("d", TensorProto.FLOAT, [1, 3])],
+    )
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["rows"], axis=0),
+             helper.make_node("SequenceMap", ["rows"], ["y"], body=body)]
+    return make_model(nodes, [("x", TensorProto.FLOAT, [4, 3])], [sequence_info("y", TensorProto.FLOAT, [1, 3])], opset=18)
+
+
+def sequence_identity():
+    return make_model([helper.make_node("Identity", ["x"], ["y"])], [sequence_info("x", TensorProto.FLOAT, [None])],
+                      [sequence_info("y", TensorProto.FLOAT, [None])], opset=18)
+
+
+class TestIoKinds:
+    """Sequences and optionals go only to devices whose capabilities declare them (io_kinds)."""
+
+    def test_a_tensor_model_prefers_the_accelerator(self, evalgpu, linear_model):
+        evalgpu()
+        assert hal.compile(linear_model).to("auto").device.id == "evalgpu:0"
+
+    def test_a_device_without_sequences_refuses_at_placement(self, evalgpu):
+        backend = evalgpu()
+        compiled = hal.compile(split_model())
+        verdict = compiled.explain("evalgpu:0")
+        assert verdict.status == "cannot"
+        assert verdict.reason == (
+            "output 'y' is a sequence of float32 [1, 3], and the device passes tensors only (Capabilities.io_kinds): "
+            "run the model on a device that declares 'sequence' there, such as ort:cpu"
+        )
+        with pytest.raises(LoweringError, match=r"evalgpu:0 cannot run the model and strict=True forbids .*: output 'y' is a sequence"):
+            compiled.to("evalgpu:0", strict=True)
+        assert backend.prepared == 0  # refused before the backend saw it
+
+    def test_auto_and_fallback_take_the_model_to_ort_cpu(self, evalgpu, caplog):
+        evalgpu()
+        compiled = hal.compile(split_model())
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        exe = compiled.to("auto")
+        assert exe.device.id == "ort:cpu" and exe.verification.passed
+        got = exe.run({"x": x})["y"]
+        assert len(got) == 4 and all(np.array_equal(row, 2 * x[i : i + 1]) for i, row in enumerate(got))
+        with caplog.at_level(logging.WARNING, logger="hal.compile"):
+            moved = compiled.to("evalgpu:0")
+        assert moved.device.id == "ort:cpu"
+        assert moved.lowering[0].kind == "fallback" and "output 'y' is a sequence" in moved.lowering[0].detail
+
+    def test_a_device_that_declares_sequences_runs_them(self, evalgpu):
+        backend = evalgpu(io_kinds=("sequence",))
+        exe = hal.compile(sequence_identity()).to("auto")
+        assert exe.device.id == "evalgpu:0" and backend.prepared == 1
+        out = exe.run({"x": [np.ones(2, np.float32), np.zeros(5, np.float32)]})["y"]
+        assert [a.tolist() for a in out] == [[1, 1], [0, 0, 0, 0, 0]]
+
+    def test_optional_sequences_need_their_own_declaration(self, evalgpu):
+        evalgpu(io_kinds=("sequence", "optional"))
+        model = make_model([helper.make_node("Identity", ["x"], ["y"])], [optional_info("x", TensorProto.FLOAT, None, sequence=True)],
+                           [optional_info("y", TensorProto.FLOAT, None, sequence=True)], opset=18)
+        compiled = hal.compile(model)
+        assert "input 'x' is an optional sequence of float32 any shape, and the device passes tensors and sequence, optional" in (
+            compiled.explain("evalgpu:0").reason
+        )
+        exe = compiled.to("auto")
+        assert exe.device.id == "ort:cpu"
+        assert exe.run({"x": None})["y"] is None
+        assert exe.run({"x": [np.ones(1, np.float32)]})["y"][0].tolist() == [1]
+
+    def test_maps_are_refused_everywhere_with_the_reason(self, fresh_registry):
+        value = helper.make_value_info("m", helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+        graph = helper.make_graph([helper.make_node("Identity", ["m"], ["n"])], "maps", [value], [helper.make_value_info("n", value.type)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+        with pytest.raises(CompileError, match=r"ort:cpu: input 'm' is a map\(int64, tensor\(float\)\); the HAL passes tensors, sequences"):
+            hal.compile(model).to("auto")
 
 
 class TestLoweringOnCpu:

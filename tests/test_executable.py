@@ -14,7 +14,7 @@ from hal.backends.onnxruntime import runtime_limits
 from hal.errors import InputError, RunError
 from hal.executable import Executable
 from hal.model import TensorInfo
-from hal.testing.build import make_model
+from hal.testing.build import make_model, optional_info, sequence_info
 
 
 @pytest.fixture
@@ -387,3 +387,125 @@ class TestUnknownDims:
             dim.dim_param = ""
         exe = hal.compile(model).to("ort:cpu")
         assert exe.run({"x": np.ones((2, 5), np.float32)})["y"].shape == (2, 5)
+
+
+def _sequence_model():
+    """y = x with one element inserted at the back; n = OptionalHasElement(p); q = p."""
+    nodes = [
+        helper.make_node("SequenceInsert", ["x", "t"], ["y"]),
+        helper.make_node("OptionalHasElement", ["p"], ["n"]),
+        helper.make_node("Identity", ["p"], ["q"]),
+    ]
+    return make_model(
+        nodes,
+        [sequence_info("x", TensorProto.FLOAT, ["n", 3]), ("t", TensorProto.FLOAT, [2, 3]),
+         optional_info("p", TensorProto.INT64, [2])],
+        [sequence_info("y", TensorProto.FLOAT, ["n", 3]), ("n", TensorProto.BOOL, []),
+         optional_info("q", TensorProto.INT64, [2])],
+        opset=18,
+    )
+
+
+@pytest.fixture(scope="module")
+def seq_exe():
+    return hal.compile(_sequence_model()).to("ort:cpu", fallback=None)
+
+
+T23 = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+
+class TestSequencesAndOptionals:
+    """Sequences travel as lists of arrays, optionals as an array or None, each array checked
+    as a tensor feed of the element type is."""
+
+    def test_inputs_and_outputs_say_what_they_hold(self, seq_exe):
+        kinds = {i.name: (i.kind, i.format, i.shape) for i in (*seq_exe.inputs, *seq_exe.outputs)}
+        assert kinds["x"] == (hal.ValueKind.SEQUENCE, hal.NumberFormat.FLOAT32, ("n", 3))
+        assert kinds["p"] == (hal.ValueKind.OPTIONAL, hal.NumberFormat.INT64, (2,))
+        assert kinds["t"][0] == "tensor" and kinds["y"][0] == "sequence"
+
+    def test_a_sequence_in_and_out(self, seq_exe):
+        a, b = np.ones((1, 3), np.float32), np.zeros((4, 3), np.float32)
+        out = seq_exe.run({"x": [a, b], "t": T23, "p": np.array([5, 6])})
+        assert type(out["y"]) is list and len(out["y"]) == 3
+        for got, want in zip(out["y"], [a, b, T23]):
+            np.testing.assert_array_equal(got, want)
+        assert out["n"] and out["q"].tolist() == [5, 6]
+
+    def test_an_empty_sequence_and_a_tuple(self, seq_exe):
+        assert len(seq_exe.run({"x": [], "t": T23, "p": None})["y"]) == 1
+        assert len(seq_exe.run({"x": (T23, T23), "t": T23, "p": None})["y"]) == 3
+
+    def test_an_absent_optional_is_none_in_and_out(self, seq_exe):
+        out = seq_exe.run({"x": [T23], "t": T23, "p": None})
+        assert out["q"] is None and not out["n"]
+
+    def test_arrays_as_users_have_them_inside_a_list(self, seq_exe, tmp_path):
+        frozen = np.arange(6, dtype=np.float32).reshape(2, 3)
+        frozen.flags.writeable = False
+        wide = np.arange(12, dtype=np.float32).reshape(2, 6)
+        np.save(tmp_path / "m.npy", T23)
+        mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+        items = [frozen, wide[:, ::2], np.asfortranarray(np.ones((3, 3), np.float32)), T23[::-1],
+                 np.broadcast_to(np.float32(7), (2, 3)), mapped, np.frombuffer(T23.tobytes(), np.float32).reshape(2, 3)]
+        out = seq_exe.run({"x": items, "t": frozen, "p": np.array([1, 2])})["y"]
+        for got, want in zip(out, [*items, frozen]):
+            np.testing.assert_array_equal(got, want)
+
+    def test_python_lists_inside_a_sequence_convert_as_tensor_feeds_do(self, seq_exe):
+        out = seq_exe.run({"x": [[[1, 2, 3]]], "t": T23, "p": [7, 8]})
+        assert out["y"][0].dtype == np.float32 and out["y"][0].tolist() == [[1, 2, 3]]
+        with pytest.raises(InputError, match=r"input 'p': the value 1.5 cannot be held exactly in int64"):
+            seq_exe.run({"x": [], "t": T23, "p": [1.5, 2]})
+
+    @pytest.mark.parametrize(
+        ("feeds", "message"),
+        [
+            ({"x": [T23, T23.astype(np.float64)]},
+             r"input 'x' element 1 has element type float64, expected float32; convert it with array.astype\(np.float32\)"),
+            ({"x": [T23, np.ones(3, np.float32)]}, r"input 'x' element 1 has rank 1 \(shape \[3\]\), expected rank 2 with shape \[n, 3\]"),
+            ({"x": [np.ones((2, 4), np.float32)]}, r"input 'x' element 0 has shape \[2, 4\], expected \[n, 3\]: axis 1 is 4, expected 3"),
+            ({"x": T23}, r"input 'x' is a sequence of float32 \[n, 3\]: pass a list of arrays \(list\(array\) splits one along its first axis\), not one array"),
+            ({"x": None}, r"input 'x' is a sequence of float32 \[n, 3\]: pass a list of arrays, not None"),
+            ({"x": [], "p": np.array([1.0, 2.0])}, r"input 'p' has element type float64, expected int64"),
+            ({"x": [], "p": np.array([1, 2, 3])}, r"input 'p' has shape \[3\], expected \[2\]"),
+            ({"x": [], "t": None}, r"input 't' is a NoneType; pass a numpy array of float32"),
+            ({"x": [{"a": 1}]}, r"input 'x' element 0 is a dict; pass a numpy array of float32"),
+        ],
+    )
+    def test_bad_elements_are_input_errors_naming_the_element(self, seq_exe, feeds, message):
+        with pytest.raises(InputError, match=message):
+            seq_exe.run({"t": T23, "p": None, **feeds})
+
+    def test_a_backend_answering_other_than_a_sequence_is_a_run_error(self):
+        outputs = [TensorInfo("s", hal.NumberFormat.FLOAT32, (None, 3), hal.ValueKind.SEQUENCE),
+                   TensorInfo("o", hal.NumberFormat.FLOAT32, (3,), "optional")]
+        device = next(d for d in hal.devices() if d.id == "ort:cpu")
+
+        def exe(answer):
+            return Executable(_Returns(answer), device, [TensorInfo("x", hal.NumberFormat.FLOAT32, (1, 3))], outputs)
+
+        good = [np.ones((2, 3), np.float32)]
+        assert exe([good, None]).run(X)["o"] is None
+        for answer, message in [
+            ([tuple(good), None], r"output 's' as a tuple, but the model declares a sequence of float32 \[\?, 3\], which comes back as a list"),
+            ([good[0], None], "output 's' as one array"),
+            ([None, None], "output 's' as None"),
+            ([[good[0].astype(np.float64)], None], "output 's' element 0 with element type float64, but the model declares float32"),
+            ([[good[0], np.ones((2, 4), np.float32)], None], r"output 's' element 1 with shape \[2, 4\], but the model declares \[\?, 3\]"),
+            ([good, np.ones(4, np.float32)], r"output 'o' with shape \[4\], but the model declares \[3\]"),
+            ([good, [np.ones(3, np.float32)]], "output 'o' as a list instead of a numpy array"),
+        ]:
+            with pytest.raises(RunError, match=message) as info:
+                exe(answer).run(X)
+            assert str(info.value).startswith("ort:cpu (backend ort) returned")
+
+    def test_a_raw_bit_format_beside_a_sequence_is_refused_at_placement(self):
+        model = make_model(
+            [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["b"], ["c"])],
+            [sequence_info("x", TensorProto.FLOAT, None), ("b", TensorProto.BFLOAT16, [2])],
+            [sequence_info("y", TensorProto.FLOAT, None), ("c", TensorProto.BFLOAT16, [2])],
+            opset=18,
+        )
+        with pytest.raises(hal.errors.CompileError, match="takes sequences and optionals .* only as numpy arrays, which cannot hold bfloat16"):
+            hal.compile(model).to("ort:cpu", strict=True)

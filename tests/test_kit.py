@@ -39,6 +39,13 @@ FEW_NODE_CASES = ("--hal-node-every", "400")
 QUIET = ("-W", "ignore::pytest.PytestAssertRewriteWarning")
 
 
+def _each(value: Any, change: Any) -> Any:
+    """``change`` applied to an array, to each array of a list (a sequence), not to None."""
+    if value is None:
+        return None
+    return [change(v) for v in value] if isinstance(value, list) else change(value)
+
+
 class FaultyRunner:
     """An onnxruntime runner with one fault (see :class:`FaultyBackend`)."""
 
@@ -50,7 +57,10 @@ class FaultyRunner:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         if "freed-copy" in self.faults:  # what a runner that reads a freed copy answers
-            feeds = {k: v if v.flags.writeable and v.flags.c_contiguous else np.zeros_like(v) for k, v in feeds.items()}
+            feeds = {
+                k: _each(v, lambda a: a if a.flags.writeable and a.flags.c_contiguous else np.zeros_like(a))
+                for k, v in feeds.items()
+            }
         if "racy" in self.faults:  # one slot for the feeds, shared by every caller
             self.pending = feeds
             time.sleep(0.0005)
@@ -62,7 +72,7 @@ class FaultyRunner:
                 return [np.zeros(1, np.float32) for _ in output_names]
             raise
         if "wrong" in self.faults:
-            outputs = [o + np.ones((), o.dtype) if o.dtype.kind == "f" else o for o in outputs]
+            outputs = [_each(o, lambda a: a + np.ones((), a.dtype) if a.dtype.kind == "f" else a) for o in outputs]
         if "bfloat16" in self.faults:  # computes float32 in bfloat16
             outputs = [o.astype(ml_dtypes.bfloat16).astype(o.dtype) if o.dtype == np.float32 else o for o in outputs]
         if "memoized" in self.faults:  # answers a repeated question with the arrays it gave before
@@ -232,6 +242,8 @@ class TestTheKitCatches:
             ),
             pytest.param("bfloat16", "Precision", {"test_float32_models_match_the_reference"}, id="bfloat16-compute"),
             pytest.param("freed-copy", "users_have_them", {"test_feeds_as_users_have_them"}, id="freed-copy"),
+            pytest.param("freed-copy", "io_kinds", {"test_declared_io_kinds_pass_in_and_out"}, id="freed-copy-in-a-list"),
+            pytest.param("wrong", "io_kinds", {"test_declared_io_kinds_pass_in_and_out"}, id="wrong-sequence"),
             pytest.param("shared-output", "alias_between", {"test_outputs_do_not_alias_between_runs"}, id="shared-output"),
             pytest.param("memoized", "writing", {"test_writing_to_a_result_does_not_change_the_next"}, id="memoized-output"),
             pytest.param("racy", "Threads", {"test_one_executable_from_eight_threads"}, id="not-thread-safe"),

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import hal
 from hal.errors import ModelError
 
-from hal.testing.build import make_model
+from hal.testing.build import make_model, optional_info, sequence_info
 
 
 def external_model(tmp_path, location="weights.bin", offset=0, length=None, write_data=True):
@@ -68,6 +68,29 @@ class TestLoad:
             [("x", TensorProto.FLOAT, [4])], [("z", TensorProto.FLOAT, [4])], opset=19,
         )
         assert hal.NumberFormat.FLOAT8_E4M3FN in hal.load(model).requirements.formats
+
+
+class TestInputsAndOutputs:
+    def test_sequences_and_optionals_are_described_by_their_elements(self):
+        model = make_model(
+            [helper.make_node("Identity", ["s"], ["t"]), helper.make_node("Identity", ["o"], ["p"])],
+            [sequence_info("s", TensorProto.FLOAT, ["n", 3]), optional_info("o", TensorProto.INT64, None, sequence=True)],
+            [sequence_info("t", TensorProto.FLOAT, ["n", 3]), optional_info("p", TensorProto.INT64, None, sequence=True)],
+            opset=18,
+        )
+        loaded = hal.load(model)
+        s, o = loaded.inputs
+        assert (s.kind, s.format, s.shape) == (hal.ValueKind.SEQUENCE, hal.NumberFormat.FLOAT32, ("n", 3))
+        assert (o.kind, o.shape, o.kind.is_optional, o.kind.is_sequence) == ("optional-sequence", None, True, True)
+        assert s.describe() == "sequence of float32 [n, 3]" and o.describe() == "optional sequence of int64 any shape"
+        assert s.to_dict() == {"name": "s", "format": "float32", "shape": ["n", 3], "kind": "sequence"}
+        assert [i.name for i in loaded.outputs] == ["t", "p"]
+        assert loaded.requirements.dynamic_dims == ()  # a sequence's element sizes are not the model's dims
+
+    def test_a_tensors_record_is_unchanged(self, linear_model):
+        (x,) = hal.load(linear_model).inputs
+        assert x.kind is hal.ValueKind.TENSOR and x.describe() == "float32 [batch, 8]"
+        assert x.to_dict() == {"name": "x", "format": "float32", "shape": ["batch", 8]}
 
 
 class TestBadFiles:

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 import hal
 from hal.errors import HalError, InputError, VerificationError
 from hal.testing import models
-from hal.testing.build import make_model
+from hal.model import TensorInfo
+from hal.testing.build import make_model, sequence_info
 from hal.verification import (
     TOLERANCES,
     Reference,
@@ -317,6 +318,107 @@ class TestCompare:
     def test_missing_outputs_fail(self):
         assert "missing" in compare({}, {"y": np.zeros(1, np.float32)}, self._info())[0].reason
 
+
+
+class SequenceDriftBackend(hal.Backend):
+    """Passes sequences (onnxruntime's own session), and adds ``offset`` to the last element of
+    each sequence output: a device that answers one element wrong."""
+
+    name = "seqdrift"
+    version = "1"
+
+    def __init__(self, offset: float = 0.1) -> None:
+        self.offset = offset
+
+    def discover(self):
+        caps = hal.Capabilities.from_levels(native=["float32", "int64"], opsets=hal.OpsetRange(1, 25), io_kinds=["sequence"])
+        return [hal.Device(id="seqdrift:0", backend="seqdrift", vendor="test", name="seqdrift", kind="gpu", capabilities=caps)]
+
+    def prepare(self, model, device, options):
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        offset = np.float32(self.offset)
+
+        class Runner:
+            def run(self, feeds, names):
+                out = session.run(list(names), dict(feeds))
+                return [[*o[:-1], o[-1] + offset] if isinstance(o, list) and o else o for o in out]
+
+        return Runner()
+
+
+def sequence_model():
+    """Each element of a sequence doubled (SequenceMap), and the sequence's elements summed."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["e", "e"], ["d"])], "double",
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["n", 3])], [helper.make_tensor_value_info("d", TensorProto.FLOAT, ["n", 3])],
+    )
+    nodes = [helper.make_node("SequenceMap", ["x"], ["y"], body=body),
+             helper.make_node("ConcatFromSequence", ["x"], ["c"], axis=0),
+             helper.make_node("ReduceSum", ["c"], ["s"], keepdims=0)]
+    return make_model(nodes, [sequence_info("x", TensorProto.FLOAT, ["n", 3])],
+                      [sequence_info("y", TensorProto.FLOAT, ["n", 3]), ("s", TensorProto.FLOAT, [])], opset=18)
+
+
+class TestSequencesAndOptionals:
+    def test_seeded_sequences_hold_two_elements_and_optionals_one_array(self):
+        inputs = [TensorInfo("s", hal.NumberFormat.FLOAT32, ("n", 3), "sequence"),
+                  TensorInfo("o", hal.NumberFormat.INT64, ("n",), "optional"),
+                  TensorInfo("os", hal.NumberFormat.BOOL, (2,), "optional-sequence")]
+        feeds = seeded_feeds(inputs)
+        assert [a.shape for a in feeds["s"]] == [(1, 3), (1, 3)] and feeds["s"][0].dtype == np.float32
+        assert isinstance(feeds["o"], np.ndarray) and feeds["o"].shape == (1,)
+        assert [a.dtype for a in feeds["os"]] == [np.bool_, np.bool_]
+        fixed = seeded_feeds(inputs, example={"s": [np.zeros((4, 3), np.float32)], "os": None})
+        assert fixed["o"].shape == (4,) and fixed["os"] is None  # the example's first element fixes n
+
+    def test_compare_goes_element_by_element(self):
+        info = [TensorInfo("y", hal.NumberFormat.FLOAT32, None, "sequence")]
+        want = [np.ones(2, np.float32), np.full(3, 100.0, np.float32)]
+        (same,) = compare({"y": [w.copy() for w in want]}, {"y": want}, info)
+        assert same.passed and same.max_abs == 0
+        (close,) = compare({"y": [want[0], want[1] + np.float32(0.005)]}, {"y": want}, info)
+        assert close.passed  # 0.005 <= 1e-6 + 1e-4 * 100, the float32 tolerance of element 1
+        (off,) = compare({"y": [want[0] + np.float32(0.1), want[1]]}, {"y": want}, info)
+        assert not off.passed and off.reason.startswith("element 0: max abs error 0.1")
+        assert compare({"y": want[:1]}, {"y": want}, info)[0].reason == "1 elements, the reference gives 2"
+        assert "element 1: shape [2]" in compare({"y": [want[0], want[0]]}, {"y": want}, info)[0].reason
+        assert compare({"y": []}, {"y": []}, info)[0].passed
+
+    def test_compare_an_optional_absent_in_both_or_present_in_both(self):
+        info = [TensorInfo("y", hal.NumberFormat.INT64, None, "optional")]
+        assert compare({"y": None}, {"y": None}, info)[0].passed
+        assert compare({"y": np.arange(3)}, {"y": np.arange(3)}, info)[0].passed
+        assert compare({"y": None}, {"y": np.arange(3)}, info)[0].reason == "absent, where the reference's is present"
+        assert compare({"y": np.arange(3)}, {"y": None}, info)[0].reason == "present, where the reference's is absent"
+        assert "missing" in compare({}, {"y": None}, info)[0].reason
+
+    def test_placement_verifies_a_sequence_model(self):
+        exe = hal.compile(sequence_model()).to("ort:cpu")
+        assert exe.verification.passed and exe.verification.reference == "onnx-reference"
+        assert {c.name for c in exe.verification.checks} == {"y", "s"}
+
+    def test_a_device_wrong_in_one_element_is_refused(self, fresh_registry):
+        reg = fresh_registry()
+        _register(reg, SequenceDriftBackend())
+        try:
+            compiled = hal.compile(sequence_model())
+            with pytest.raises(VerificationError, match=r"seqdrift:0 answers differently .*output 'y': element 1: max abs error 0.1"):
+                compiled.to("seqdrift:0", strict=True)
+            assert compiled.to("auto").device.id == "ort:cpu"  # the accelerator is skipped
+            (report,) = compiled.verify(["seqdrift:0"], example={"x": [np.ones((2, 3), np.float32)]})
+            assert report.status == "failed" and report.checks[0].reason.startswith("element 0: max abs error 0.1")
+        finally:
+            reg.remove_plugin("seqdrift")
+
+    def test_each_shape_tells_sequences_apart_by_their_elements_shapes(self, fresh_registry):
+        exe = hal.compile(sequence_model()).to("ort:cpu", verify="each-shape")
+        x = [np.ones((1, 3), np.float32), np.ones((5, 3), np.float32)]
+        assert exe.run({"x": x})["s"] == 18
+        assert len(exe.runner._seen) == 2  # the seeded signature, and this one  # noqa: SLF001
+        exe.run({"x": [np.ones((2, 3), np.float32)]})
+        assert len(exe.runner._seen) == 3  # noqa: SLF001
 
 
 class TestVerifyCommand:

@@ -36,7 +36,9 @@ on):
   where ONNX defines it for the format), each ``storage`` format converts and moves exactly
   (``Cast`` to the format the device computes it in; ``Reshape``/``Transpose``/``Identity`` where
   it is ``movable``), each ``none`` format is refused with a ``HalError`` or, if lowered, answers
-  exactly; never a crash or a wrong answer;
+  exactly; never a crash or a wrong answer; each declared ``io_kinds`` kind (sequences,
+  optionals) passes in and out unchanged, fed read-only, strided and Fortran-ordered arrays, empty
+  and absent;
 - **the precision contract** — at the default precision, float32 models with Conv (a ResNet-like
   CNN), MatMul (an MLP), attention (a transformer encoder), and int8 and float8 block-dequantized
   weights (DequantizeLinear with ``block_size`` + MatMul; plus every block-scaled format the device

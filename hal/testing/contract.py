@@ -26,7 +26,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import hal
-from hal.capabilities import NumberFormat, Support
+from hal.capabilities import NumberFormat, Support, ValueKind
 from hal.errors import (
     HalError,
     InputError,
@@ -35,6 +35,7 @@ from hal.errors import (
     UnknownDeviceError,
 )
 from hal.testing import conformance, models, probes
+from hal.testing.build import make_model, optional_info, sequence_info
 from hal.testing.kit import NODE_FLOOR_DETAIL, record_node_cases
 from hal.verification import tolerance_for
 
@@ -66,6 +67,8 @@ def device_params(kind: str, device: hal.Device) -> list[tuple[Any, str]]:
         return [(f, f.value) for f in probes.formats_at(caps, (Support.STORAGE,))]
     if kind == "none-formats":
         return [(f, f.value) for f in probes.formats_at(caps, (Support.NONE,))]
+    if kind == "io-kinds":
+        return [(k, k.value) for k in ValueKind if k in caps.io_kinds]
     if kind == "precision":
         params: dict[str, Any] = {name: name for name in _PRECISION_MODELS}
         declared = [(s.element, s.scale, max(s.block)) for s in caps.scaled]
@@ -485,6 +488,50 @@ class TestDeclaredCapabilities:
             pytest.skip(f"the installed onnx has no model that holds {fmt.value}")
         problems = _run_probes(device, found, refusal_ok=True)
         assert not problems, f"{device.id} declares {fmt.value} none, and ran a model holding it wrong: " + "; ".join(problems)
+
+
+    @pytest.mark.hal_device_params("io-kinds")
+    def test_declared_io_kinds_pass_in_and_out(self, hal_device: hal.Device, hal_param: ValueKind) -> None:
+        """Identity on a graph input and output of each declared kind, fed as users have arrays
+        (read-only, strided, Fortran order) and empty or absent: the same values come back, as a
+        list for a sequence and None for an absent optional."""
+        device, kind = _available(hal_device), hal_param
+        fmt, _ = _io_setup(device)
+        opset = probes.opset_for(device.capabilities, 16)  # Identity takes sequences and optionals from 16
+        if opset is None:
+            pytest.skip(f"{device.id} reads no opset from 16 (Identity on optionals); it declares {device.capabilities.opsets}")
+
+        def value(name: str) -> Any:
+            if kind is ValueKind.SEQUENCE:
+                return sequence_info(name, fmt.onnx_type, ["n", 3])
+            return optional_info(name, fmt.onnx_type, ["n", 3], sequence=kind.is_sequence)
+
+        model = make_model([helper.make_node("Identity", ["x"], ["y"])], [value("x")], [value("y")], opset=opset,
+                           ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
+        exe = _place(model, device)
+        base = np.arange(24).astype(fmt.dtype).reshape(8, 3)
+        frozen = base[:2].copy()
+        frozen.flags.writeable = False
+        arrays = [frozen, base[::2], np.asfortranarray(base[:4])]
+        fed: list[Any] = [arrays, []] if kind.is_sequence else [frozen, base[::2]]
+        if kind.is_optional:
+            fed.append(None)
+        problems = []
+        for x in fed:
+            got = exe.run({"x": x})["y"]
+            if x is None or not kind.is_sequence:
+                same = got is None if x is None else got is not None and probes.same_values(got, x)
+            else:
+                same = type(got) is list and len(got) == len(x) and all(probes.same_values(g, w) for g, w in zip(got, x))
+            if not same:
+                problems.append(f"fed {_shown(x)}, got {_shown(got)}")
+        assert not problems, f"{device.id} declares {kind.value} inputs and outputs, but: " + "; ".join(problems)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return "None" if value is None else _show(value)
 
 
 # -- the precision contract ------------------------------------------------------------------------
