@@ -13,9 +13,9 @@ most common reasons (CONFORMANCE.md); this script adds the union, auto's misses 
 Per target:
 
 - **passed / failed / errors / crashed** — see ``hal.testing.conformance``: an error is the HAL
-  or the device refusing the case before running it (or a case with sequence, optional or map
-  inputs or outputs, which the HAL's API does not pass), a crash a failure after the device
-  accepted it;
+  or the device refusing the case before running it (a device whose runner passes no sequences
+  or optionals refuses models with such inputs or outputs; maps nowhere), a crash a failure
+  after the device accepted it;
 - **seconds** — time in ``to()`` and ``run()`` for that target, summed over the cases (the
   shared ``hal.compile`` is not counted).
 
