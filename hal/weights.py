@@ -129,7 +129,10 @@ class Weights:
         return f"<hal.Weights {len(self._files)} files, {self.nbytes} bytes under {self.base_dir}>"
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit os may be gone; the OS closes the files
+            pass
 
     def close(self) -> None:
         for f in self._files.values():
