@@ -202,6 +202,14 @@ def test_a_model_over_2_gib_loads_compiles_runs_and_round_trips(tmp_path):
     )
     path = tmp_path / "big.onnx"
     path.write_bytes(model.SerializeToString())
+    try:
+        _run_and_round_trip(tmp_path, path, data, rows, width)
+    finally:  # pytest keeps recent temporary directories: gigabytes must not stay behind
+        for leftover in (data, tmp_path / "saved" / "big.onnx.data"):
+            leftover.unlink(missing_ok=True)
+
+
+def _run_and_round_trip(tmp_path: Path, path: Path, data: Path, rows: int, width: int) -> None:
     ids = np.array([7, rows - 1, 3], np.int64)
     want = np.stack([np.full(width, 1.5), np.full(width, -2.0), np.zeros(width)]).astype(np.float32)
 
