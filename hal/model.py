@@ -32,7 +32,7 @@ from onnx import TensorProto
 
 from hal.capabilities import NumberFormat, ValueKind
 from hal.errors import ModelError
-from hal.weights import Weights, _all_tensors, _walk_tensors, external_tensors
+from hal.weights import Weights, _walk_tensors, external_tensors, is_external, weightless
 
 __all__ = ["MAX_GRAPH_DEPTH", "Model", "Requirements", "TensorInfo", "load"]
 
@@ -335,20 +335,9 @@ def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` for onnx's checker, which looks for external data files relative to the current
     directory: external initializers enter as graph inputs of their type and shape (their
     references were checked by :class:`~hal.weights.Weights`)."""
-    graph = proto.graph
-    if not any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+    if not any(is_external(t) for t in proto.graph.initializer):
         return proto
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)  # external tensors are references only: the graph is small
-    view = light.graph
-    del view.initializer[:]
-    declared = {v.name for v in graph.input}
-    for tensor in graph.initializer:
-        if tensor.data_location != TensorProto.EXTERNAL:
-            view.initializer.append(tensor)
-        elif tensor.name not in declared:
-            view.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return light
+    return weightless(proto, lambda t: not is_external(t))
 
 
 def _check_onnx(proto: onnx.ModelProto, where: str) -> None:
@@ -383,21 +372,9 @@ def _check_consistent(proto: onnx.ModelProto, where: str) -> None:
     is left out too: runtimes overwrite it with what they infer, so a stale entry there is no
     reason to refuse a model they run.
     """
-    graph = proto.graph
-    light = onnx.ModelProto(ir_version=proto.ir_version)
-    light.opset_import.extend(proto.opset_import)
-    light.functions.extend(proto.functions)
-    view = light.graph
-    view.node.extend(graph.node)
-    view.input.extend(graph.input)
-    view.output.extend(graph.output)
-    view.sparse_initializer.extend(graph.sparse_initializer)
-    declared = {v.name for v in graph.input}
-    for tensor in graph.initializer:
-        if tensor.ByteSize() <= _INFERENCE_DATA_BYTES and tensor.data_location != TensorProto.EXTERNAL:
-            view.initializer.append(tensor)
-        elif tensor.name not in declared:
-            view.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    light = weightless(
+        proto, lambda t: not is_external(t) and t.ByteSize() <= _INFERENCE_DATA_BYTES, value_info=False
+    )
     try:
         onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - InferenceError, ValueError, C++ errors

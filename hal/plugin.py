@@ -111,6 +111,9 @@ Building blocks
   sequences and optionals: declare ``io_kinds=ORT_IO_KINDS`` once your provider has run them.
 - Tensors whose runtime refuses ml_dtypes arrays: :func:`bits_view` (same-width unsigned view),
   :func:`from_bits`, :func:`pack` / :func:`unpack` (ONNX's sub-byte layout).
+- A graph without its weights: :func:`weightless` (initializers you choose become graph inputs
+  of their type and shape; nothing is copied), for shape inference or a reader that must not see
+  external data.
 - Cache files: :class:`Artifact` (a file in ``options.cache_dir``, checked against its record
   before the runtime reads it; a damaged one is rebuilt; a read-only disk only loses the cache).
 - Errors: :class:`HalError` and the subclasses above, :class:`RunError` for a runner that fails.
@@ -174,6 +177,7 @@ _LAZY = {
         "hal.backends.onnxruntime": ("ORT_IO_KINDS", "OrtBackend", "OrtRunner", "fit_capabilities", "runtime_limits"),
         "hal.tensors": ("bits_view", "from_bits", "pack", "unpack"),
         "hal.cache": ("Artifact",),
+        "hal.weights": ("weightless",),
         "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
     }.items()
     for name in names
@@ -191,6 +195,7 @@ if TYPE_CHECKING:
     from hal.lowering import LoweredModel, LoweringStep, StepKind
     from hal.model import TensorInfo
     from hal.tensors import bits_view, from_bits, pack, unpack
+    from hal.weights import weightless
 
 
 def add_plugin(plugin: object, name: str) -> None:

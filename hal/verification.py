@@ -22,6 +22,7 @@ the reference's and each passes so; an optional one when both are absent or both
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -609,8 +610,12 @@ class Reference:
                 self._memo[key] = result
         return result
 
+    @functools.cached_property
+    def _random(self) -> list[str]:
+        return _random_operators(self.proto)  # walked once, not per verified shape
+
     def _run(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
-        random = _random_operators(self.proto)
+        random = self._random
         if random:
             msg = (
                 f"the model draws random numbers ({', '.join(random)}): its outputs differ between "

@@ -26,7 +26,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from hal.cache import atomic_write
 from hal.capabilities import NumberFormat
 from hal.errors import ModelError
 
-__all__ = ["MAX_INLINE_BYTES", "Weights", "external_tensors"]
+__all__ = ["MAX_INLINE_BYTES", "Weights", "external_tensors", "is_external", "weightless"]
 
 #: Largest total of external bytes :meth:`Weights.inline` puts into one protobuf (protobuf cannot
 #: serialize a message of 2 GiB or more; the graph needs room too).
@@ -88,6 +88,39 @@ def external_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
     for tensor in _all_tensors(proto):
         if tensor.data_location == TensorProto.EXTERNAL:
             yield tensor
+
+
+def weightless(
+    proto: onnx.ModelProto, keep: Callable[[TensorProto], bool], *, value_info: bool = True
+) -> onnx.ModelProto:
+    """A copy of ``proto``'s graph without the main-graph initializers ``keep`` rejects: each
+    enters as a graph input of its type and shape instead, so shape inference, onnx's checker or a
+    runtime's reader still know it, and its bytes (inline or external) are never copied.
+    ``value_info=False`` leaves out the declared shapes of intermediate values too. The copy keeps
+    the IR version, opsets, functions and the graph's nodes, inputs, outputs and sparse
+    initializers; model metadata is not carried."""
+    model = onnx.ModelProto(ir_version=proto.ir_version)
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    source, graph = proto.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.sparse_initializer.extend(source.sparse_initializer)
+    if value_info:
+        graph.value_info.extend(source.value_info)
+    declared = {v.name for v in source.input}
+    for tensor in source.initializer:
+        if keep(tensor):
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return model
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
 
 
 class _File:
@@ -167,7 +200,7 @@ class Weights:
             if file is None:
                 file = self._open(key, location, where)
                 self._files[key] = file
-        offset, length = _span(info, where, file.size)
+        _, length = _span(info, where, file.size)
         expected = _expected_bytes(tensor)
         if expected is not None and expected != length:
             msg = (
@@ -175,7 +208,6 @@ class Weights:
                 "the model and its data file do not belong together: re-export the model"
             )
             raise ModelError(msg)
-        del offset
 
     def _open(self, key: str, location: str, where: str) -> _File:
         current = self.base_dir
@@ -263,11 +295,13 @@ class Weights:
                 file.private = mmap.mmap(file.fd, 0, access=mmap.ACCESS_COPY)
         return memoryview(file.private)[offset : offset + length]
 
-    def inline(self, proto: onnx.ModelProto, *, limit: int = MAX_INLINE_BYTES) -> onnx.ModelProto:
-        """A copy of ``proto`` with every external tensor's bytes inside it, for a runtime that
-        takes one self-contained protobuf. Raises :class:`~hal.errors.ModelError` when the bytes
-        exceed ``limit`` (protobuf's 2 GiB)."""
-        total = sum(self.view(t).nbytes for t in external_tensors(proto))
+    def inline(
+        self, proto: onnx.ModelProto, *, limit: int = MAX_INLINE_BYTES, keep_external: Collection[str] = ()
+    ) -> onnx.ModelProto:
+        """A copy of ``proto`` with every external tensor's bytes inside it (but those named in
+        ``keep_external``), for a runtime that takes one self-contained protobuf. Raises
+        :class:`~hal.errors.ModelError` when the bytes exceed ``limit`` (protobuf's 2 GiB)."""
+        total = sum(self.view(t).nbytes for t in external_tensors(proto) if t.name not in keep_external)
         if total > limit:
             msg = (
                 f"the model's {total} bytes of external data do not fit in one protobuf (at most {limit}); "
@@ -277,6 +311,8 @@ class Weights:
         out = onnx.ModelProto()
         out.CopyFrom(proto)
         for tensor in external_tensors(out):
+            if tensor.name in keep_external:
+                continue
             tensor.raw_data = self.view(tensor).tobytes()
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
@@ -482,10 +518,3 @@ def _expected_bytes(tensor: TensorProto) -> int | None:
     for d in tensor.dims:
         count *= d
     return (count * bits + 7) // 8
-
-
-def describe(weights: Weights | None) -> dict[str, Any]:
-    """What a manifest or ``hal inspect`` shows of a model's external data."""
-    if weights is None:
-        return {}
-    return {"external_files": list(weights.locations), "external_bytes": weights.nbytes}

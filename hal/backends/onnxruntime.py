@@ -116,18 +116,8 @@ def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any
             value = ort.OrtValue.ortvalue_from_numpy(array)
         values.append((tensor.name, value))
         taken.add(tensor.name)
-    left = [t for t in external_tensors(proto) if t.name not in taken]
-    if left:
-        import onnx
-
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-        for tensor in external_tensors(copy):
-            if tensor.name not in taken:
-                tensor.raw_data = weights.view(tensor).tobytes()
-                del tensor.external_data[:]
-                tensor.data_location = tensor.DEFAULT
-        proto = copy
+    if any(t.name not in taken for t in external_tensors(proto)):
+        proto = weights.inline(proto, keep_external=taken)
     return proto, values
 
 

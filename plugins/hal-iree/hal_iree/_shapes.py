@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
+from hal.plugin import weightless
+
 __all__ = ["ShapeMismatch", "ShapeOracle"]
 
 #: Initializers larger than this many bytes are dropped from the oracle's copy of the graph:
@@ -116,29 +118,7 @@ class ShapeOracle:
 
 
 def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` without its large initializers, which become graph inputs of their
-    shape and type (inference still knows them); the weights are never copied."""
-    model = onnx.ModelProto(ir_version=proto.ir_version)
-    model.opset_import.extend(proto.opset_import)
-    model.functions.extend(proto.functions)
-    source, graph = proto.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    declared = {v.name for v in source.input}
-    for tensor in source.initializer:
-        size = len(tensor.raw_data) + 8 * sum(
-            len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
-        )
-        if size <= _KEEP_BYTES and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.add().CopyFrom(tensor)
-        elif tensor.name not in declared:
-            value = graph.input.add()
-            value.name = tensor.name
-            value.type.tensor_type.elem_type = tensor.data_type
-            shape = value.type.tensor_type.shape
-            for size_of_dim in tensor.dims:
-                shape.dim.add().dim_value = size_of_dim
-    return model
+    """``proto`` without its large or external initializers (graph inputs of their shape instead)."""
+    return weightless(
+        proto, lambda t: t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= _KEEP_BYTES
+    )

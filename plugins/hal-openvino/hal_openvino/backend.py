@@ -27,7 +27,7 @@ from attrs import frozen
 
 from hal.plugin import (
     Artifact, Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, E8M0Encoding, HalError,
-    LoweredModel, Maturity, Memory, NumberFormat, OpsetRange, ScaledFormat, Stability, Support,
+    LoweredModel, Maturity, Memory, NumberFormat, OpsetRange, ScaledFormat, Stability, Support, weightless,
 )
 
 if TYPE_CHECKING:
@@ -452,21 +452,13 @@ def _weights_as_inputs(model: LoweredModel) -> tuple[Any, dict[str, Any]]:
 
     weights = model.weights
     assert weights is not None
-    out = onnx.ModelProto()
-    out.CopyFrom(model.proto)  # the graph only: external tensors hold no bytes
-    graph = out.graph
-    as_parameters: dict[str, Any] = {}
-    declared = {v.name for v in graph.input}
-    for tensor in model.proto.graph.initializer:  # the caller's records, which stay as they are
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if external and NumberFormat.from_onnx(tensor.data_type) in _SHAREABLE and tensor.name not in declared:
-            as_parameters[tensor.name] = tensor
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    kept = [t for t in graph.initializer if t.name not in as_parameters]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    rest = weights.inline(out)  # whatever is still external (subgraphs, other types) gets its bytes
-    return rest, as_parameters
+    as_parameters = {
+        t.name: t for t in model.proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL and NumberFormat.from_onnx(t.data_type) in _SHAREABLE
+    }
+    graph = weightless(model.proto, lambda t: t.name not in as_parameters)
+    # whatever is still external (subgraphs, other types) gets its bytes
+    return weights.inline(graph), as_parameters
 
 
 def _loaded_from_cache(compiled: Any) -> bool:
