@@ -53,6 +53,7 @@ __all__ = [
     "hookimpl",
     "load",
     "plugins",
+    "quantize",
 ]
 
 _LAZY = {
@@ -90,7 +91,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from hal import errors
+    from hal import errors, quantize
     from hal._plugins import PluginInfo
     from hal.backend import Backend, CompileOptions, Device
     from hal.capabilities import (
@@ -131,8 +132,8 @@ def plugins() -> tuple[PluginInfo, ...]:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "errors":
-        return import_module("hal.errors")
+    if name in ("errors", "quantize"):  # submodules, imported on first use
+        return import_module(f"hal.{name}")
     module = _LAZY.get(name)
     if module is None:
         msg = f"module 'hal' has no attribute {name!r}"
