@@ -1,4 +1,4 @@
-"""The ``hal`` command: devices, plugins, inspect, run.
+"""The ``hal`` command: devices, plugins, inspect, run, quantize.
 
 Errors print one line and exit non-zero (1 for a mistake the caller can fix, 3 for a bug);
 ``--debug`` shows the traceback instead. Output cut short by a closed pipe (``hal explain | head``)
@@ -432,6 +432,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(r.status in ("passed", "skipped") for r in reports) and reports else EXIT_ERROR
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import hal
+    import hal.quantize
+
+    if args.requantize:
+        model = hal.quantize.requantize(args.model, scale=args.requantize, rounding=args.rounding, keep_e8m0=args.keep_e8m0)
+    else:
+        model = hal.quantize.fp8(args.model, format=args.fp8, scale=args.scale, block=args.block, rounding=args.rounding,
+                                 skip=args.skip, keep_e8m0=args.keep_e8m0)
+    target = hal.quantize.save(model, args.output)
+    record = hal.quantize.summary(model) or {}
+    what = "requantized" if args.requantize else "quantized"
+    print(f"{what} {len(record.get('tensors', {}))} weight(s) of {model.name} -> {target}")
+    if args.report:
+        reference = args.model
+        for line in hal.quantize.accuracy(reference, model, seed=args.seed).lines():
+            print(f"  {line}")
+    else:
+        for entry in record.get("skipped", ()):
+            print(f"  skipped {entry['name']}: {entry['reason']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hal import __version__
 
@@ -493,6 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=1, metavar="N", help="run every N-th case by name (default 1: all)")
     p.add_argument("--json", action="store_true", help="one object per device: device, total, passed, wrong, errors, reasons")
     p.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("quantize", help="quantize a model's MatMul/Gemm/Conv weights to FP8 with block scales")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="where to write the quantized model (.data beside it past 1 GiB)")
+    p.add_argument("--fp8", default="e4m3fn", choices=["e4m3fn", "e5m2"], help="element format (default e4m3fn)")
+    p.add_argument("--scale", default="float32", choices=["float32", "ue8m0"], help="scale format (default float32)")
+    p.add_argument("--block", default="128x128", help="ROWSxCOLS (output channels x reduction), e.g. 128x128, 1x32, or channel")
+    p.add_argument("--rounding", default="up", choices=["up", "nearest", "down"], help="UE8M0 rounding, as ONNX Cast-24 (default up)")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME", help="node or weight name or glob to leave float32; repeat")
+    p.add_argument("--keep-e8m0", action="store_true", help="store UE8M0 scales as FLOAT8E8M0 tensors (opset 24)")
+    p.add_argument("--requantize", choices=["ue8m0"], help="move an FP8 model's float32 block scales to UE8M0, requantizing its values")
+    p.add_argument("--report", action="store_true", help="print per-tensor SQNR, end-to-end error on ort:cpu and bytes saved")
+    p.add_argument("--seed", type=int, default=0, help="seed of the report's inputs (default 0)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plugin", help="write a new vendor plugin package")
     plugin = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")

@@ -55,6 +55,7 @@ class Skipped:
 
 def _parse_block(block: Any) -> tuple[int, int] | None:
     """``(rows, cols)`` (output channels x reduction), or None for per-channel."""
+    given = block
     if isinstance(block, str):
         text = block.strip().lower()
         if text == "channel":
@@ -68,7 +69,7 @@ def _parse_block(block: Any) -> tuple[int, int] | None:
         rows, cols = int(block[0]), int(block[1])
         if rows >= 1 and cols >= 1:
             return rows, cols
-    msg = f"block {block!r} is not a block shape; use (128, 128), (1, 32), '128x128' or 'channel'"
+    msg = f"block {given!r} is not a block shape; use (128, 128), (1, 32), '128x128' or 'channel'"
     raise SettingError(msg)
 
 
