@@ -9,7 +9,9 @@ byte-identical models. Defaults are the benchmark sizes of ``benchmarks/backends
   inference-form ops (as exported models have them), input 1x3x224x224, 1000 classes;
 - :func:`transformer_encoder` — post-norm encoder layers: multi-head self-attention, LayerNorm,
   GELU feed-forward, residuals; batch 8, sequence 128, d_model 256, 4 heads, 4 layers;
-- :func:`add` — one Add, the smallest useful model.
+- :func:`add` — one Add, the smallest useful model;
+- :func:`fp8_block_scaled_mlp` — an MLP already in FP8 with float32 128x128 block scales, the
+  DeepSeek-V3 layout in standard ONNX (opset 21), for UE8M0 requantization.
 
 GELU is written with Erf/Mul/Add because the Gelu operator only exists from opset 20.
 :func:`zoo` returns small versions of all of them with feeds, sized so that a test running each
@@ -29,6 +31,7 @@ __all__ = [
     "IR_VERSION",
     "OPSET",
     "add",
+    "fp8_block_scaled_mlp",
     "mlp",
     "random_feeds",
     "resnet18_like",
@@ -271,6 +274,57 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def fp8_block_scaled_mlp(
+    batch: int = 4, width: int = 256, layers: int = 2, *, block: int = 128, seed: int = 0
+) -> onnx.ModelProto:
+    """An MLP whose weights are already FP8 with float32 block scales, as DeepSeek-V3 ships them.
+
+    Each layer is ``Gemm(x, W, bias, transB=1)`` with ``W`` [out, in] = ``width x width``
+    (``width`` need not be a multiple of ``block``) coming from ``DequantizeLinear(W_fp8,
+    W_scale_inv, axis=1, block_size=block)``: float8_e4m3fn values and one float32 scale per
+    ``block x block`` block (``amax / 448``), stored expanded to [out, ceil(in / block)] (each
+    block's scale repeated for its ``block`` rows), which is how a 2-D block scale is written in
+    standard ONNX. Opset 21, IR 10; Relu between layers; input ``x`` [batch, width], output ``y``.
+    """
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[TensorProto] = []
+    h = "x"
+    blocks = -(-width // block)
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / math.sqrt(width)).astype(np.float32)
+        padded = np.zeros((blocks * block, blocks * block), np.float32)
+        padded[:width, :width] = np.abs(w)
+        amax = padded.reshape(blocks, block, blocks, block).max(axis=(1, 3))
+        scale = np.where(amax > 0, amax / np.float32(448.0), np.float32(1.0)).astype(np.float32)
+        expanded = np.repeat(scale, block, axis=0)[:width]  # [out, ceil(in / block)]
+        full = np.repeat(expanded, block, axis=1)[:, :width]
+        q = np.clip(w / full, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
+        q_tensor = TensorProto(name=f"layer{i}.weight", data_type=TensorProto.FLOAT8E4M3FN, dims=[width, width])
+        q_tensor.raw_data = q.view(np.uint8).tobytes()
+        initializers += [
+            q_tensor,
+            numpy_helper.from_array(expanded, f"layer{i}.weight_scale_inv"),
+            numpy_helper.from_array((rng.standard_normal(width) * 0.02).astype(np.float32), f"layer{i}.bias"),
+        ]
+        nodes.append(helper.make_node(
+            "DequantizeLinear", [f"layer{i}.weight", f"layer{i}.weight_scale_inv"], [f"layer{i}.w"],
+            name=f"layer{i}.dequantize", axis=1, block_size=block,
+        ))
+        out = "y" if i == layers - 1 else f"layer{i}.out"
+        nodes.append(helper.make_node("Gemm", [h, f"layer{i}.w", f"layer{i}.bias"], [f"layer{i}.gemm" if out != "y" else "y"],
+                                      name=f"layer{i}.gemm", transB=1))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [f"layer{i}.gemm"], [out], name=f"layer{i}.relu"))
+            h = out
+    graph = helper.make_graph(nodes, "fp8_block_scaled_mlp", [_input("x", (batch, width))], [_input("y", (batch, width))], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10, producer_name="hal.testing.models")
+    onnx.checker.check_model(model)
+    return model
 
 
 #: Small sizes: the same structure as the benchmark models at a fraction of the cost.
