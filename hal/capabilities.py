@@ -478,6 +478,16 @@ def _io_kinds(value: Iterable[ValueKind | str]) -> frozenset[ValueKind]:
     return kinds - {ValueKind.TENSOR}  # every device passes tensors: not a declaration
 
 
+def _op_set(value: Iterable[str]) -> frozenset[str]:
+    ops = frozenset([value] if isinstance(value, str) else (str(v) for v in value))
+    for op in ops:
+        domain, _, name = op.rpartition(":")
+        if not name or not name.isidentifier() or domain in ("ai.onnx",):
+            msg = f"unsupported operator {op!r}: write 'Op' for ONNX's own domain, 'domain:Op' otherwise"
+            raise ValueError(msg)
+    return ops
+
+
 def _scaled(value: Iterable[ScaledFormat | Mapping[str, Any]]) -> tuple[ScaledFormat, ...]:
     return tuple(v if isinstance(v, ScaledFormat) else ScaledFormat(**v) for v in value)
 
@@ -516,6 +526,13 @@ class Capabilities:
     #: other kind of input or output for the device. Empty (tensors only) unless the runtime's API
     #: takes lists and None: onnxruntime's does, OpenVINO's and IREE's do not.
     io_kinds: frozenset[ValueKind] = field(default=frozenset(), converter=_io_kinds)
+    #: Operators the device cannot run although its opsets include them: ``"Op"`` for ONNX's
+    #: own domain, ``"domain:Op"`` otherwise. Lowering refuses a model that uses any (naming
+    #: them), so ``to()`` falls back to another device or, with ``strict=True``, says why.
+    unsupported_ops: frozenset[str] = field(default=frozenset(), converter=_op_set)
+    #: Fixed cost of launching one operator's kernel, in microseconds, for :mod:`hal.estimate`'s
+    #: roofline (None: not declared; the estimate then counts none and says so).
+    launch_overhead_us: float | None = None
 
     @classmethod
     def from_levels(
@@ -562,6 +579,8 @@ class Capabilities:
             dynamic_shapes=bool(data.get("dynamic_shapes", True)),
             movable=data.get("movable") or (),
             io_kinds=data.get("io_kinds") or (),
+            unsupported_ops=data.get("unsupported_ops") or (),
+            launch_overhead_us=data.get("launch_overhead_us"),
         )
 
     @classmethod
@@ -588,6 +607,8 @@ def _jsonable(value: Any) -> Any:
         return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, frozenset):  # sets of enum members (formats, kinds), in declaration order
+    if isinstance(value, frozenset):  # enum members (formats, kinds) in declaration order; names sorted
+        if all(isinstance(v, str) and not isinstance(v, enum.Enum) for v in value):
+            return sorted(value)
         return [v.value for v in sorted(value, key=lambda v: list(type(v)).index(v))]
     return value

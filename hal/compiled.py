@@ -353,7 +353,7 @@ class CompiledModel:
             )
         exe = Executable(
             runner, device, self.model.inputs, self.model.outputs,
-            placement=(Placement(device.id, nodes),), lowering=tuple(steps),
+            placement=(Placement(device.id, nodes),), lowering=tuple(steps), model=lowered,
         )
         if check is not None:
             report = check.finish(exe)
@@ -387,7 +387,7 @@ class CompiledModel:
         from hal.compiler import lower_for
 
         key = cache_key(
-            layout=4,  # JSON (steps, digest, or the refusal); a changed model's bytes in their own entry
+            layout=5,  # JSON (steps, digest, or the refusal); a changed model's bytes in their own entry
             model=self.digest,
             capabilities=caps.to_dict(),
             hal=_versions(),

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hal.capabilities import ValueKind
-from hal.errors import InputError, RunError, VerificationError
+from hal.errors import DeviceError, InputError, RunError, VerificationError
 
 if TYPE_CHECKING:
     from hal.backend import Device, Runner
-    from hal.lowering import LoweringStep, Placement
+    from hal.estimate import Estimate
+    from hal.lowering import LoweredModel, LoweringStep, Placement
     from hal.model import TensorInfo
 
 __all__ = ["Executable"]
@@ -89,6 +90,7 @@ class Executable:
         *,
         placement: Sequence[Placement] = (),
         lowering: Sequence[LoweringStep] = (),
+        model: LoweredModel | None = None,
     ) -> None:
         self.runner = runner
         self.device = device
@@ -99,6 +101,8 @@ class Executable:
         #: The :class:`~hal.verification.VerificationReport` from placement, or None when
         #: ``to(..., verify=False)`` skipped it.
         self.verification = None
+        self._model = model
+        self._estimates: dict[tuple[tuple[str, tuple[int, ...]], ...], Estimate] = {}
         self._run = runner.run
         self._output_names = [o.name for o in self.outputs]
         self._output_set = frozenset(self._output_names)
@@ -119,6 +123,25 @@ class Executable:
 
     def __repr__(self) -> str:
         return f"<hal.Executable on {self.device.id}: {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
+
+    def estimate(self, shapes: Mapping[str, Any] | None = None) -> Estimate:
+        """A roofline estimate (:mod:`hal.estimate`) of one run on this device, from the figures
+        its capabilities declare (peak throughput, memory bandwidth, launch overhead): an
+        :class:`~hal.estimate.Estimate` whose ``kind`` is ``"estimated"``, never a measurement.
+        ``shapes`` maps inputs to feeds (arrays) or shapes, so symbolic dimensions take the sizes
+        a run would have; remembered per shape. Raises :class:`~hal.errors.DeviceError` when the
+        device declares nothing to estimate from."""
+        from hal.estimate import estimate
+
+        if self._model is None:
+            msg = f"{self.device.id}: this executable was built without its lowered model; get it from compiled.to()"
+            raise DeviceError(msg)
+        given = {name: tuple(int(d) for d in getattr(v, "shape", v)) for name, v in (shapes or {}).items()}
+        key = tuple(sorted(given.items()))
+        found = self._estimates.get(key)
+        if found is None:
+            found = self._estimates[key] = estimate(self._model, self.device.capabilities, given)
+        return found
 
     def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, Any]:
         """Run the model. ``feeds`` maps every input name to an array of its element type

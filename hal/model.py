@@ -23,6 +23,7 @@ import stat
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -352,10 +353,23 @@ def _check_onnx(proto: onnx.ModelProto, where: str) -> None:
         raise ModelError(msg) from None
 
 
+#: Initializers up to this size stay in the copy shape inference reads (:func:`_light`).
+_INFERENCE_DATA_BYTES = 1024
+
+
+def _light(proto: onnx.ModelProto, *, value_info: bool = True) -> onnx.ModelProto:
+    """``proto`` for onnx's shape inference: initializers over :data:`_INFERENCE_DATA_BYTES` (and
+    every external one) enter as graph inputs of the same type and shape. Inference reads the
+    values of small shape-like tensors only (Reshape's shape, Slice's axes), so it keeps to a few
+    milliseconds on a 50 MB model instead of copying its weights through onnx."""
+    return weightless(
+        proto, lambda t: not is_external(t) and t.ByteSize() <= _INFERENCE_DATA_BYTES, value_info=value_info
+    )
+
+
 #: What onnx's strict shape inference says when a model contradicts itself (as opposed to what
 #: it says when inference itself falls short, e.g. on a function body it cannot expand: such a
 #: model is left to the runtime).
-_INFERENCE_DATA_BYTES = 1024
 _CONTRADICTIONS = re.compile(
     r"Invalid tensor data type|does not specify a valid type|differs from existing elem type|"
     r"existing shape differ|Incompatible dimensions|inconsistent type|Can't merge shape info"
@@ -365,16 +379,11 @@ _CONTRADICTIONS = re.compile(
 def _check_consistent(proto: onnx.ModelProto, where: str) -> None:
     """Refuse a model whose graph contradicts itself or its declared outputs (strict inference).
 
-    Inference runs on a weightless copy: initializers over :data:`_INFERENCE_DATA_BYTES` enter as
-    graph inputs of the same type and shape (inference reads the values of small shape-like
-    tensors only), which keeps the check to a few milliseconds on a 50 MB model instead of
-    copying its weights through onnx twice. ``value_info`` (declared shapes of intermediate values)
-    is left out too: runtimes overwrite it with what they infer, so a stale entry there is no
-    reason to refuse a model they run.
+    Inference runs on a weightless copy (:func:`_light`). ``value_info`` (declared shapes of
+    intermediate values) is left out too: runtimes overwrite it with what they infer, so a stale
+    entry there is no reason to refuse a model they run.
     """
-    light = weightless(
-        proto, lambda t: not is_external(t) and t.ByteSize() <= _INFERENCE_DATA_BYTES, value_info=False
-    )
+    light = _light(proto, value_info=False)
     try:
         onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001 - InferenceError, ValueError, C++ errors
@@ -445,13 +454,29 @@ def _value_bytes(value: onnx.ValueInfoProto) -> int:
     return (count * max(info.format.bits, 8) + 7) // 8
 
 
+def infer_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """``proto``'s graph with the shapes onnx's inference finds, on a weightless copy
+    (:func:`_light`): the result is for reading ``value_info``, not for running. ``shapes`` fixes
+    graph inputs' shapes (a feed's ``shape``) in place of their declared, possibly symbolic, dims.
+    Best effort: where inference fails, the graph as declared (with ``shapes`` applied)."""
+    light = _light(proto)
+    for value in light.graph.input:
+        shape = (shapes or {}).get(value.name)
+        if shape is None or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shape:
+            dims.add().dim_value = int(size)
+    try:
+        return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; the declared shapes remain
+        return light
+
+
 def analyze(proto: onnx.ModelProto) -> Requirements:
     """Work out a model's :class:`Requirements` (shape inference where it succeeds)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except Exception:  # inference is best effort; requirements are still useful without it
-        inferred = proto
-    graph = inferred.graph
+    graph = infer_shapes(proto).graph
     ops: Counter[tuple[str, str]] = Counter()
     formats: set[NumberFormat] = set()
 
@@ -478,7 +503,7 @@ def analyze(proto: onnx.ModelProto) -> Requirements:
             except ValueError:
                 pass
     param_bytes = 0
-    for t in _walk_tensors(graph):
+    for t in _walk_tensors(proto.graph):
         if t.data_type:
             try:
                 formats.add(NumberFormat.from_onnx(t.data_type))
@@ -487,7 +512,7 @@ def analyze(proto: onnx.ModelProto) -> Requirements:
         param_bytes += _tensor_bytes(t)
 
     dynamic = []
-    initializers = {t.name for t in graph.initializer}
+    initializers = {t.name for t in proto.graph.initializer}
     for v in list(graph.input) + list(graph.output):
         info = _tensor_info(v)
         if info is None or v.name in initializers or info.shape is None or info.kind is not ValueKind.TENSOR:

@@ -111,6 +111,11 @@ Building blocks
   sequences and optionals: declare ``io_kinds=ORT_IO_KINDS`` once your provider has run them.
 - Tensors whose runtime refuses ml_dtypes arrays: :func:`bits_view` (same-width unsigned view),
   :func:`from_bits`, :func:`pack` / :func:`unpack` (ONNX's sub-byte layout).
+- A simulated device (hal-sim): :func:`emulate` lowers the model for the onnxruntime CPU engine
+  that computes it; :func:`estimate` gives a roofline :class:`Estimate` of a run from a
+  :class:`Capabilities`' declared peaks, bandwidth and ``launch_overhead_us`` (``kind`` is always
+  ``"estimated"``), for pacing runs or reporting; ``Capabilities.unsupported_ops`` and
+  ``Memory.capacity_bytes`` are enforced by the core's lowering, not by the plugin.
 - A graph without its weights: :func:`weightless` (initializers you choose become graph inputs
   of their type and shape; nothing is copied), for shape inference or a reader that must not see
   external data.
@@ -156,6 +161,9 @@ __all__ = [
     "NumberFormat", "OpsetRange", "ScaledFormat", "Stability", "Support", "ValueKind",
     # building blocks
     "ORT_IO_KINDS", "Artifact", "OrtBackend", "OrtRunner", "bits_view", "fit_capabilities", "from_bits", "pack", "unpack",
+    "weightless",
+    # simulating a device
+    "Estimate", "NodeEstimate", "emulate", "estimate",
     # errors
     "CompileError", "HalError", "RunError", "UnavailableDeviceError",
     # testing a plugin
@@ -178,6 +186,7 @@ _LAZY = {
         "hal.tensors": ("bits_view", "from_bits", "pack", "unpack"),
         "hal.cache": ("Artifact",),
         "hal.weights": ("weightless",),
+        "hal.estimate": ("Estimate", "NodeEstimate", "estimate"),
         "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
     }.items()
     for name in names
@@ -192,10 +201,34 @@ if TYPE_CHECKING:
         NumberFormat, OpsetRange, ScaledFormat, Stability, Support, ValueKind,
     )
     from hal.errors import CompileError, HalError, RunError, UnavailableDeviceError
+    from hal.estimate import Estimate, NodeEstimate, estimate
     from hal.lowering import LoweredModel, LoweringStep, StepKind
     from hal.model import TensorInfo
     from hal.tensors import bits_view, from_bits, pack, unpack
     from hal.weights import weightless
+
+
+def emulate(model: LoweredModel) -> LoweredModel:
+    """``model`` lowered again for the embedded onnxruntime CPU runtime, for a backend that
+    simulates a device on the CPU (hal-sim): a format the simulated device computes natively but
+    onnxruntime's CPU kernels do not (bfloat16 MatMul, FP8) is computed wider, exactly as the core
+    lowers for ``ort:cpu``; opsets are converted into what onnxruntime loads. The returned
+    record's ``steps`` add this lowering's steps to ``model.steps``; they describe how the
+    simulation computes, not what the simulated device needs, so keep them to your runner. Returns
+    ``model`` itself when nothing changes. Raises :class:`~hal.errors.LoweringError` when the CPU
+    runtime cannot run the model at all."""
+    import hashlib
+
+    from hal.backends.cpu import runtime_capabilities
+    from hal.compiler import lower_for
+    from hal.lowering import LoweredModel
+
+    proto, steps = lower_for(model.proto, runtime_capabilities())
+    if proto is model.proto:
+        return model
+    data = proto.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(data if model.weights is None else model.weights.normalized(proto)).hexdigest()
+    return LoweredModel(proto, model.inputs, model.outputs, digest, (*model.steps, *steps), model.weights)
 
 
 def add_plugin(plugin: object, name: str) -> None:

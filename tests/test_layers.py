@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.tensors", "hal.model", "hal.weights"),
     ("hal.lowering",),
     ("hal.backend", "hal.hookspecs", "hal.verification"),
-    ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable"),
+    ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable", "hal.estimate"),
     ("hal._plugins", "hal.ranking"),
     ("hal.compiled",),
     ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*"),

@@ -69,6 +69,13 @@ CPU_CAPABILITIES = Capabilities.from_levels(
 )
 
 
+def runtime_capabilities() -> Capabilities:
+    """What the installed onnxruntime's CPU provider computes (:data:`CPU_CAPABILITIES` fitted to
+    the installed version), without a device's memory: the engine under a simulated device
+    (:func:`hal.plugin.emulate`)."""
+    return fit_capabilities(CPU_CAPABILITIES)
+
+
 class CpuBackend(OrtBackend):
     name = "ort"
 
