@@ -94,6 +94,10 @@ _LEVELS = tuple(s.value for s in Support)
 _MATURITIES = ("stable", "beta", "experimental")
 _LINKS = ("nvlink", "hccs", "pcie", "infinity-fabric", "roce", "mtlink", "none")
 _ENCODINGS = ("ocp", "cann-zero")
+_TOP_LEVEL = (
+    "schema", "vendor", "model", "kind", "notes", "formats", "scaled", "e8m0_encoding", "memory", "peak_tflops",
+    "interconnect", "software",
+)
 
 
 class ProfileError(HalError, ValueError):
@@ -243,7 +247,10 @@ class _Reader:
         for k in table:
             if k not in allowed:
                 where = f"{key}.{k}" if key else k
-                raise self.fail(where, "unknown key", f"use one of {', '.join(allowed)} (schema {SCHEMA})")
+                fix = f"use one of {', '.join(allowed)} (schema {SCHEMA})"
+                if key and k in _TOP_LEVEL:
+                    fix += f"; a key written below [{key.split('[')[0]}] belongs to it: move {k} above the first table"
+                raise self.fail(where, "unknown key", fix)
         for k in required:
             if k not in table:
                 where = f"{key}.{k}" if key else k
@@ -277,7 +284,7 @@ class _Reader:
     def figure(self, key: str, value: Any, check: Any) -> Figure:
         if not isinstance(value, Mapping):
             raise self.fail(
-                key, f"is a bare {_kind(value)} with no source",
+                key, f"is {_kind(value)} with no source",
                 f"write {key.rpartition('.')[2]} = {{value = {_toml(value)}, source = \"...\", verified = false}}",
             )
         self.keys(key, value, ("value", "source", "verified"), ("value",))
@@ -337,12 +344,7 @@ class _Reader:
     # the sections
 
     def profile(self, name: str, data: Mapping[str, Any], shipped: bool) -> Profile:
-        self.keys(
-            "", data,
-            ("schema", "vendor", "model", "kind", "notes", "formats", "scaled", "e8m0_encoding", "memory",
-             "peak_tflops", "interconnect", "software"),
-            ("schema", "vendor", "model", "kind", "formats"),
-        )
+        self.keys("", data, _TOP_LEVEL, ("schema", "vendor", "model", "kind", "formats"))
         if data["schema"] != SCHEMA:
             raise self.fail("schema", f"is {data['schema']!r}", f"this hal-sim reads schema {SCHEMA}")
         notes = data.get("notes", "")

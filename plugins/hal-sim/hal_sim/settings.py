@@ -95,7 +95,7 @@ def parse_devices(raw: str) -> list[DeviceRequest]:
                 continue
             count = int(text)
         if name in seen:
-            problem = f"{DEVICES_VARIABLE} names {name!r} twice; name each profile once with its count ({name}:N)"
+            problem = f"{DEVICES_VARIABLE} names {name!r} twice; name each profile once with its count; {_DEVICE_SYNTAX}"
             requests = [r if r.profile != name else evolve(r, problem=problem) for r in requests]
             continue
         seen.add(name)
