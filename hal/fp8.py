@@ -147,7 +147,9 @@ def e8m0_from_float32(x: Any, round_mode: str = "up", *, saturate: bool = True) 
     adds one when the mantissa's top (guard) bit is set and a lower bit is set or the exponent
     field is nonzero. ``saturate`` stops rounding from carrying 2^127 into 0xFF (NaN).
     NaN and ±inf give 0xFF, ±0 gives 0x00 (2^-127 in the OCP reading), float32 subnormals give
-    0x00 or 0x01 by the mode; the sign is ignored.
+    0x00 or 0x01 by the mode; the sign is ignored. One consequence, ONNX's too: 2^-127 itself
+    is a float32 subnormal with a mantissa bit set, so ``"up"`` gives 0x01 (2^-126) for it;
+    ``"down"`` converts every power of two UE8M0 holds back to its own byte.
     """
     if round_mode not in _ROUND_MODES:
         msg = f"round_mode {round_mode!r} is not one of {', '.join(_ROUND_MODES)}"

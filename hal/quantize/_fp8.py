@@ -363,7 +363,7 @@ def fp8(
             "block_size": layout["block_size"],
             "expand": layout["expand"],
             "stored_scales": int(scale_values.size),
-            "logical_blocks": int(scale_values.size // (layout["expand"][1] if layout["expand"] else 1)),
+            "logical_blocks": _logical_blocks(scale_values.shape, layout["expand"]),
         }
 
     kept = [t for t in graph.initializer if t.name not in remove]
@@ -395,6 +395,16 @@ def _layout(shape: tuple[int, ...], in_axis: int, out_axis: int, block: tuple[in
     if cols >= rows:  # blocked along the reduction axis, repeated over `rows` output channels
         return {"axis": in_axis, "block_size": cols, "expand": [out_axis, rows] if rows > 1 else None}
     return {"axis": out_axis, "block_size": rows, "expand": [in_axis, cols] if cols > 1 else None}
+
+
+def _logical_blocks(scale_shape: tuple[int, ...], expand: list[int] | None) -> int:
+    """How many distinct blocks a stored scale tensor holds (its size without the expansion)."""
+    size = int(np.prod(scale_shape, dtype=np.int64))
+    if not expand:
+        return size
+    axis, rows = expand
+    along = scale_shape[axis]
+    return size // along * -(-along // rows)
 
 
 def _quantize(weight: np.ndarray, layout: dict[str, Any], fmt: str, scale: str, rounding: str) -> tuple[np.ndarray, np.ndarray]:
