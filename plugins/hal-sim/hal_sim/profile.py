@@ -186,7 +186,7 @@ class Profile:
         for section, table in (("memory", self.memory), ("interconnect", self.interconnect), ("software", self.software)):
             keys += [f"{section}.{k}" for k, f in table.items() if not f.verified]
         keys += [f"peak_tflops.{k.value}" for k, f in self.peak_tflops.items() if not f.verified]
-        return keys
+        return list(dict.fromkeys(keys))
 
 
 # -- finding profiles -----------------------------------------------------------------------------
