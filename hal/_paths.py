@@ -1,11 +1,13 @@
 """Where the HAL keeps files: ``HAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnx-hal``, else
-``~/.cache/onnx-hal``."""
+``~/.cache/onnx-hal``; inside :func:`cache_root_at`, the directory it names."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("hal.cache")
@@ -14,7 +16,34 @@ _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
+_root_override: Path | None = None
+_root_lock = threading.RLock()
+
+
+@contextmanager
+def cache_root_at(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every cache the HAL keeps (compiled, verified, backends/, runtime/, digests/) lives under
+    ``path`` for the block, in every thread of this process, then where it was.
+
+    For measuring a cold placement (``hal bench``) without touching ``os.environ``: setting
+    ``HAL_CACHE_DIR`` would race with runtimes' own ``getenv`` on their threads and leak into
+    child processes. Blocks in one thread nest; a block in another thread waits for this one to
+    end. Work other threads do meanwhile uses ``path`` too.
+    """
+    global _root_override  # noqa: PLW0603 - one process-wide setting, guarded by its lock
+    with _root_lock:
+        before = _root_override
+        _root_override = Path(path)
+        try:
+            yield _root_override
+        finally:
+            _root_override = before
+
+
 def cache_root() -> Path:
+    override = _root_override
+    if override is not None:
+        return override
     explicit = os.environ.get("HAL_CACHE_DIR")
     if explicit:
         return Path(explicit)

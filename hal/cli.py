@@ -1,4 +1,4 @@
-"""The ``hal`` command: devices, plugins, inspect, run, quantize.
+"""The ``hal`` command: devices, plugins, inspect, run, quantize, bench.
 
 Errors print one line and exit non-zero (1 for a mistake the caller can fix, 3 for a bug);
 ``--debug`` shows the traceback instead. Output cut short by a closed pipe (``hal explain | head``)
@@ -455,6 +455,104 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _times(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}x"
+
+
+def _bench_progress(stack: Any) -> Any:
+    """A rich progress bar on stderr, one line per device, updated by hal.bench's callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = stack.enter_context(Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[done]}"), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ))
+    tasks: dict[str, Any] = {}
+
+    def progress(device: str, stage: str, done: float, total: float) -> None:
+        task = tasks.get(device)
+        if task is None:
+            task = tasks[device] = bar.add_task(device, total=None, done="")
+        if stage == "runs":
+            shown = f"{done:.0f}/{total:.0f} runs" if total and done == int(done) else f"{done:.1f}/{total:g} s"
+            bar.update(task, description=f"{device}: timing", completed=done, total=total, done=shown)
+        elif stage == "done":
+            bar.update(task, description=f"{device}: done", completed=1, total=1, done="")
+        else:
+            bar.update(task, description=f"{device}: {stage}")
+
+    return progress
+
+
+def _print_bench(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hal.bench import WARMUP_RUNS
+
+    budget = f"{report.runs} runs" if report.runs is not None else f"{report.seconds:g} s of runs"
+    table = Table(
+        title=f"hal bench {report.model}: batch {report.batch}, {budget} after {WARMUP_RUNS} warm-up, baseline {report.baseline}",
+        caption=(
+            "measured: wall time on this machine, one caller; estimated: a roofline from the device's declared figures, "
+            f"never a measurement; – none; peak mem: {report.memory_method or 'not available here'}"
+        ),
+    )
+    for header in ("device", "verified", "cold to() s", "warm to() s", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+                   "peak mem", "speed (measured)"):
+        table.add_column(header, justify="left" if header in ("device", "verified") else "right")
+    table.add_column("latency (estimated)", justify="right", style="italic")
+    table.add_column("speed (estimated)", justify="right", style="italic")
+    for r in report.rows:
+        name = f"{r.device} (baseline)" if r.device == report.baseline else r.device
+        if r.error is not None:
+            table.add_row(name, "cannot", *["–"] * 10)
+            continue
+        lat = r.latency
+        table.add_row(
+            name, r.verification or "-", _seconds(r.cold_to), _seconds(r.warm_to), _ms(lat.p50), _ms(lat.p90),
+            _ms(lat.p99), f"{r.throughput:.4g}" if r.throughput else "-", _human_bytes(r.peak_memory), _times(r.speed),
+            "–" if r.estimate is None else f"{_ms(r.estimate.seconds)} ms", _times(r.estimated_speed),
+        )
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    console.print(table)
+    for line in report.lines():
+        console.print(line, highlight=False, markup=False)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from hal import bench
+
+    if args.plot:
+        bench.check_plot(args.plot)  # before the runs, not after them
+    with ExitStack() as stack:
+        live = sys.stderr.isatty() and not args.json
+        report = bench.bench(
+            args.model, args.devices or None, baseline=args.baseline, runs=args.runs, seconds=args.seconds,
+            batch=args.batch, progress=_bench_progress(stack) if live else None,
+        )
+    if args.plot:
+        bench.plot(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_bench(report)
+        if args.plot:
+            print(f"chart: {args.plot}")
+    return 0 if any(r.measured for r in report.rows) else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hal import __version__
 
@@ -530,6 +628,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="print per-tensor SQNR, end-to-end error on ort:cpu and bytes saved")
     p.add_argument("--seed", type=int, default=0, help="seed of the report's inputs (default 0)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="every device side by side: cold/warm to(), latency, throughput, memory, estimate")
+    p.add_argument("model")
+    p.add_argument("--devices", nargs="+", metavar="D", help="device ids (default: every available device)")
+    p.add_argument("--baseline", metavar="D", help="the device every figure is relative to (default: the first)")
+    p.add_argument("--runs", type=int, metavar="N", help="timed runs per device after warm-up (default 100)")
+    p.add_argument("--seconds", type=float, metavar="S", help="time runs for S seconds per device instead of --runs")
+    p.add_argument("--batch", type=int, metavar="B", help="the first input dimension, where it is symbolic")
+    p.add_argument("--json", action="store_true", help="the report as JSON only (no table, no progress bar)")
+    p.add_argument("--plot", metavar="FILE.png", help="a bar chart of measured and estimated speed (needs onnx-hal[plot])")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plugin", help="write a new vendor plugin package")
     plugin = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")

@@ -27,7 +27,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable", "hal.estimate"),
     ("hal._plugins", "hal.ranking"),
     ("hal.compiled",),
-    ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*"),
+    ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench"),
     ("hal.cli", "hal.__main__"),
 )
 
