@@ -467,7 +467,7 @@ def _times(ratio: float | None) -> str:
     return "–" if ratio is None else f"{ratio:.2f}x"
 
 
-def _bench_progress(stack: Any) -> Any:
+def _bench_progress(stack: Any, by_seconds: bool) -> Any:
     """A rich progress bar on stderr, one line per device, updated by hal.bench's callback."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -483,7 +483,7 @@ def _bench_progress(stack: Any) -> Any:
         if task is None:
             task = tasks[device] = bar.add_task(device, total=None, done="")
         if stage == "runs":
-            shown = f"{done:.0f}/{total:.0f} runs" if total and done == int(done) else f"{done:.1f}/{total:g} s"
+            shown = f"{done:.1f}/{total:g} s" if by_seconds else f"{done:.0f}/{total:.0f} runs"
             bar.update(task, description=f"{device}: timing", completed=done, total=total, done=shown)
         elif stage == "done":
             bar.update(task, description=f"{device}: done", completed=1, total=1, done="")
@@ -540,7 +540,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         live = sys.stderr.isatty() and not args.json
         report = bench.bench(
             args.model, args.devices or None, baseline=args.baseline, runs=args.runs, seconds=args.seconds,
-            batch=args.batch, progress=_bench_progress(stack) if live else None,
+            batch=args.batch, progress=_bench_progress(stack, args.seconds is not None) if live else None,
         )
     if args.plot:
         bench.plot(report, args.plot)

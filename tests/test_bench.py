@@ -316,6 +316,17 @@ class TestCli:
         assert err.count("\n") == 1 and "pip install onnx-hal[plot]" in err
         assert not counting.runners  # refused before any device was benched
 
+    @pytest.mark.parametrize("by_seconds", [False, True])
+    def test_the_progress_bar_takes_every_stage(self, by_seconds):
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            progress = cli._bench_progress(stack, by_seconds)
+            for stage in ("cold to()", "warm to()", "warm-up"):
+                progress("a:0", stage, 0.0, 0.0)
+            progress("a:0", "runs", 50.0, 100.0)
+            progress("a:0", "done", 0.0, 0.0)
+
     def test_plot_into_a_missing_directory_fails_first(self, counting, model_file, capsys, tmp_path):
         code, _, err = _cli(capsys, model_file, "--devices", "test:fast", "--plot", os.fspath(tmp_path / "no" / "c.png"))
         assert code == 1 and "has no directory" in err and not counting.runners
