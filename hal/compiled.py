@@ -90,24 +90,31 @@ class CompiledModel:
     def __init__(self, model: Model, manifest: dict[str, Any]) -> None:
         self.model = model
         self.manifest = manifest
-        self._references: dict[bool, Reference] = {}
+        self._references: dict[Any, Reference] = {}
         self._lowerings: dict[Capabilities, _Lowering | LoweringError] = {}
         self._lock = threading.Lock()
 
-    def _reference(self, device_id: str) -> Reference:
+    def _reference(self, device_id: str, lossy: tuple[onnx.ModelProto, str] | None = None) -> Reference:
         """The reference devices are verified against (shared by every device but ort:cpu,
-        which must not be its own reference)."""
+        which must not be its own reference). ``lossy``: a lowering that changed the model's
+        values on purpose (FP8 requantized for the device; its error is in its step), given as
+        (lowered proto, digest): the device is checked against that model, not the original."""
         own = device_id == "ort:cpu"
+        key: Any = own if lossy is None else (own, lossy[1])
         with self._lock:
-            reference = self._references.get(own)
+            reference = self._references.get(key)
             if reference is None:
+                proto = self.model.proto if lossy is None else lossy[0]
                 reference = Reference(
-                    self.model.proto,
+                    proto,
                     weights=self.model.weights,
                     exclude=device_id if own else "",
-                    ort_cpu=lambda: self.to("ort:cpu", verify=False, fallback=None),
+                    ort_cpu=(
+                        (lambda: self.to("ort:cpu", verify=False, fallback=None)) if lossy is None
+                        else (lambda: compile(Model(proto, weights=self.model.weights)).to("ort:cpu", verify=False, fallback=None))
+                    ),
                 )
-                self._references[own] = reference
+                self._references[key] = reference
             return reference
 
     def __repr__(self) -> str:
@@ -323,7 +330,8 @@ class CompiledModel:
         proto, steps, digest, key = self._lowered(device)
         check = None
         if verify:
-            check = _Verification(self, backend, device, key, options.reduced_precision, example)
+            lossy = (proto, digest) if any(step.kind is StepKind.REQUANTIZE for step in steps) else None
+            check = _Verification(self, backend, device, key, options.reduced_precision, example, lossy)
             if check.cached is not None and not check.cached.passed and check.cached.status == "failed":
                 raise check.cached.error()
             check.start()
@@ -481,6 +489,7 @@ class _Verification:
         lowering_key: str,
         reduced_precision: bool,
         example: Mapping[str, Any] | None,
+        lossy: tuple[onnx.ModelProto, str] | None = None,
     ) -> None:
         from hal.verification import budget_seconds
 
@@ -493,7 +502,7 @@ class _Verification:
         # Seeded inputs are only drawn when the verdict is not cached: a warm to() skips them.
         self._feeds: dict[str, Any] | None = None
         self.key_of_feeds = _feeds_digest(self.feeds) if example is not None else "seeded"
-        self.reference = compiled._reference(device.id)  # noqa: SLF001 - the model's own helper
+        self.reference = compiled._reference(device.id, lossy)  # noqa: SLF001 - the model's own helper
         self.key = cache_key(
             lowering=lowering_key,
             device=device.id,  # the verdict is the runtime's: its device, backend and version

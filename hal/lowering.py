@@ -37,6 +37,10 @@ class StepKind(str, enum.Enum):
     # ... these change how the model computes
     LEGALIZE_FORMAT = "legalize-format"
     LEGALIZE_FORMAT_SKIPPED = "legalize-format-skipped"
+    #: FP8 weights fitted exactly: dequantized at compile time, FN to FNUZ, scales converted
+    LEGALIZE_SCALED = "legalize-scaled"
+    #: FP8 weights requantized for the device's scale format: lossy, its error in the detail
+    REQUANTIZE = "requantize"
     # placement
     FALLBACK = "fallback"
     VERIFIED = "verified"

@@ -21,13 +21,14 @@ HAL = Path(__file__).resolve().parents[1] / "hal"
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.errors", "hal._paths"),
     ("hal.capabilities", "hal.cache"),
-    ("hal.tensors", "hal.model", "hal.weights"),
+    ("hal.tensors", "hal.model", "hal.weights", "hal.fp8"),
     ("hal.lowering",),
     ("hal.backend", "hal.hookspecs", "hal.verification"),
     ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable", "hal.estimate"),
     ("hal._plugins", "hal.ranking"),
     ("hal.compiled",),
-    ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench"),
+    ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench",
+     "hal.quantize", "hal.quantize.*"),
     ("hal.cli", "hal.__main__"),
 )
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from hal.compiler.graph_io import check_io
 from hal.compiler.legalize import legalize_formats
 from hal.compiler.limits import check_memory, check_operators, check_shapes
+from hal.compiler.scaled import legalize_scaled
 from hal.compiler.opset import check_domains, convert_opset
 from hal.compiler.optimize import optimize
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_domains", "check_io", "check_memory", "check_operators", "check_shapes", "convert_opset",
-    "legalize_formats", "lower_for", "optimize",
+    "legalize_formats", "legalize_scaled", "lower_for", "optimize",
 ]
 
 
@@ -34,14 +35,15 @@ def lower_for(
     """Fit ``proto`` to a device: refuse graph inputs and outputs it cannot pass (:func:`check_io`),
     operator domains it does not declare (:func:`check_domains`) and symbolic input dimensions it
     cannot compile (:func:`check_shapes`); :func:`convert_opset` into ``capabilities.opsets``, then
-    :func:`legalize_formats`; then refuse operators it declares unsupported
+    :func:`legalize_scaled` (FP8 weights) and :func:`legalize_formats`; then refuse operators it declares unsupported
     (:func:`check_operators`) and a result larger than its memory (:func:`check_memory`). Raises
     :class:`~hal.errors.LoweringError` when any cannot."""
     check_io(proto, capabilities)
     check_domains(proto, capabilities.opsets)
     check_shapes(proto, capabilities)
     proto, steps = convert_opset(proto, capabilities.opsets)
+    proto, scaled = legalize_scaled(proto, capabilities)
     proto, more = legalize_formats(proto, capabilities)
     check_operators(proto, capabilities)
     check_memory(proto, capabilities)
-    return proto, [*steps, *more]
+    return proto, [*steps, *scaled, *more]
