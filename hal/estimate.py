@@ -252,10 +252,10 @@ class _Roofline:
         bandwidth = capabilities.memory.bandwidth_gbps
         self.bandwidth = bandwidth * 1e9 if bandwidth else None
         self.launch = (capabilities.launch_overhead_us or 0.0) * 1e-6
-        if not self.peaks and self.bandwidth is None:
+        if not self.peaks and self.bandwidth is None and capabilities.launch_overhead_us is None:
             msg = (
-                "cannot estimate: the device declares neither peak throughput (Capabilities.peak_tflops) "
-                "nor memory bandwidth (Memory.bandwidth_gbps); a plugin or profile must declare them"
+                "cannot estimate: the device declares neither peak throughput (Capabilities.peak_tflops), "
+                "memory bandwidth (Memory.bandwidth_gbps) nor launch overhead; a plugin or profile must declare them"
             )
             raise DeviceError(msg)
         if not self.peaks:

@@ -121,7 +121,8 @@ Building blocks
   external data.
 - Cache files: :class:`Artifact` (a file in ``options.cache_dir``, checked against its record
   before the runtime reads it; a damaged one is rebuilt; a read-only disk only loses the cache).
-- Errors: :class:`HalError` and the subclasses above, :class:`RunError` for a runner that fails.
+- Errors: :class:`HalError` and the subclasses above, :class:`RunError` for a runner that fails,
+  :class:`SettingError` for a bad value in a setting your plugin reads (an environment variable).
 
 Testing
 =======
@@ -165,7 +166,7 @@ __all__ = [
     # simulating a device
     "Estimate", "NodeEstimate", "emulate", "estimate",
     # errors
-    "CompileError", "HalError", "RunError", "UnavailableDeviceError",
+    "CompileError", "HalError", "RunError", "SettingError", "UnavailableDeviceError",
     # testing a plugin
     "add_plugin", "backend", "reload_plugins", "remove_plugin", "runtime_limits",
 ]
@@ -187,7 +188,7 @@ _LAZY = {
         "hal.cache": ("Artifact",),
         "hal.weights": ("weightless",),
         "hal.estimate": ("Estimate", "NodeEstimate", "estimate"),
-        "hal.errors": ("CompileError", "HalError", "RunError", "UnavailableDeviceError"),
+        "hal.errors": ("CompileError", "HalError", "RunError", "SettingError", "UnavailableDeviceError"),
     }.items()
     for name in names
 }
@@ -200,7 +201,7 @@ if TYPE_CHECKING:
         Capabilities, DeviceKind, E8M0Encoding, Health, Interconnect, InterconnectKind, Maturity, Memory,
         NumberFormat, OpsetRange, ScaledFormat, Stability, Support, ValueKind,
     )
-    from hal.errors import CompileError, HalError, RunError, UnavailableDeviceError
+    from hal.errors import CompileError, HalError, RunError, SettingError, UnavailableDeviceError
     from hal.estimate import Estimate, NodeEstimate, estimate
     from hal.lowering import LoweredModel, LoweringStep, StepKind
     from hal.model import TensorInfo

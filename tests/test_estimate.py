@@ -113,6 +113,8 @@ class TestEstimate:
     def test_a_device_declaring_nothing_cannot_be_estimated(self):
         with pytest.raises(DeviceError, match="neither peak throughput"):
             estimate(matmul(), caps())
+        launches = estimate(matmul(), caps(launch_us=4.0))  # launches alone are still an estimate
+        assert launches.seconds == pytest.approx(4e-6)
 
     def test_missing_figures_are_named(self):
         only_peak = estimate(matmul(4), caps({"float32": 1.0}))

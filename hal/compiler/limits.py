@@ -71,7 +71,9 @@ def check_shapes(proto: onnx.ModelProto, capabilities: Capabilities) -> None:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
+    if n >= 2**27:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 // 8 else f"{n / 2**10:.2f} KiB"
 
 
 def check_memory(proto: onnx.ModelProto, capabilities: Capabilities) -> None:
