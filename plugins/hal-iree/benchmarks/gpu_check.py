@@ -81,14 +81,16 @@ def record(directory: Path, gpu_target: str) -> None:
 
     real_build = _compile.build_vmfb
 
-    def build(model: Any, flags: list[str], device_id: str, workdir: str | None = None) -> bytes:
-        data = real_build(model, flags, device_id, workdir)
+    def build(
+        model: Any, flags: list[str], device_id: str, workdir: str | None = None, parameters: Any = None
+    ) -> bytes:
+        data = real_build(model, flags, device_id, workdir, parameters)
         (directory / f"{_key(flags)}.vmfb").write_bytes(data)
         (directory / f"{_key(flags)}.lowered").write_text(_lowered_digest(model))
         return data
 
     IreeBackend.discover = discover  # type: ignore[method-assign]
-    IreeBackend._load = lambda self, data, model, device: NotRun()  # type: ignore[method-assign]  # noqa: ARG005, SLF001
+    IreeBackend._load = lambda self, data, model, device, parameters=None: NotRun()  # type: ignore[method-assign]  # noqa: ARG005, SLF001
     _compile.build_vmfb = build
     (directory / "compiler.txt").write_text(_compile.compiler_version())
     for name, (model, _feeds) in _models().items():
@@ -163,7 +165,7 @@ def replay(directory: Path, out: Path | None, runs: int) -> dict[str, Any]:
     from hal.errors import CompileError
     from hal_iree import _compile
 
-    def build(model: Any, flags: list[str], device_id: str, workdir: str | None = None) -> bytes:
+    def build(model: Any, flags: list[str], device_id: str, workdir: str | None = None, parameters: Any = None) -> bytes:
         path = directory / f"{_key(flags)}.vmfb"
         if not path.is_file():
             msg = f"no vmfb recorded for {_CURRENT['name']} with flags {flags} ({path.name})"

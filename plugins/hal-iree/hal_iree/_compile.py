@@ -29,7 +29,7 @@ import platform
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,15 +121,24 @@ def prepare_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(prepared, data_prop=True)
 
 
-def import_onnx(model: onnx.ModelProto) -> bytes:
-    """Import a prepared model (see :func:`prepare_onnx`) into MLIR bytecode (torch-onnx dialect)."""
+def import_onnx(model: onnx.ModelProto, parameters: Mapping[str, str] | None = None) -> bytes:
+    """Import a prepared model (see :func:`prepare_onnx`) into MLIR bytecode (torch-onnx dialect).
+
+    ``parameters`` (``{initializer name: key}``, see :mod:`hal_iree._parameters`): those
+    initializers are imported as IREE parameters, never read.
+    """
     from iree.compiler import ir
     from iree.compiler.extras import onnx_importer
 
     info = onnx_importer.ModelInfo(model)
     context = ir.Context()
     module = info.create_module(context=context).operation
-    importer = onnx_importer.NodeImporter.define_function(info.main_graph, module)
+    if parameters:
+        from hal_iree._parameters import import_module
+
+        importer = import_module(info, module, parameters)
+    else:
+        importer = onnx_importer.NodeImporter.define_function(info.main_graph, module)
     importer.import_all()
     module.verify()
     buffer = io.BytesIO()
@@ -209,8 +218,15 @@ def write_cached(cache_dir: Path, key: str, data: bytes, info: dict[str, Any]) -
     Artifact(cache_dir / f"{key}.vmfb", key).write(data, info)
 
 
-def build_vmfb(model: onnx.ModelProto, flags: Sequence[str], device_id: str, workdir: str | None = None) -> bytes:
-    """Import and compile ``model`` with ``flags``; return the vmfb bytes.
+def build_vmfb(
+    model: onnx.ModelProto,
+    flags: Sequence[str],
+    device_id: str,
+    workdir: str | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> bytes:
+    """Import and compile ``model`` with ``flags``; return the vmfb bytes. The initializers named
+    in ``parameters`` stay out of it (IREE parameters, given at load).
 
     Raises :class:`~hal.errors.CompileError` naming ``device_id`` and a one-line reason.
     """
@@ -220,7 +236,7 @@ def build_vmfb(model: onnx.ModelProto, flags: Sequence[str], device_id: str, wor
         msg = f"IREE cannot import the model for {device_id}: {_first_line(str(exc)) or type(exc).__name__}"
         raise CompileError(msg) from None
     try:
-        mlir = import_onnx(prepared)
+        mlir = import_onnx(prepared, parameters)
     except Exception as exc:  # OnnxImportError, MLIRError, KeyError for unknown types, ...
         msg = f"IREE's ONNX importer rejected the model for {device_id}: {_first_line(str(exc)) or type(exc).__name__}"
         raise CompileError(msg) from None

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hal.plugin import NumberFormat
 from hal_iree._shapes import ShapeOracle
+
+if TYPE_CHECKING:
+    from hal_iree._parameters import Parameters
 
 __all__ = ["IreeRunner", "hal_element_type", "numpy_dtype"]
 
@@ -88,6 +91,7 @@ class IreeRunner:
         outputs: Sequence[tuple[str, NumberFormat]],
         on_thread: Callable[[], None] | None = None,
         shapes: ShapeOracle | None = None,
+        parameters: Parameters | None = None,
     ) -> None:
         import iree.runtime as rt
 
@@ -99,7 +103,10 @@ class IreeRunner:
         self._shapes = shapes
         self.vm_module = vm_module  # kept alive as long as a context uses it
         self._instance = instance
-        self._modules = [hal_module, vm_module]
+        # The weights the vmfb leaves out (IREE parameters): their io_parameters module resolves
+        # them as each context initializes, from buffers the index holds.
+        self.parameters = parameters
+        self._modules = [hal_module, *([parameters.module] if parameters is not None else []), vm_module]
         # Idle VM contexts; one per concurrent caller at most (see the module docstring).
         self._idle: deque[Any] = deque()
         self._idle.append(self.new_context())

@@ -127,7 +127,7 @@ CHANNELS_LAST_FLAGS = (
     "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))",
     "--iree-global-opt-propagate-transposes",
 )
-_OPTIONS = ("channels_last", "iree_flags", "iree_opt_level", "iree_gpu_target")
+_OPTIONS = ("channels_last", "iree_flags", "iree_opt_level", "iree_gpu_target", "iree_parameters")
 _SOURCE_PREFIX = re.compile(r"^(?:Error creating driver:\s*)?(?:[\w./-]+:\d+:\s*)?(?:[A-Z_]+;\s*)?")
 
 
@@ -368,37 +368,74 @@ class IreeBackend(Backend):
             msg = f"{device.id} is unavailable: {device.reason}"
             raise UnavailableDeviceError(msg)
         flags = self.compile_flags(device, options)
+        parameters = self.parameter_plan(model, options)
         compiler = _compile.compiler_version()
         host = _compile.host_cpu_fingerprint() if device.kind is DeviceKind.CPU else ""
-        # The core's digest spares serializing and hashing the model again on every prepare.
-        key = _compile.cache_key(model.digest, device.id, flags, compiler, host)
+        if parameters:
+            from hal_iree._parameters import graph_sha256
+
+            # The vmfb holds no parameter's bytes: keyed by the graph, it is shared by every model
+            # with this graph whatever its weights (the core's digest covers them).
+            model_id = graph_sha256(model, parameters)
+        else:
+            model_id = model.digest  # the core's digest spares serializing and hashing the model again
+        key = _compile.cache_key(model_id, device.id, flags, compiler, host)
         cache_dir = Path(options.cache_dir) if options.cache_dir else None
 
         data = _compile.read_cached(cache_dir, key) if cache_dir else None
         if data is not None:
             try:
-                runner = self._load(data, model, device)
+                runner = self._load(data, model, device, parameters)
             except CompileError as exc:
                 log.warning("cached vmfb %s does not load (%s); rebuilding it", key[:16], exc)
             else:
                 with self._lock:
                     self.cache_hits += 1
                 return runner
-        # IREE's ONNX importer reads the weights from the protobuf: external data goes in (up to
-        # protobuf's 2 GiB; IREE's parameter archives would take more, not done yet).
-        try:
-            proto = model.self_contained()
-        except HalError as exc:
-            msg = f"{device.id} cannot take this model's external data: {exc}"
-            raise CompileError(msg) from None
-        data = _compile.build_vmfb(proto, flags, device.id, workdir=None)
+        if parameters:
+            from hal_iree._parameters import import_proto
+
+            proto = import_proto(model, parameters)
+        else:
+            # Every weight inside the vmfb: external data goes into the protobuf (up to 2 GiB).
+            try:
+                proto = model.self_contained()
+            except HalError as exc:
+                msg = f"{device.id} cannot take this model's external data: {exc}"
+                raise CompileError(msg) from None
+        data = _compile.build_vmfb(proto, flags, device.id, workdir=None, parameters=parameters)
         with self._lock:
             self.compile_count += 1
         if cache_dir:
-            info = {"device": device.id, "flags": flags, "compiler": compiler,
-                    "model_sha256": model.digest}
+            info = {"device": device.id, "flags": flags, "compiler": compiler, "model_sha256": model.digest}
+            if parameters:
+                info["graph_sha256"] = model_id
+                info["parameters"] = len(parameters)
             _compile.write_cached(cache_dir, key, data, info)
-        return self._load(data, model, device)
+        return self._load(data, model, device, parameters)
+
+    def parameter_plan(self, model: LoweredModel, options: CompileOptions) -> dict[str, str]:
+        """``{initializer name: parameter key}``: the weights the vmfb leaves to the runtime, by
+        the ``iree_parameters`` option (see the module docstring). Raises :class:`CompileError`
+        for a value it does not know."""
+        from hal_iree._parameters import plan
+
+        extra = options.extra or {}
+        choice = extra.get("iree_parameters", "external")
+        if choice == "none":
+            return {}
+        if choice == "external":
+            inline_bytes = None
+        elif isinstance(choice, int) and not isinstance(choice, bool) and choice >= 0:
+            inline_bytes = choice
+        else:
+            msg = f"iree_parameters must be 'external', 'none' or a size in bytes (an int >= 0), got {choice!r}"
+            raise CompileError(msg)
+        if any("parameter" in flag for flag in extra.get("iree_flags") or ()):
+            # A flag of the caller's that reads parameters at compile time (--iree-opt-import-parameters,
+            # --iree-opt-splat-parameters) would put bytes the key does not cover in the vmfb.
+            return {}
+        return plan(model, inline_bytes)
 
     def _runtime(self, driver: str) -> tuple[Any, Any, Any]:
         """(VmInstance, HalDevice, hal module) for a driver, created once per backend."""
@@ -419,7 +456,9 @@ class IreeBackend(Backend):
                 self._cuda = CudaContext()
             return self._cuda
 
-    def _load(self, data: bytes, model: LoweredModel, device: Device) -> IreeRunner:
+    def _load(
+        self, data: bytes, model: LoweredModel, device: Device, parameters: Mapping[str, str] | None = None
+    ) -> IreeRunner:
         import iree.runtime as rt
 
         from hal_iree._compile import ENTRY
@@ -449,7 +488,14 @@ class IreeBackend(Backend):
                 ShapeOracle(model.proto, [n for n, _ in inputs], [n for n, _ in outputs])
                 if ShapeOracle.needed(model.proto) else None
             )
-            return IreeRunner(vm_module, hal_module, hal_device, instance, function, inputs, outputs, on_thread, shapes)
+            weights = None
+            if parameters:
+                from hal_iree._parameters import Parameters
+
+                weights = Parameters(instance, model, parameters)
+            return IreeRunner(
+                vm_module, hal_module, hal_device, instance, function, inputs, outputs, on_thread, shapes, weights
+            )
         except KeyError as exc:
             msg = f"IREE's runtime cannot exchange tensors of type {exc.args[0].value} with {device.id}"
             raise CompileError(msg) from None
