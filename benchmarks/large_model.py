@@ -1,6 +1,7 @@
 """A model with about 3 GiB of external weights through the HAL, against the runtimes called directly.
 
-    python benchmarks/large_model.py                     # ort:cpu, and openvino:CPU where installed
+    python benchmarks/large_model.py                     # ort:cpu, and openvino:CPU, iree:local-task where installed
+    python benchmarks/large_model.py --devices iree:local-task --runs 3
     python benchmarks/large_model.py --dir /data/big --runs 3 --json out.json
     python benchmarks/large_model.py --small             # the benchmark models saved with external data,
                                                          # peak memory of load + compile + to()
@@ -11,7 +12,9 @@ MatMul 8192x4096 (1 GiB), stored as ONNX external data in one file.
 
 Each measurement is a fresh process: the HAL's ``hal.load`` + ``compile`` + ``to(device)`` + one
 ``run``, against ``onnxruntime.InferenceSession(path)`` + one run (or OpenVINO's ``read_model`` +
-``compile_model`` + one inference), with peak resident memory (``ru_maxrss``) and wall time after
+``compile_model`` + one inference; iree:local-task has no direct row: IREE's own route for such
+a model, ``iree-import-onnx --externalize-params``, first writes the weights to a new ``.irpa``
+file), with peak resident memory (``ru_maxrss``) and wall time after
 the imports; imports are timed on their own. The HAL runs twice per round: first with an empty
 cache directory (the weights' digest is computed), then with the cache the first left (the digest
 is remembered). Rounds alternate the variants; medians are reported. ``hal inspect`` on the model
@@ -137,6 +140,8 @@ def _child(mode: str, path: str, device: str) -> dict[str, Any]:
 
         if device.startswith("openvino"):
             import openvino  # noqa: F401
+        if device.startswith("iree"):
+            import iree.runtime  # noqa: F401
         imported = time.perf_counter()
         exe = hal.compile(hal.load(path)).to(device, strict=True)
         y = exe.run({"ids": ids})["y"]
@@ -176,13 +181,18 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 def large(args: argparse.Namespace) -> dict[str, Any]:
     path = build(Path(args.dir))
     weights = (Path(args.dir) / "decoder.bin").stat().st_size
-    devices = ["ort:cpu"] + (["openvino:CPU"] if _has("openvino") else [])
+    if args.devices:
+        devices = args.devices.split(",")
+    else:
+        devices = ["ort:cpu"] + (["openvino:CPU"] if _has("openvino") else [])
+        devices += ["iree:local-task"] if _has("iree.runtime") else []
     rows: dict[str, list[dict[str, Any]]] = {}
     inspect: list[float] = []
     for _ in range(args.runs):
         for device in devices:
-            direct = "ort" if device == "ort:cpu" else "openvino"
-            rows.setdefault(direct, []).append(_measure(direct, path))
+            direct = {"ort:cpu": "ort", "openvino:CPU": "openvino"}.get(device)
+            if direct is not None:
+                rows.setdefault(direct, []).append(_measure(direct, path))
             with tempfile.TemporaryDirectory() as cache:
                 rows.setdefault(f"hal {device} first", []).append(_measure("hal", path, device, cache))
                 rows.setdefault(f"hal {device} second", []).append(_measure("hal", path, device, cache))
@@ -198,7 +208,7 @@ def large(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, r in rows.items()
     }
-    return {"weights_gib": weights / 2**30, "rows": table, "hal_inspect_s": statistics.median(inspect)}
+    return {"weights_gib": weights / 2**30, "rows": table, "hal_inspect_s": statistics.median(inspect) if inspect else None}
 
 
 def _has(module: str) -> bool:
@@ -274,6 +284,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hal-large-model"))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--devices", default="", help="comma list of HAL devices (default: ort:cpu and those installed)")
     parser.add_argument("--small", action="store_true", help="the benchmark models' peak memory instead")
     parser.add_argument("--before", default="", help="with --small: root of a checkout to compare against")
     parser.add_argument("--json")

@@ -165,7 +165,9 @@ def replay(directory: Path, out: Path | None, runs: int) -> dict[str, Any]:
     from hal.errors import CompileError
     from hal_iree import _compile
 
-    def build(model: Any, flags: list[str], device_id: str, workdir: str | None = None, parameters: Any = None) -> bytes:
+    def build(
+        model: Any, flags: list[str], device_id: str, workdir: str | None = None, parameters: Any = None
+    ) -> bytes:
         path = directory / f"{_key(flags)}.vmfb"
         if not path.is_file():
             msg = f"no vmfb recorded for {_CURRENT['name']} with flags {flags} ({path.name})"

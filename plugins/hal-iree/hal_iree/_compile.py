@@ -10,7 +10,8 @@ Cache layout (one directory per backend, given by the core)::
     <cache_dir>/<key>.vmfb          the module, loadable by ``iree-run-module`` as is
     <cache_dir>/<key>.vmfb.record   {"key", "sha256", "size", "flags", "compiler", ...}
 
-``key`` hashes the model's sha256, the target flags, the compiler version and the host CPU (for
+``key`` hashes the model's sha256 (for a vmfb whose weights are IREE parameters, the sha256 of
+its graph without them: see :mod:`hal_iree._parameters`), the target flags, the compiler version and the host CPU (for
 ``--iree-llvmcpu-target-cpu=host``). The pair is a :class:`hal.cache.Artifact`: the vmfb is moved
 into place first, then its record, and a vmfb is loaded only when its record names this key and
 its bytes still hash to the recorded sha256. A truncated, overwritten or foreign vmfb is removed

@@ -20,6 +20,16 @@ in ``CompileOptions.extra`` (``compiled.to(device, **extra)``):
     ``details["gpu_target"]``): IREE 3.13 has no sm_90, so an H100/H200 gets sm_89's PTX, which
     the driver compiles for it.
 
+``iree_parameters`` (``"external"``, the default; ``"none"``; or an int, a size in bytes)
+    Which weights the vmfb leaves to the runtime as IREE parameters. ``"external"``: every
+    initializer the model stores as external data (of at least 100 elements; smaller ones, such
+    as shapes, stay constants the compiler sees); they are given to the runtime at load from the
+    HAL's read-only mapping of the checked files, without a copy where a tensor is 64-byte
+    aligned in its file, so models past protobuf's 2 GiB compile and run and the vmfb holds the
+    graph alone. ``"none"``: every weight inside the vmfb (one protobuf, up to 2 GiB, a copy).
+    An int: inline initializers of at least that many bytes become parameters too (their bytes
+    are copied out of the protobuf once per load).
+
 ``reduced_precision=True`` lets contractions (MatMul, Gemm, Conv) take bf16 inputs
 (``--iree-global-opt-demote-contraction-inputs-type=bf16``); by default the model runs in the
 types it declares.

@@ -115,6 +115,23 @@ class TestExternalWeights:
         assert len(_vmfbs(cache)) == 1
         assert not np.allclose(answers[0], answers[1])
 
+    def test_names_that_sanitize_alike_stay_apart(self, tmp_path: Path, cache: Path) -> None:
+        """IREE's importer names a parameter after its initializer with ':' replaced: 'w:0' and
+        'w_0' would read one tensor for both."""
+        rng = np.random.default_rng(6)
+        a, b = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+        inits = [numpy_helper.from_array(a, "w:0"), numpy_helper.from_array(b, "w_0")]
+        model = make_model(
+            [helper.make_node("MatMul", ["x", "w:0"], ["h"]), helper.make_node("MatMul", ["h", "w_0"], ["y"])],
+            [("x", TensorProto.FLOAT, [2, 64])], [("y", TensorProto.FLOAT, [2, 64])], initializers=inits,
+        )
+        external_data_helper.convert_model_to_external_data(model, location="w.bin", size_threshold=0)
+        external_data_helper.write_external_data_tensors(model, str(tmp_path))
+        (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+        exe = to_strict(hal.compile(tmp_path / "m.onnx"), "iree:local-task")
+        x = rng.standard_normal((2, 64)).astype(np.float32)
+        np.testing.assert_allclose(exe.run({"x": x})["y"], x @ a @ b, rtol=1e-4, atol=1e-4)
+
     def test_misaligned_tensors_are_right_and_logged(
         self, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
     ) -> None:
