@@ -13,6 +13,7 @@ caches lowered models on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -68,6 +69,23 @@ def _versions() -> dict[str, str]:
     from hal import __version__
 
     return {"onnx-hal": __version__, "onnx": onnx.__version__}
+
+
+@functools.lru_cache(maxsize=1)
+def _lowering_code() -> str:
+    """A digest of the lowering passes' source (hal/compiler, hal/fp8.py, hal/model.py's analysis):
+    part of every cached lowering's key, so a changed pass never reuses an old lowering, in a
+    development checkout as much as after a release."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "compiler").glob("*.py"), root / "fp8.py", root / "model.py"]):
+        try:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        except OSError:  # an installation without sources (zipped): the version alone keys it
+            digest.update(path.name.encode())
+    return digest.hexdigest()[:16]
 
 
 def _strip_manifest(proto: onnx.ModelProto) -> dict[str, Any] | None:
@@ -327,7 +345,7 @@ class CompiledModel:
             msg = f"{device.id} is quarantined after failed health probes"
             raise UnavailableDeviceError(msg)
         _version_of(backend)  # a plugin whose version fails cannot key its caches: refuse it now
-        proto, steps, digest, key = self._lowered(device)
+        proto, steps, digest, key = self._lowered(device, options.reduced_precision)
         check = None
         if verify:
             lossy = (proto, digest) if any(step.kind is StepKind.REQUANTIZE for step in steps) else None
@@ -375,30 +393,34 @@ class CompiledModel:
         :class:`LoweringError` when it cannot."""
         return self._lowering(device).steps
 
-    def _lowering(self, device: Device) -> _Lowering:
+    def _lowering(self, device: Device, reduced_precision: bool = False) -> _Lowering:
         """The one lowering of this model for ``device``'s capabilities: computed once per
         process (shared by assess, rank, fallback and prepare), kept in the compile cache between
         processes. Lowering depends on the model and the capabilities alone, not on the backend.
-        Raises :class:`LoweringError` when the device cannot run the model (cached too)."""
+        Raises :class:`LoweringError` when the device cannot run the model (cached too).
+        ``reduced_precision``: the caller allows lowering that changes values for speed (FP8
+        requantized to the device's native scale format); ranking asks without it."""
         caps = device.capabilities
         with self._lock:
-            found = self._lowerings.get(caps)
+            found = self._lowerings.get((caps, reduced_precision))
         if found is None:
-            found = self._lowering_from_cache(caps)
+            found = self._lowering_from_cache(caps, reduced_precision)
             with self._lock:
-                self._lowerings[caps] = found
+                self._lowerings[(caps, reduced_precision)] = found
         if isinstance(found, LoweringError):
             raise LoweringError(str(found), getattr(found, "operators", ()))
         return found
 
-    def _lowering_from_cache(self, caps: Capabilities) -> _Lowering | LoweringError:
+    def _lowering_from_cache(self, caps: Capabilities, reduced_precision: bool = False) -> _Lowering | LoweringError:
         from hal.compiler import lower_for
 
         key = cache_key(
-            layout=5,  # JSON (steps, digest, or the refusal); a changed model's bytes in their own entry
+            layout=6,  # JSON (steps, digest, or the refusal); a changed model's bytes in their own entry
             model=self.digest,
             capabilities=caps.to_dict(),
             hal=_versions(),
+            code=_lowering_code(),
+            **({"reduced_precision": True} if reduced_precision else {}),
         )
         cache = CompileCache()
         payload = cache.get(key)
@@ -409,11 +431,14 @@ class CompiledModel:
                     return LoweringError(str(meta["error"]), tuple(meta.get("operators", ())))
                 steps = tuple(LoweringStep(**s) for s in meta["steps"])
                 # Ranking reads this entry only; the lowered model's bytes are read by prepare.
-                return _Lowering(steps, str(meta["digest"]), key, changed=not meta["unchanged"], caps=caps)
+                return _Lowering(
+                    steps, str(meta["digest"]), key, changed=not meta["unchanged"], caps=caps,
+                    reduced_precision=reduced_precision,
+                )
             except Exception:  # noqa: BLE001 - an entry from an incompatible version: rebuild it
                 log.warning("compile cache entry %s unusable; rebuilding", key[:12])
         try:
-            proto, steps = lower_for(self.model.proto, caps)
+            proto, steps = lower_for(self.model.proto, caps, reduced_precision=reduced_precision)
         except LoweringError as exc:
             cache.put(key, json.dumps({"error": str(exc), "operators": list(getattr(exc, "operators", ()))}).encode())
             return exc
@@ -427,19 +452,19 @@ class CompiledModel:
             cache.put(_model_key(key), data)
         changed = proto is not self.model.proto
         cache.put(key, json.dumps({"steps": [s.to_dict() for s in steps], "unchanged": not changed, "digest": digest}).encode())
-        lowered = _Lowering(tuple(steps), digest, key, changed=changed, caps=caps)
+        lowered = _Lowering(tuple(steps), digest, key, changed=changed, caps=caps, reduced_precision=reduced_precision)
         if changed:
             lowered.parsed = proto  # already in memory: no need to parse the bytes back
         return lowered
 
-    def _lowered(self, device: Device) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
+    def _lowered(self, device: Device, reduced_precision: bool = False) -> tuple[onnx.ModelProto, list[LoweringStep], str, str]:
         """The lowered model for ``device``, its steps, its digest and its cache key. A lowering
         that changed nothing answers with this model itself, so a warm ``to()`` neither reads nor
         parses a copy of the model; a changed one is read from its own cache entry here, for the
         device chosen, never for the devices ranking only looked at."""
         import onnx
 
-        lowering = self._lowering(device)
+        lowering = self._lowering(device, reduced_precision)
         if not lowering.changed:
             return self.model.proto, list(lowering.steps), self.digest, lowering.key
         if lowering.parsed is None:
@@ -447,7 +472,7 @@ class CompiledModel:
             if data is None:  # evicted or damaged (removed with a WARNING): lower again
                 from hal.compiler import lower_for
 
-                proto, _ = lower_for(self.model.proto, lowering.caps)
+                proto, _ = lower_for(self.model.proto, lowering.caps, reduced_precision=lowering.reduced_precision)
                 CompileCache().put(_model_key(lowering.key), proto.SerializeToString(deterministic=True))
                 lowering.parsed = proto
             else:
@@ -471,6 +496,7 @@ class _Lowering:
     changed: bool
     caps: Any = None  # the capabilities it was lowered for (to lower again if its bytes are lost)
     parsed: Any = None
+    reduced_precision: bool = False
 
 
 #: Bump when what a cached verdict means changes (tolerances, seeded inputs, comparison).

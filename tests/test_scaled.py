@@ -115,17 +115,19 @@ class TestScales:
         lowered, steps = lower_for(model, HOPPER)
         assert lowered is model and not steps
 
-    def test_float_scales_requantized_for_an_mx_only_device(self, x):
+    def test_float_scales_requantized_for_an_mx_only_device_only_when_allowed(self, x):
         model = quantized()
-        lowered, steps = lower_for(model, MX_ONLY)
+        kept, steps = lower_for(model, MX_ONLY)  # the default exact precision: dequantized as written
+        assert kept is model and not steps
+        lowered, steps = lower_for(model, MX_ONLY, reduced_precision=True)
         (step,) = [s for s in steps if s.kind is StepKind.REQUANTIZE]
         assert "lossy" in step.detail and "SQNR" in step.detail
         # opset 21: the UE8M0 values travel as float32 powers of two (a FLOAT8E8M0 scale needs opset 24)
         scales = [numpy_helper.to_array(t) for t in lowered.graph.initializer if t.name.endswith("__ue8m0")
                   and t.data_type == TensorProto.FLOAT]
         assert scales and all(np.array_equal(np.exp2(np.round(np.log2(s))), s) for s in scales)
-        e8m0, _ = lower_for(quantized(scale="ue8m0", keep_e8m0=True), MX_ONLY)  # opset 24, kept
-        assert e8m0 is not None
+        e8m0 = quantized(scale="ue8m0", keep_e8m0=True)  # opset 24: already what the device takes
+        assert lower_for(e8m0, MX_ONLY, reduced_precision=True)[0] is e8m0
         # the requantized model is close to the original, not equal
         got, want = outputs(lowered, x), outputs(model, x)
         err = np.abs(got - want).max() / np.abs(want).max()
@@ -213,7 +215,10 @@ class TestThroughTo:
         reg = fresh_registry()
         reg.add_plugin(Plugin(), name="mx")
         try:
-            exe = hal.compile(quantized()).to("mx:0", strict=True)
+            compiled = hal.compile(quantized())
+            exact = compiled.to("mx:0", strict=True)
+            assert not [s for s in exact.lowering if s.kind is StepKind.REQUANTIZE]
+            exe = compiled.to("mx:0", strict=True, reduced_precision=True)
             assert exe.verification is not None and exe.verification.passed
             kinds = [s.kind for s in exe.lowering]
             assert StepKind.REQUANTIZE in kinds and StepKind.VERIFIED in kinds

@@ -30,19 +30,20 @@ __all__ = [
 
 
 def lower_for(
-    proto: onnx.ModelProto, capabilities: Capabilities
+    proto: onnx.ModelProto, capabilities: Capabilities, *, reduced_precision: bool = False
 ) -> tuple[onnx.ModelProto, list[LoweringStep]]:
     """Fit ``proto`` to a device: refuse graph inputs and outputs it cannot pass (:func:`check_io`),
     operator domains it does not declare (:func:`check_domains`) and symbolic input dimensions it
     cannot compile (:func:`check_shapes`); :func:`convert_opset` into ``capabilities.opsets``, then
     :func:`legalize_scaled` (FP8 weights) and :func:`legalize_formats`; then refuse operators it declares unsupported
     (:func:`check_operators`) and a result larger than its memory (:func:`check_memory`). Raises
-    :class:`~hal.errors.LoweringError` when any cannot."""
+    :class:`~hal.errors.LoweringError` when any cannot. ``reduced_precision`` allows changing
+    values for the device's native path (FP8 requantized to its scale format); never otherwise."""
     check_io(proto, capabilities)
     check_domains(proto, capabilities.opsets)
     check_shapes(proto, capabilities)
     proto, steps = convert_opset(proto, capabilities.opsets)
-    proto, scaled = legalize_scaled(proto, capabilities)
+    proto, scaled = legalize_scaled(proto, capabilities, reduced_precision=reduced_precision)
     proto, more = legalize_formats(proto, capabilities)
     check_operators(proto, capabilities)
     check_memory(proto, capabilities)

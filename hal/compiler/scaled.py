@@ -18,9 +18,11 @@ FP8 format and ``scale`` in float32, float16, bfloat16 or UE8M0 (``float8_e8m0``
 2. **Scale format.** UE8M0 scales on a device that does not declare the element with UE8M0
    scaling (:attr:`Capabilities.scaled`) become float32, exactly (onnxruntime's CPU
    ``DequantizeLinear`` has no kernel for them). Float scales on a device that declares the
-   element with UE8M0 scaling only are **requantized** (lossy, rounding scales up so no value
-   overflows): the step records each tensor's SQNR and the device is verified against the
-   requantized model, the loss being the lowering's, not the device's.
+   element with UE8M0 scaling only are kept (the device dequantizes them as written) unless the
+   caller allows reduced precision (``to(..., reduced_precision=True)``): then they are
+   **requantized** for its native path (lossy, rounding scales up so no value overflows), the
+   step records each tensor's SQNR and the device is verified against the requantized model, the
+   loss being the lowering's, not the device's.
 3. **E8M0 encoding.** A device reading UE8M0 bytes as Huawei CANN does (0x00 is zero) gets the
    bytes re-encoded; 2^-127 (0x00 in OCP/ONNX) cannot be held there, and such scales become
    float32 where the device takes them, else the lowering is refused.
@@ -106,9 +108,10 @@ class _Weights:
 
 
 class _Fitter:
-    def __init__(self, model: onnx.ModelProto, capabilities: Capabilities) -> None:
+    def __init__(self, model: onnx.ModelProto, capabilities: Capabilities, reduced_precision: bool = False) -> None:
         self.model = model
         self.caps = capabilities
+        self.reduced_precision = reduced_precision
         self.weights = _Weights(model.graph)
         self.counts: Counter[str] = Counter()
         self.sqnr: list[float] = []
@@ -270,7 +273,9 @@ class _Fitter:
             if self.caps.e8m0_encoding is E8M0Encoding.CANN_ZERO:
                 return self._reencode(node, element, declared)
             return None
-        if scale in _FLOAT_SCALES and declared and E8M0 in declared and not (declared & _FLOAT_SCALES):
+        if (
+            self.reduced_precision and scale in _FLOAT_SCALES and E8M0 in declared and not (declared & _FLOAT_SCALES)
+        ):
             return self._requantize(node, element, scale)
         return None
 
@@ -370,14 +375,17 @@ def _all_nodes(graph: onnx.GraphProto) -> Any:
     return all_nodes(graph)
 
 
-def legalize_scaled(proto: onnx.ModelProto, capabilities: Capabilities) -> tuple[onnx.ModelProto, list[LoweringStep]]:
-    """Fit ``proto``'s FP8 weights to the device (see the module's docstring). Returns ``proto``
-    itself and no steps when nothing changes; never modifies ``proto``."""
+def legalize_scaled(
+    proto: onnx.ModelProto, capabilities: Capabilities, *, reduced_precision: bool = False
+) -> tuple[onnx.ModelProto, list[LoweringStep]]:
+    """Fit ``proto``'s FP8 weights to the device (see the module's docstring); requantize only
+    with ``reduced_precision``. Returns ``proto`` itself and no steps when nothing changes; never
+    modifies ``proto``."""
     if not any(_fmt(t.data_type) in FP8_FORMATS for t in proto.graph.initializer):
         return proto, []
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    fitter = _Fitter(model, capabilities)
+    fitter = _Fitter(model, capabilities, reduced_precision)
     if not fitter.fit():
         return proto, []
     return model, fitter.steps()

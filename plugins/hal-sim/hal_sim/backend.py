@@ -35,7 +35,7 @@ from hal_sim import settings
 from hal_sim.faults import DeviceState, SimRunner
 from hal_sim.settings import FaultSpec
 
-__all__ = ["DEFAULT_PROFILE", "NOT_SIMULATED", "SCALES_NOT_SIMULATED", "SimBackend", "SimHandle", "capabilities_for"]
+__all__ = ["DEFAULT_PROFILE", "NOT_SIMULATED", "SimBackend", "SimHandle", "capabilities_for"]
 
 log = logging.getLogger("hal_sim")
 
@@ -50,12 +50,6 @@ NOT_SIMULATED: dict[NumberFormat, str] = {
     NumberFormat.FLOAT6_E3M2: "onnx and onnxruntime have no float6 element type",
     NumberFormat.COMPLEX64: "onnxruntime's CPU has no complex kernels",
     NumberFormat.COMPLEX128: "onnxruntime's CPU has no complex kernels",
-}
-
-#: Scale formats of block-scaled DequantizeLinear the simulator cannot run: onnxruntime 1.32's
-#: CPU has no kernel for a float8_e8m0 scale (chips.md), and emulate() leaves the node as it is.
-SCALES_NOT_SIMULATED: dict[NumberFormat, str] = {
-    NumberFormat.FLOAT8_E8M0: "onnxruntime's CPU has no DequantizeLinear with float8_e8m0 scales",
 }
 
 #: What a device computes with, for people (``hal devices``).
@@ -92,8 +86,6 @@ def capabilities_for(profile: profiles.Profile, peers: Sequence[str] = ()) -> tu
     scaled = []
     for entry in profile.scaled:
         left_out = [NOT_SIMULATED[f] for f in (entry.element, entry.scale) if f in NOT_SIMULATED]
-        if entry.scale in SCALES_NOT_SIMULATED:
-            left_out.append(SCALES_NOT_SIMULATED[entry.scale])
         if left_out:
             notes.append(
                 f"scaled {entry.element.value} x {entry.scale.value} {list(entry.block)}: not declared ({left_out[0]})"

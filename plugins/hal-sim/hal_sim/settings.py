@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from attrs import evolve, frozen
 
-from hal.plugin import HalError
+from hal.plugin import SettingError
 
 __all__ = [
     "DEVICES_VARIABLE",
@@ -54,7 +54,7 @@ _DEVICE_SYNTAX = "write PROFILE[:COUNT],... such as HAL_SIM_DEVICES=h100,ascend-
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)*$")
 
 
-class SimSettingError(HalError, ValueError):
+class SimSettingError(SettingError):
     """A hal-sim environment variable has a value it cannot use; the message names the variable,
     the bad part, the syntax and an example."""
 
