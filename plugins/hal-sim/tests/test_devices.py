@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import hal
@@ -130,3 +132,24 @@ class TestFaultSettings:
         devices = _sim(sim(HAL_SIM_DEVICES="h100:2", HAL_SIM_FAULTS="h100:error=0.1;sim:h100:1:error=0.3,nan=0.1"))
         assert dict(devices["sim:h100:0"].details)["faults"] == "error=0.1"
         assert dict(devices["sim:h100:1"].details)["faults"] == "error=0.3,nan=0.1"
+
+
+class TestFleetExample:
+    def test_examples_fleet_places_one_model_on_an_h100_a_910c_and_the_cpu(self):
+        """examples/fleet.py, as a reader runs it: every device answers as the CPU does, the 910C's
+        lowering dequantized the FP8 weights and the H100's changed nothing."""
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        script = Path(__file__).resolve().parents[3] / "examples" / "fleet.py"
+        env = {k: v for k, v in os.environ.items() if k not in ("HAL_SIM_DEVICES", "HAL_SIM_FAULTS", "HAL_SIM_PACE")}
+        env["HAL_LOAD_PLUGINS"] = "sim"
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env, check=False)
+        assert result.returncode == 0, result.stderr
+        sections = {block.split(": ", 1)[0]: block for block in result.stdout.strip().split("\n\n")}
+        assert set(sections) == {"sim:h100:0", "sim:ascend-910c:0", "ort:cpu"}
+        assert all("answers   agree" in block for block in sections.values())
+        assert "nothing: the model runs as written" in sections["sim:h100:0"]
+        assert "dequantized at compile time" in sections["sim:ascend-910c:0"]
+        assert "x sim:h100:0 (estimated" in sections["sim:ascend-910c:0"]
