@@ -20,6 +20,18 @@ falls on both alike):
 
 Reported: the median over repeats of each p50, their ratio, and the median of the per-repeat
 ratios. Feeds are the same seeded arrays for both (``hal.testing.models.random_feeds``, seed 0).
+
+The two executables are different sessions, and on a shared 2-core machine the noise between
+repeats can exceed 5%. ``--loop-only`` isolates what the bench's timing adds: on one executable,
+the bench's own timing loop (``hal.bench._time_runs``: warm-up, chunks, one ``perf_counter`` and
+append per run, a progress callback between chunks) against the plain loop, alternating, with
+``--repeats`` pairs; no placement, so many repeats are cheap.
+
+``--per-call`` measures the loop's own cost without the models' noise: on the one-Add model
+(float32[4], about 10 µs a run), ``--repeats`` alternating rounds of 20000 runs, mean µs per run of
+a bare ``for _ in range(n): exe.run(feeds)`` timed as a whole against the bench's timing loop
+(``Latency.elapsed / runs``); best and median round. The difference is what the bench adds to
+every run, to set against each device's p50 above.
 """
 
 from __future__ import annotations
@@ -69,7 +81,14 @@ def bench_p50(compiled: Any, device: str, runs: int) -> float:
     return row.latency.p50
 
 
-def measure(device: str, name: str, repeats: int, runs: int) -> dict[str, Any]:
+def loop_p50(exe: Any, feeds: dict[str, Any], runs: int) -> float:
+    from hal.bench import _time_runs
+
+    calls = []
+    return _time_runs(exe, feeds, runs, None, lambda done, total: calls.append(done)).p50
+
+
+def measure(device: str, name: str, repeats: int, runs: int, loop_only: bool = False) -> dict[str, Any]:
     import hal
     from hal.testing import models
 
@@ -83,6 +102,8 @@ def measure(device: str, name: str, repeats: int, runs: int) -> dict[str, Any]:
         for which in order:
             if which == "plain":
                 plain.append(plain_p50(exe, feeds, runs))
+            elif loop_only:
+                benched.append(loop_p50(exe, feeds, runs))
             else:
                 benched.append(bench_p50(compiled, device, runs))
         print(f"  {device} {name} repeat {i + 1}/{repeats}: plain {plain[-1] * 1e3:.3f} ms, bench {benched[-1] * 1e3:.3f} ms"
@@ -91,6 +112,7 @@ def measure(device: str, name: str, repeats: int, runs: int) -> dict[str, Any]:
     return {
         "device": device,
         "model": name,
+        "what": "bench timing loop on the same executable" if loop_only else "hal.bench.bench end to end",
         "runs": runs,
         "repeats": repeats,
         "plain_p50_ms": [p * 1e3 for p in plain],
@@ -102,14 +124,58 @@ def measure(device: str, name: str, repeats: int, runs: int) -> dict[str, Any]:
     }
 
 
+def per_call(device: str, repeats: int, runs: int = 20000) -> dict[str, Any]:
+    import hal
+    from hal.bench import _time_runs
+    from hal.testing import models
+
+    model = models.add()
+    feeds = models.random_feeds(model, seed=0)
+    exe = hal.compile(model).to(device, strict=True)
+    bare, loop = [], []
+    run = exe.run
+    for i in range(repeats):
+        for which in (("bare", "loop") if i % 2 == 0 else ("loop", "bare")):
+            if which == "bare":
+                for _ in range(1000):
+                    run(feeds)
+                start = time.perf_counter()
+                for _ in range(runs):
+                    run(feeds)
+                bare.append((time.perf_counter() - start) / runs)
+            else:
+                latency = _time_runs(exe, feeds, runs, None, lambda done, total: None)
+                loop.append(latency.elapsed / latency.runs)
+    result = {
+        "device": device, "model": "add", "runs": runs, "repeats": repeats,
+        "bare_us": [b * 1e6 for b in bare], "loop_us": [b * 1e6 for b in loop],
+        "bare_best_us": min(bare) * 1e6, "loop_best_us": min(loop) * 1e6,
+        "bare_median_us": statistics.median(bare) * 1e6, "loop_median_us": statistics.median(loop) * 1e6,
+    }
+    print("| device | bare loop µs/run best / median | bench loop µs/run best / median | added µs best / median |")
+    print("|---|---:|---:|---:|")
+    print(f"| {device} | {result['bare_best_us']:.2f} / {result['bare_median_us']:.2f} | {result['loop_best_us']:.2f} / "
+          f"{result['loop_median_us']:.2f} | {result['loop_best_us'] - result['bare_best_us']:+.2f} / "
+          f"{result['loop_median_us'] - result['bare_median_us']:+.2f} |")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", nargs="+", help="device ids (default: those of DEVICES that are available)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     parser.add_argument("--runs-scale", type=float, default=1.0, help="multiply each model's timed runs")
+    parser.add_argument("--loop-only", action="store_true", help="the bench's timing loop on the plain loop's executable")
+    parser.add_argument("--per-call", action="store_true", help="µs the bench's loop adds per run, on the one-Add model")
     parser.add_argument("--json", help="write the results and the machine to this file")
     args = parser.parse_args(argv)
+    if args.per_call:
+        results = [per_call(d, args.repeats) for d in (args.devices or ["ort:cpu"])]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine_info(), "load_average_end": load_average(), "results": results}, f, indent=2)
+        return 0
 
     import hal
 
@@ -119,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for device in devices:
         for name in args.models:
-            results.append(measure(device, name, args.repeats, max(1, round(RUNS[name] * args.runs_scale))))
+            runs = max(1, round(RUNS[name] * args.runs_scale))
+            results.append(measure(device, name, args.repeats, runs, args.loop_only))
     print("| device | model | runs | plain p50 ms | bench p50 ms | bench/plain (medians) | median of ratios |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:

@@ -463,3 +463,37 @@ def run_on_a_full_disk(tmp_path: Path, device: str, plugins: str) -> dict:
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return {**json.loads(proc.stdout.splitlines()[-1]), "log": proc.stderr}
+
+
+class TestCacheRootAt:
+    """hal._paths.cache_root_at: every cache under one directory for a block (hal bench's cold
+    placement), in every thread, without touching os.environ, then back."""
+
+    def test_overrides_hal_cache_dir_nests_and_restores(self, tmp_path, monkeypatch):
+        import threading
+
+        from hal._paths import cache_root, cache_root_at
+
+        monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "env"))
+        with cache_root_at(tmp_path / "a") as root:
+            assert root == cache_root() == tmp_path / "a"
+            assert os.environ["HAL_CACHE_DIR"] == str(tmp_path / "env")
+            assert CompileCache().root == tmp_path / "a" / "compiled"
+            assert backend_cache_dir("x") == str(tmp_path / "a" / "backends" / "x")
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(cache_root()))
+            thread.start()
+            thread.join()
+            assert seen == [tmp_path / "a"]
+            with cache_root_at(tmp_path / "b"):
+                assert cache_root() == tmp_path / "b"
+            assert cache_root() == tmp_path / "a"
+        assert cache_root() == tmp_path / "env"
+
+    def test_restores_after_an_error(self, tmp_path, monkeypatch):
+        from hal._paths import cache_root, cache_root_at
+
+        monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "env"))
+        with pytest.raises(RuntimeError), cache_root_at(tmp_path / "a"):
+            raise RuntimeError("boom")
+        assert cache_root() == tmp_path / "env"
