@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import hal
 from hal import _plugins
 from hal.testing.build import make_model
 
@@ -45,6 +46,63 @@ def fresh_registry(monkeypatch):
     _plugins.reset_registry()
     yield _plugins.registry
     _plugins.reset_registry()
+
+
+class EvaluatorBackend(hal.Backend):
+    """A device whose capabilities a test chooses, running models with ONNX's reference evaluator
+    (a real runtime, not a mock). ``prepared`` counts its placements, ``runs`` its runs."""
+
+    version = "1"
+
+    def __init__(self, name: str, capabilities: hal.Capabilities, kind: str) -> None:
+        self.name = name
+        self.capabilities = capabilities
+        self.kind = kind
+        self.prepared = 0
+        self.runs = 0
+
+    def discover(self):
+        return [hal.Device(id=f"{self.name}:0", backend=self.name, vendor="test", name=self.name, kind=self.kind,
+                           capabilities=self.capabilities)]
+
+    def prepare(self, model, device, options):
+        from onnx.reference import ReferenceEvaluator
+
+        self.prepared += 1
+        session = ReferenceEvaluator(model.proto)
+        backend = self
+
+        class Runner:
+            def run(self, feeds, names):
+                backend.runs += 1
+                return session.run(list(names), feeds)
+
+        return Runner()
+
+
+@pytest.fixture
+def evaluator_device(fresh_registry):
+    """``evaluator_device(name, capabilities, kind="gpu")`` registers an :class:`EvaluatorBackend`
+    with one device ``NAME:0`` in this process (an accelerator by default, so it ranks before
+    ort:cpu) and returns it; taken out after the test."""
+    reg = fresh_registry()
+    added = []
+
+    def add(name: str, capabilities: hal.Capabilities, kind: str = "gpu") -> EvaluatorBackend:
+        backend = EvaluatorBackend(name, capabilities, kind)
+
+        class Plugin:
+            @hal.hookimpl
+            def hal_register_backends(self, register):
+                register(backend)
+
+        reg.add_plugin(Plugin(), name=name)
+        added.append(name)
+        return backend
+
+    yield add
+    for name in added:
+        reg.remove_plugin(name)
 
 
 @pytest.fixture

@@ -122,41 +122,13 @@ class TestEstimate:
         assert any("no launch overhead" in a for a in only_peak.assumptions)
 
 
-class RooflineGpu(hal.Backend):
-    """A device that declares its figures and runs models with ONNX's reference evaluator."""
-
-    name = "roofline"
-    version = "1"
-
-    def discover(self):
-        c = Capabilities.from_levels(native=["float32", "int64"], peak_tflops={"float32": 10.0},
-                                     memory=Memory(bandwidth_gbps=100.0), launch_overhead_us=5.0)
-        return [hal.Device(id="roofline:0", backend="roofline", vendor="test", name="roofline", kind="gpu", capabilities=c)]
-
-    def prepare(self, model, device, options):
-        from onnx.reference import ReferenceEvaluator
-
-        session = ReferenceEvaluator(model.proto)
-
-        class Runner:
-            def run(self, feeds, names):
-                return session.run(list(names), feeds)
-
-        return Runner()
+ROOFLINE = Capabilities.from_levels(native=["float32", "int64"], peak_tflops={"float32": 10.0},
+                                   memory=Memory(bandwidth_gbps=100.0), launch_overhead_us=5.0)
 
 
 @pytest.fixture
-def roofline(fresh_registry):
-    reg = fresh_registry()
-
-    class Plugin:
-        @hal.hookimpl
-        def hal_register_backends(self, register):
-            register(RooflineGpu())
-
-    reg.add_plugin(Plugin(), name="roofline")
-    yield
-    reg.remove_plugin("roofline")
+def roofline(evaluator_device):
+    return evaluator_device("roofline", ROOFLINE)
 
 
 class TestExecutableEstimate:

@@ -81,45 +81,9 @@ class TestMemory:
         lower_for(weights(256), attrs.evolve(BASE, memory=Memory()))
 
 
-class Limited(hal.Backend):
-    """An accelerator (ranked before ort:cpu) whose capabilities the test chooses."""
-
-    name = "limited"
-    version = "1"
-
-    def __init__(self, caps):
-        self.caps = caps
-
-    def discover(self):
-        return [hal.Device(id="limited:0", backend="limited", vendor="test", name="limited", kind="gpu", capabilities=self.caps)]
-
-    def prepare(self, model, device, options):
-        from onnx.reference import ReferenceEvaluator
-
-        session = ReferenceEvaluator(model.proto)
-
-        class Runner:
-            def run(self, feeds, names):
-                return session.run(list(names), feeds)
-
-        return Runner()
-
-
 @pytest.fixture
-def limited(fresh_registry):
-    reg = fresh_registry()
-
-    def add(caps):
-        class Plugin:
-            @hal.hookimpl
-            def hal_register_backends(self, register):
-                register(Limited(caps))
-
-        reg.add_plugin(Plugin(), name="limited")
-
-    yield add
-    if "limited" in {p.name for p in hal.plugins()}:
-        reg.remove_plugin("limited")
+def limited(evaluator_device):
+    return lambda caps: evaluator_device("limited", caps)
 
 
 class TestThroughTo:

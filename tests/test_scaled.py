@@ -187,40 +187,14 @@ class TestFnuz:
 
 
 class TestThroughTo:
-    def test_requantized_device_verified_against_the_requantized_model(self, fresh_registry, x):
+    def test_requantized_device_verified_against_the_requantized_model(self, evaluator_device, x):
         """An MX-only accelerator (ONNX's reference evaluator) is verified, not refused, although its
         lowering changed the weights: the loss is the lowering's and is in its step."""
-        from onnx.reference import ReferenceEvaluator
-
-        class MxBackend(hal.Backend):
-            name, version = "mx", "1"
-
-            def discover(self):
-                return [hal.Device(id="mx:0", backend="mx", vendor="t", name="mx", kind="gpu", capabilities=MX_ONLY)]
-
-            def prepare(self, model, device, options):
-                session = ReferenceEvaluator(model.proto)
-
-                class Runner:
-                    def run(self, feeds, names):
-                        return session.run(list(names), feeds)
-
-                return Runner()
-
-        class Plugin:
-            @hal.hookimpl
-            def hal_register_backends(self, register):
-                register(MxBackend())
-
-        reg = fresh_registry()
-        reg.add_plugin(Plugin(), name="mx")
-        try:
-            compiled = hal.compile(quantized())
-            exact = compiled.to("mx:0", strict=True)
-            assert not [s for s in exact.lowering if s.kind is StepKind.REQUANTIZE]
-            exe = compiled.to("mx:0", strict=True, reduced_precision=True)
-            assert exe.verification is not None and exe.verification.passed
-            kinds = [s.kind for s in exe.lowering]
-            assert StepKind.REQUANTIZE in kinds and StepKind.VERIFIED in kinds
-        finally:
-            reg.remove_plugin("mx")
+        evaluator_device("mx", MX_ONLY)
+        compiled = hal.compile(quantized())
+        exact = compiled.to("mx:0", strict=True)
+        assert not [s for s in exact.lowering if s.kind is StepKind.REQUANTIZE]
+        exe = compiled.to("mx:0", strict=True, reduced_precision=True)
+        assert exe.verification is not None and exe.verification.passed
+        kinds = [s.kind for s in exe.lowering]
+        assert StepKind.REQUANTIZE in kinds and StepKind.VERIFIED in kinds
