@@ -186,6 +186,45 @@ class TestFnuz:
         assert not fp8_initializers(lowered)
 
 
+class TestUndeclaredDequantize:
+    """A device that emulates FP8 and declares no scaled format (IREE's llvm-cpu: its importer
+    has no per-axis or blocked DequantizeLinear) gets the dequantization as Cast and Mul."""
+
+    EMULATES = Capabilities.from_levels(native=FLOATS, emulated=["float8_e4m3fn", "float8_e5m2"])
+
+    @pytest.mark.parametrize(("block", "scale", "keep"), [((1, 32), "float32", False), ("channel", "float32", False),
+                                                          ((1, 32), "ue8m0", True), ((1, 32), "ue8m0", False)])
+    def test_per_axis_and_block_scales_become_cast_and_mul_exactly(self, x, block, scale, keep):
+        model = quantized(scale=scale, keep_e8m0=keep, block=block)
+        lowered, steps = lower_for(model, self.EMULATES)
+        assert not [n for n in lowered.graph.node if n.op_type == "DequantizeLinear"]
+        assert {NumberFormat.from_onnx(t.data_type) for t in fp8_initializers(lowered)} == {NumberFormat("float8_e4m3fn")}
+        (step,) = [s for s in steps if s.kind is StepKind.LEGALIZE_SCALED]
+        assert "Cast and Mul" in step.detail and ("UE8M0" in step.detail) == keep
+        np.testing.assert_array_equal(outputs(lowered, x), outputs(model, x))
+
+    def test_a_block_that_does_not_divide_the_axis_is_dequantized_at_compile_time(self, x):
+        model = quantized(block=(1, 48))  # 64 = 48 + a partial block of 16
+        lowered, steps = lower_for(model, self.EMULATES)
+        assert not fp8_initializers(lowered)
+        assert any("dequantized at compile time" in s.detail for s in steps)
+        np.testing.assert_array_equal(outputs(lowered, x), outputs(model, x))
+
+    def test_kept_where_declared_native_or_scaled_or_per_tensor(self):
+        model = quantized()
+        declared = attrs.evolve(self.EMULATES, scaled=[ScaledFormat("float8_e4m3fn", "float32", (1, 32))])
+        assert lower_for(model, declared)[0] is model
+        native = Capabilities.from_levels(native=[*FLOATS, "float8_e4m3fn"])
+        assert lower_for(model, native)[0] is model
+        w = helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [2, 2], np.full(4, 0x38, np.uint8).tobytes(), raw=True)
+        per_tensor = make_model(
+            [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"]), helper.make_node("MatMul", ["x", "wf"], ["y"])],
+            [("x", TensorProto.FLOAT, [1, 2])], [("y", TensorProto.FLOAT, [1, 2])],
+            initializers=[w, numpy_helper.from_array(np.array(0.5, np.float32), "s")], opset=21, ir_version=10,
+        )
+        assert lower_for(per_tensor, self.EMULATES)[0] is per_tensor
+
+
 class TestThroughTo:
     def test_requantized_device_verified_against_the_requantized_model(self, evaluator_device, x):
         """An MX-only accelerator (ONNX's reference evaluator) is verified, not refused, although its

@@ -22,7 +22,10 @@ FP8 format and ``scale`` in float32, float16, bfloat16 or UE8M0 (``float8_e8m0``
    caller allows reduced precision (``to(..., reduced_precision=True)``): then they are
    **requantized** for its native path (lossy, rounding scales up so no value overflows), the
    step records each tensor's SQNR and the device is verified against the requantized model, the
-   loss being the lowering's, not the device's.
+   loss being the lowering's, not the device's. A device that only holds or emulates the element
+   and declares no scaled format for it at all (IREE's llvm-cpu: its ONNX importer has no
+   per-axis or blocked ``DequantizeLinear``) gets a per-axis or per-block dequantization spelled
+   as ``Cast`` and ``Mul`` (exact; the weight stays FP8).
 3. **E8M0 encoding.** A device reading UE8M0 bytes as Huawei CANN does (0x00 is zero) gets the
    bytes re-encoded; 2^-127 (0x00 in OCP/ONNX) cannot be held there, and such scales become
    float32 where the device takes them, else the lowering is refused.
@@ -173,6 +176,8 @@ class _Fitter:
             return self._dequantize(node, element)
         if scale is None:
             return None
+        if self._undeclared_dequantize(node, element):
+            return self._expand(node, element, scale)
         return self._fit_scale(node, element, scale)
 
     def _output_format(self, node: onnx.NodeProto, scale: NumberFormat | None) -> NumberFormat:
@@ -265,6 +270,67 @@ class _Fitter:
         new.output.append(wide)
         return [new, helper.make_node("Cast", [wide], [node.output[0]], to=out_fmt.onnx_type)]
 
+    def _undeclared_dequantize(self, node: onnx.NodeProto, element: NumberFormat) -> bool:
+        """Whether ``node`` scales per axis or per block an element the device only holds or
+        emulates and declares no scaled format for (IREE's importer has no such
+        DequantizeLinear; a plain Cast of FP8 and a per-tensor scale it runs)."""
+        if self.caps.support(element) is Support.NATIVE or self.scales(element):
+            return False
+        return int(np.prod(self.weights.by_name[node.input[1]].dims, dtype=np.int64)) > 1
+
+    def _expand(self, node: onnx.NodeProto, element: NumberFormat, scale: NumberFormat) -> list[onnx.NodeProto]:
+        """``DequantizeLinear`` spelled as what it computes: ``Cast(x) * scale``, the scale
+        broadcast per axis or per block (a Reshape into blocks around the Mul). Exact: FP8
+        values are exact in every float type, and the product is the one DequantizeLinear rounds
+        (FP8 zero points are zero). FP8 stays FP8 in the model. A blocked axis that does not
+        divide by the block is dequantized at compile time instead."""
+        why = f"it declares no scaled format for {element.value}"
+        shape = [int(d) for d in self.weights.by_name[node.input[0]].dims]
+        rank = len(shape)
+        axis = _attr(node, "axis", 1) or 0
+        axis = axis + rank if axis < 0 else axis
+        block = _attr(node, "block_size", 0) or 0
+        if not 0 <= axis < rank or (block and shape[axis] % block):
+            return self._dequantize(node, element)
+        out_fmt = self._output_format(node, scale)
+        compute = NumberFormat("float32") if scale is E8M0 else scale
+        values = self._scale_values(node, scale, why).astype(compute.dtype)
+        name = node.name or node.output[0]
+        cast = self._fresh(f"{node.output[0]}__{compute.value}")
+        nodes = [helper.make_node("Cast", [node.input[0]], [cast], name=f"{name}__cast", to=compute.onnx_type)]
+        if block:
+            blocks = [*shape[:axis], shape[axis] // block, block, *shape[axis + 1:]]
+            s = self.weights.add(f"{node.input[1]}__blocks", values.reshape([*blocks[: axis + 1], 1, *blocks[axis + 2:]]), compute)
+            into = self.weights.add(f"{node.input[0]}__block_shape", np.array(blocks, np.int64), NumberFormat("int64"))
+            back = self.weights.add(f"{node.input[0]}__shape", np.array(shape, np.int64), NumberFormat("int64"))
+            grouped, scaled = self._fresh(f"{cast}__blocks"), self._fresh(f"{cast}__scaled")
+            nodes += [
+                helper.make_node("Reshape", [cast, into], [grouped], name=f"{name}__into_blocks"),
+                helper.make_node("Mul", [grouped, s], [scaled], name=f"{name}__scale"),
+            ]
+            last = helper.make_node("Reshape", [scaled, back], [node.output[0]], name=f"{name}__from_blocks")
+        else:
+            broadcast = [1] * rank
+            broadcast[axis] = shape[axis]
+            s = self.weights.add(f"{node.input[1]}__axis{axis}", values.reshape(broadcast), compute)
+            last = helper.make_node("Mul", [cast, s], [node.output[0]], name=f"{name}__scale")
+        if out_fmt is not compute:
+            wide = self._fresh(f"{node.output[0]}__{compute.value}_scaled")
+            last.output[0] = wide
+            nodes += [last, helper.make_node("Cast", [wide], [node.output[0]], name=f"{name}__out", to=out_fmt.onnx_type)]
+        else:
+            nodes.append(last)
+        self.counts[f"expand:{element.value}:{scale.value}"] += 1
+        return nodes
+
+    def _fresh(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.weights.taken:
+            n += 1
+            name = f"{base}__{n}"
+        self.weights.taken.add(name)
+        return name
+
     def _fit_scale(self, node: onnx.NodeProto, element: NumberFormat, scale: NumberFormat) -> list[onnx.NodeProto] | None:
         declared = self.scales(element)
         if scale is E8M0:
@@ -353,6 +419,12 @@ class _Fitter:
                 steps.append(LoweringStep(StepKind.LEGALIZE_SCALED, (
                     f"{n}: UE8M0 scales converted to float32 (exact): the device declares no {element} "
                     "with UE8M0 scaling, or cannot hold the scales in its encoding"
+                )))
+            elif action == "expand":
+                scales = "UE8M0 scales as their float32 values, " if rest[0] == E8M0.value else ""
+                steps.append(LoweringStep(StepKind.LEGALIZE_SCALED, (
+                    f"{n}: DequantizeLinear with per-axis or block scales spelled as Cast and Mul ({scales}exact; "
+                    f"FP8 kept): the device declares no scaled format for {element}"
                 )))
             elif action == "reencode":
                 steps.append(LoweringStep(StepKind.LEGALIZE_SCALED, (
