@@ -36,6 +36,7 @@ from hal import hookspecs
 from hal.backend import Backend, Device
 from hal.capabilities import Capabilities
 from hal.errors import PluginError, SettingError, UnavailableDeviceError, UnknownDeviceError
+from hal.health import with_health
 
 __all__ = ["DEFAULT_PLUGINS", "Hooks", "PluginInfo", "Policy", "Registry", "registry"]
 
@@ -386,6 +387,11 @@ class Registry:
         if not callable(rank):
             msg = f"policy {name!r}: rank must be callable rank(model, devices), got {type(rank).__name__}"
             raise PluginError(msg)
+        from hal.ranking import BUILTIN_POLICIES
+
+        if name in BUILTIN_POLICIES:
+            msg = f"policy name {name!r} is built in ({', '.join(BUILTIN_POLICIES)}); choose another name"
+            raise PluginError(msg)
         if name in self._policies:
             msg = f"policy name {name!r} is already registered by plugin {self._policies[name].plugin}"
             raise PluginError(msg)
@@ -453,6 +459,12 @@ class Registry:
             raise UnavailableDeviceError(msg)
         return device
 
+    def reapply_health(self) -> None:
+        """Give the devices already discovered their latest health records (after ``hal doctor``
+        recorded some), without discovering again."""
+        with self._lock:
+            self._found = {n: (tuple(with_health(ds)), p) for n, (ds, p) in self._found.items()}
+
     def _discover(self, names: Sequence[str]) -> None:
         if not names:
             return
@@ -499,7 +511,8 @@ class Registry:
             problem = DiscoveryProblem(name, plugin, "; ".join(errors)) if errors else None
             if problem is not None:
                 log.warning("backend %s (plugin %s): %s", name, plugin, problem.error)
-            self._found[name] = (tuple(devices.values()), problem)
+            # Measured health (hal doctor's last record) is the host's, never the plugin's say-so.
+            self._found[name] = (tuple(with_health(devices.values())), problem)
 
 
 def _accept(

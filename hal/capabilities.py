@@ -345,13 +345,20 @@ class Interconnect:
 
 @frozen
 class Health:
-    """Measured health; filled in by probes and by the runtime, never by the plugin's say-so."""
+    """Measured health; filled in by probes and by the runtime, never by the plugin's say-so.
+
+    ``hal doctor`` (:mod:`hal.doctor`) measures it and keeps it between processes
+    (:mod:`hal.health`); ``hal.devices()`` lists each device with its last record. ``checked_at``:
+    when (seconds since the epoch); ``reason``: why the device is quarantined, or the last
+    result in one line."""
 
     probes: int = 0
     failures: int = 0
     deterministic: bool | None = None
     latency_jitter: float | None = None  # p90/p50 of probe latencies
     quarantined: bool = False
+    checked_at: float | None = None
+    reason: str | None = None
 
     @property
     def error_rate(self) -> float | None:
@@ -360,11 +367,16 @@ class Health:
 
 @frozen
 class Stability:
-    """Declared maturity, declared reasons the device may not suit a model, and measured health."""
+    """Declared maturity, declared reasons the device may not suit a model, and measured health.
+
+    ``deterministic``: declared. False when the device may answer the same input with different
+    bits (atomics in reductions); ``hal doctor`` then does not hold variation against it. True or
+    None (not declared): a device whose answers vary is quarantined."""
 
     maturity: Maturity = field(default=Maturity.STABLE, converter=Maturity)
     incompatibilities: tuple[str, ...] = field(default=(), converter=_strs)
     health: Health = field(factory=Health)
+    deterministic: bool | None = None
 
 
 @frozen

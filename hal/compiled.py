@@ -42,6 +42,7 @@ from hal.errors import (
     VerificationError,
 )
 from hal.executable import Executable
+from hal.health import quarantine_message, without_health
 from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
 from hal.model import Model, load
 from hal.ranking import Verdict, assess, rank
@@ -231,6 +232,8 @@ class CompiledModel:
         verify: bool | str = True,
         example: Mapping[str, Any] | None = None,
         policy: str | None = None,
+        precision: str = "exact",
+        rtol: float | None = None,
         **extra: Any,
     ) -> Executable:
         """Lower the model for ``device`` and prepare it there.
@@ -260,15 +263,28 @@ class CompiledModel:
         skips verification. ``example``: real inputs to verify with (by input name), instead of
         seeded ones; dynamic dimensions then take the example's sizes.
 
-        ``policy``: with ``"auto"``, the name of a ranking policy a plugin registered
-        (``hal plugins`` lists them) instead of the default order.
+        ``policy``: with ``"auto"``, ``"fastest"`` (measured on this model and remembered),
+        ``"stable"`` (measured health first), ``"native-fp8"`` (FP8 kept as written first), or a
+        policy a plugin registered (``hal plugins`` lists them) instead of the default order;
+        see :mod:`hal.selection` and :func:`rank`.
+
+        ``precision="relaxed"``: use a device's reduced-precision variant only where its outputs
+        match the reference within ``rtol`` (default: the per-type reduced-precision tolerance),
+        else its exact variant (:mod:`hal.selection`).
         """
+        from hal import selection
+
         if verify not in (True, False, "each-shape"):
             msg = f"verify={verify!r} is not one of True, False, 'each-shape'"
             raise InputError(msg)
+        selection.check_precision(precision, rtol)
         reg = registry()
         options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
         candidates = self._candidates(device, policy)
+        prepared: dict[str, Executable] = {}
+        notes: dict[str, LoweringStep] = {}
+        if policy == "fastest" and isinstance(device, str) and device == "auto":
+            candidates, prepared, notes = selection.fastest(self, candidates, options, verify, example, precision, rtol)
         explicit = not (isinstance(device, str) and device == "auto")
         failures: list[tuple[Device, HalError]] = []
         tried: set[str] = set()
@@ -278,7 +294,9 @@ class CompiledModel:
                 continue
             tried.add(target.id)
             try:
-                exe = self._prepare(reg.backend(target.backend), target, options, verify, example)
+                exe = prepared.pop(target.id, None)
+                if exe is None:
+                    exe = selection.prepare(self, reg.backend(target.backend), target, options, verify, example, precision, rtol)
             except (CompileError, UnavailableDeviceError) as exc:
                 failures.append((target, exc))
                 if candidates:  # the caller's own list (or auto's ranking) goes on
@@ -300,6 +318,8 @@ class CompiledModel:
                     log.warning("fallback: %s skipped too: %s", other.id, other_reason)
                     skipped.append(LoweringStep(StepKind.FALLBACK, f"{other.id} skipped: {other_reason}"))
                 exe.lowering = (*skipped, *exe.lowering)
+            if target.id in notes:
+                exe.lowering = (*exe.lowering, notes[target.id])
             return exe
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
@@ -342,7 +362,7 @@ class CompiledModel:
         example: Mapping[str, Any] | None = None,
     ) -> Executable:
         if device.capabilities.stability.health.quarantined:
-            msg = f"{device.id} is quarantined after failed health probes"
+            msg = quarantine_message(device)
             raise UnavailableDeviceError(msg)
         _version_of(backend)  # a plugin whose version fails cannot key its caches: refuse it now
         proto, steps, digest, key = self._lowered(device, options.reduced_precision)
@@ -400,7 +420,7 @@ class CompiledModel:
         Raises :class:`LoweringError` when the device cannot run the model (cached too).
         ``reduced_precision``: the caller allows lowering that changes values for speed (FP8
         requantized to the device's native scale format); ranking asks without it."""
-        caps = device.capabilities
+        caps = without_health(device.capabilities)  # health changes nothing lowering does
         with self._lock:
             found = self._lowerings.get((caps, reduced_precision))
         if found is None:

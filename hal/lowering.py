@@ -45,6 +45,8 @@ class StepKind(str, enum.Enum):
     FALLBACK = "fallback"
     VERIFIED = "verified"
     UNVERIFIED = "unverified"
+    #: why ``to("auto", policy=...)`` chose the device (its measured figure against the others)
+    SELECTED = "selected"
 
     def __str__(self) -> str:
         return self.value

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from attrs import frozen
 
 from hal.errors import HalError, InputError, LoweringError, PluginError
-from hal.lowering import LoweringStep
+from hal.lowering import LoweringStep, StepKind
 
 if TYPE_CHECKING:
     from hal.backend import Device
     from hal.model import Model
 
-__all__ = ["Verdict", "assess", "rank"]
+__all__ = ["BUILTIN_POLICIES", "Verdict", "assess", "fp8_as_written", "health_key", "rank"]
 
 #: ``lower(device)`` -> the steps lowering takes for it; raises LoweringError when it cannot.
 Lower = Callable[["Device"], Sequence[LoweringStep]]
@@ -51,7 +51,9 @@ def assess(model: Model, device: Device, lower: Lower | None = None) -> Verdict:
     if not device.available:
         return Verdict(device.id, "cannot", reason=f"unavailable: {device.reason}")
     if device.capabilities.stability.health.quarantined:
-        return Verdict(device.id, "cannot", reason="quarantined after failed health probes")
+        from hal.health import quarantine_message
+
+        return Verdict(device.id, "cannot", reason=quarantine_message(device))
     try:
         steps = tuple((lower or _lower_uncached(model))(device))
     except LoweringError as exc:
@@ -77,8 +79,10 @@ def rank(
     simulated chips; declared maturity; then the embedded ``ort:cpu`` first among equals, as the
     reference implementation. Devices that cannot run the model are left out.
 
-    ``policy`` names a ranking policy a plugin registered (``hal_register_policies``): it is
-    given the default order and returns the devices to try, in its order.
+    ``policy``: a built-in one (:data:`BUILTIN_POLICIES`) or one a plugin registered
+    (``hal_register_policies``), which is given the default order and returns the devices to
+    try, in its order. ``fastest`` measures (:mod:`hal.selection`, in ``to()``); here it leaves
+    the default order.
     """
     lower = lower or _lower_uncached(model)
     verdicts = [(d, assess(model, d, lower)) for d in devices]
@@ -96,13 +100,64 @@ def rank(
     return ordered if policy is None else _apply_policy(policy, model, ordered)
 
 
+def fp8_as_written(verdict: Verdict) -> bool:
+    """Whether lowering keeps the model's FP8 as written for the device: no FP8 weights
+    dequantized, converted or requantized (``legalize-scaled``, ``requantize``) and no FP8
+    operator computed in a wider format (``legalize-format``)."""
+    for step in verdict.steps:
+        if step.kind in (StepKind.LEGALIZE_SCALED, StepKind.REQUANTIZE):
+            return False
+        if step.kind in (StepKind.LEGALIZE_FORMAT, StepKind.LEGALIZE_FORMAT_SKIPPED) and "float8_" in step.detail:
+            return False
+    return True
+
+
+def _native_fp8(ordered: list[tuple[Device, Verdict]]) -> list[tuple[Device, Verdict]]:
+    return sorted(ordered, key=lambda dv: not fp8_as_written(dv[1]))  # stable: default order within
+
+
+def health_key(device: Device) -> tuple[int, float, bool, float]:
+    """The ``stable`` policy's order: devices a doctor run found with no failure, then devices
+    never checked, then those with failures by error rate; then answers that did not vary, then
+    lower latency jitter (p90/p50)."""
+    health = device.capabilities.stability.health
+    if not health.probes:
+        group = 1
+    else:
+        group = 0 if not health.failures else 2
+    return (
+        group,
+        health.error_rate or 0.0,
+        health.deterministic is False,
+        health.latency_jitter if health.latency_jitter is not None else float("inf"),
+    )
+
+
+def _stable(ordered: list[tuple[Device, Verdict]]) -> list[tuple[Device, Verdict]]:
+    return sorted(ordered, key=lambda dv: health_key(dv[0]))  # stable: default order within
+
+
+#: Built-in policies and what each does; a plugin cannot register these names.
+BUILTIN_POLICIES = {
+    "fastest": "measured on the model on each candidate within HAL_SELECT_BUDGET_S, remembered (hal.selection)",
+    "stable": "measured health first (hal doctor: failures, error rate, determinism, jitter), then the default order",
+    "native-fp8": "devices that keep the model's FP8 as written first, then the default order",
+}
+
+
 def _apply_policy(name: str, model: Model, ordered: list[tuple[Device, Verdict]]) -> list[tuple[Device, Verdict]]:
     from hal._plugins import registry
 
+    if name == "fastest":
+        return ordered
+    if name == "stable":
+        return _stable(ordered)
+    if name == "native-fp8":
+        return _native_fp8(ordered)
     policies = registry().policies()
     policy = policies.get(name)
     if policy is None:
-        msg = f"unknown ranking policy {name!r}; registered: {', '.join(sorted(policies)) or 'none'}"
+        msg = f"unknown ranking policy {name!r}; built in: {', '.join(BUILTIN_POLICIES)}; registered by plugins: {', '.join(sorted(policies)) or 'none'}"
         raise InputError(msg)
     by_id = {d.id: (d, v) for d, v in ordered}
     try:

@@ -23,12 +23,12 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.capabilities", "hal.cache"),
     ("hal.tensors", "hal.model", "hal.weights", "hal.fp8"),
     ("hal.lowering",),
-    ("hal.backend", "hal.hookspecs", "hal.verification"),
+    ("hal.backend", "hal.hookspecs", "hal.verification", "hal.health"),
     ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable", "hal.estimate"),
     ("hal._plugins", "hal.ranking"),
-    ("hal.compiled",),
+    ("hal.compiled", "hal.selection"),
     ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench",
-     "hal.quantize", "hal.quantize.*"),
+     "hal.quantize", "hal.quantize.*", "hal.doctor"),
     ("hal.cli", "hal.__main__"),
 )
 
