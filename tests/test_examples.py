@@ -43,3 +43,18 @@ def test_example_plugin_registers_a_device_that_runs(fresh_registry, linear_mode
 def test_example_plugin_declares_its_entry_point():
     text = (ROOT / "examples" / "plugin" / "setup.cfg").read_text()
     assert "[options.entry_points]" in text and "example = hal_example" in text
+
+
+def test_fp8_example_runs_with_the_core_alone():
+    """examples/fp8.py with no plugin loaded: ort:cpu alone, within the reported error, and how to
+    get the other devices."""
+    import os
+
+    env = {**os.environ, "HAL_LOAD_PLUGINS": ""}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "fp8.py")], capture_output=True, text=True,
+                            timeout=600, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    sections = result.stdout.strip().split("\n\n")
+    assert "end to end on ort:cpu" in sections[0]  # the accuracy report
+    assert sections[1].startswith("ort:cpu: ") and "within it" in sections[1]
+    assert sections[2].startswith("not here: ") and "pip install -e plugins/hal-sim" in sections[2]
