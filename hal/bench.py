@@ -633,12 +633,12 @@ def plot(report: BenchReport, path: str | os.PathLike[str]) -> None:
 def check_plot(path: str | os.PathLike[str]) -> None:
     """Raise now, before a long bench, what :func:`plot` would raise for lack of matplotlib or of
     a directory to write ``path`` in."""
-    _figure_class()
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if os.path.isdir(os.fspath(path)) or not os.path.isdir(parent):
         what = "is a directory" if os.path.isdir(os.fspath(path)) else f"has no directory {parent}"
         msg = f"cannot write the chart to {os.fspath(path)}: it {what}; name a file such as bench.png in an existing directory"
         raise OutputPathError(msg)
+    _figure_class()
 
 
 def _figure_class() -> Any:
