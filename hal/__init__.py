@@ -38,6 +38,7 @@ __all__ = [
     "OpsetRange",
     "Placement",
     "PluginInfo",
+    "Pool",
     "Requirements",
     "ScaledFormat",
     "Stability",
@@ -87,6 +88,7 @@ _LAZY = {
     "TensorInfo": "hal.model",
     "load": "hal.model",
     "PluginInfo": "hal._plugins",
+    "Pool": "hal.pool",
     "VerificationReport": "hal.verification",
 }
 
@@ -114,6 +116,7 @@ if TYPE_CHECKING:
     from hal.executable import Executable
     from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
     from hal.model import Model, Requirements, TensorInfo, load
+    from hal.pool import Pool
     from hal.verification import VerificationReport
 
 

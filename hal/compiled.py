@@ -41,6 +41,7 @@ from hal.errors import (
     UnavailableDeviceError,
     VerificationError,
 )
+from hal import isolation
 from hal.executable import Executable
 from hal.health import quarantine_message, without_health
 from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
@@ -50,6 +51,8 @@ from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, 
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from hal.pool import Pool
 
     import onnx
 
@@ -234,12 +237,21 @@ class CompiledModel:
         policy: str | None = None,
         precision: str = "exact",
         rtol: float | None = None,
+        deadline_s: float | None = None,
+        isolate: bool | Sequence[str] = False,
+        breaker: Any = None,
         **extra: Any,
-    ) -> Executable:
+    ) -> Executable | Pool:
         """Lower the model for ``device`` and prepare it there.
 
         ``device``: an id such as ``"ort:cpu"``, a :class:`Device`, ``"auto"`` (the best
-        available device, see :func:`rank`), or a list of ids tried in order.
+        available device, see :func:`rank`), or a list of ids: a :class:`~hal.Pool` with failover
+        over every listed device that takes the model (:mod:`hal.pool`; ``deadline_s`` bounds a
+        request, ``breaker`` is a :class:`hal.pool.BreakerSettings`).
+
+        ``isolate=True`` runs the device in a worker process that a crash or a hang past
+        ``deadline_s`` kills and restarts (:mod:`hal.isolation`); in a pool, ``True`` or the ids
+        of the devices to isolate.
 
         ``fallback``: when the chosen device's backend cannot compile the model, ``"auto"``
         tries the next best available device, a device id tries that one, ``None`` raises.
@@ -277,6 +289,15 @@ class CompiledModel:
         if verify not in (True, False, "each-shape"):
             msg = f"verify={verify!r} is not one of True, False, 'each-shape'"
             raise InputError(msg)
+        if isinstance(device, (list, tuple)) or deadline_s is not None or isolate or breaker is not None:
+            from hal import pool
+
+            if isinstance(device, (list, tuple)):
+                _check_target(device)
+                return pool.pool_for(self, device, fallback=fallback, strict=strict, policy=policy, deadline_s=deadline_s,
+                                     isolate=isolate, breaker=breaker, reduced_precision=reduced_precision,
+                                     verify=verify, example=example, precision=precision, rtol=rtol, **extra)
+            extra = pool.isolation_options(device, deadline_s, isolate, breaker, extra)
         selection.check_precision(precision, rtol)
         reg = registry()
         options = CompileOptions(reduced_precision=reduced_precision, extra=extra)
@@ -382,7 +403,7 @@ class CompiledModel:
         # outputs, so the model's own records describe the lowered proto too.
         lowered = LoweredModel(proto, self.model.inputs, self.model.outputs, digest, steps, self.model.weights)
         try:
-            runner = backend.prepare(lowered, device, options)
+            runner = isolation.prepare(backend, lowered, device, options)
         except HalError:
             raise
         except Exception as exc:  # a plugin's bug must still reach the caller as a HalError

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CompileError",
     "DeviceError",
+    "FailoverError",
     "HalError",
     "InputError",
     "LoweringError",
@@ -93,3 +94,11 @@ class VerificationError(CompileError):
 
 class RunError(HalError, RuntimeError):
     """The backend failed while running a model on checked inputs; the message has its reason."""
+
+
+class FailoverError(RunError):
+    """A :class:`hal.Pool` could not answer a request: every device failed it, was skipped by its
+    open circuit breaker, or the caller's deadline passed. ``failures`` holds ``(device id,
+    reason)`` for each device, in the pool's order; the message names them all."""
+
+    failures: tuple[tuple[str, str], ...] = ()

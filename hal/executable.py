@@ -160,6 +160,17 @@ class Executable:
         :class:`~hal.errors.RunError` when the backend fails or returns something other than the
         declared outputs (count, element types, ranks, static dimensions).
         """
+        feeds, names, specs = self.check(feeds, output_names)
+        return self.run_checked(feeds, names, specs)
+
+    def check(
+        self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None
+    ) -> tuple[Mapping[str, Any], Sequence[str], Sequence[_Spec]]:
+        """The checks :meth:`run` makes before the runtime sees anything: ``(feeds, output names,
+        output specs)`` to hand to :meth:`run_checked`, feeds converted where :meth:`run` would
+        convert them. A :class:`hal.Pool` checks a request once here and runs it on any of its
+        devices (they share the model's inputs and outputs). Raises
+        :class:`~hal.errors.InputError`."""
         if type(feeds) is not dict and not isinstance(feeds, Mapping):
             self._raise_not_a_mapping(feeds)
         if len(feeds) != len(self._specs):
@@ -212,6 +223,11 @@ class Executable:
                 specs = [self._output_specs[n] for n in names]
             except (KeyError, TypeError):
                 self._raise_output_names(output_names)
+        return feeds, names, specs
+
+    def run_checked(self, feeds: Mapping[str, Any], names: Sequence[str], specs: Sequence[_Spec]) -> dict[str, Any]:
+        """Run feeds :meth:`check` accepted (on this executable or another of the same model) and
+        check what the runtime returns. Raises :class:`~hal.errors.RunError`."""
         try:
             results = self._run(feeds, names)  # type: ignore[arg-type]
         except VerificationError:

@@ -25,7 +25,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal.lowering",),
     ("hal.backend", "hal.hookspecs", "hal.verification", "hal.health"),
     ("hal.compiler", "hal.compiler.*", "hal.backends", "hal.backends.onnxruntime", "hal.executable", "hal.estimate"),
-    ("hal._plugins", "hal.ranking"),
+    ("hal._plugins", "hal.ranking", "hal.isolation", "hal.pool"),
     ("hal.compiled", "hal.selection"),
     ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench",
      "hal.quantize", "hal.quantize.*", "hal.doctor"),
