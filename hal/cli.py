@@ -75,6 +75,16 @@ def _key_capabilities(device: Any) -> str:
     return "; ".join(parts)
 
 
+def _health_cell(device: Any) -> str:
+    """``hal devices``' HEALTH: the last doctor result in a few words."""
+    health = device.capabilities.stability.health
+    if not health.probes:
+        return "not checked"
+    rate = f"{health.failures}/{health.probes} failed"
+    jitter = "" if health.latency_jitter is None else f", jitter {health.latency_jitter:.2f}"
+    return f"{'QUARANTINED' if health.quarantined else 'healthy'} ({rate}{jitter})"
+
+
 # -- commands ----------------------------------------------------------------------------------
 
 
@@ -94,12 +104,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
             d.kind.value,
             d.backend,
             "available" if d.available else f"unavailable: {d.reason}",
+            _health_cell(d),
             _key_capabilities(d),
         ]
         for d in devices
     ]
     if rows:
-        _print_table(rows, ["ID", "VENDOR", "KIND", "BACKEND", "STATUS", "CAPABILITIES"])
+        _print_table(rows, ["ID", "VENDOR", "KIND", "BACKEND", "STATUS", "HEALTH", "CAPABILITIES"])
+        for d in devices:
+            if d.capabilities.stability.health.quarantined:
+                from hal.health import quarantine_message
+
+                print(f"quarantined: {quarantine_message(d)}")
     else:
         print("no devices (see `hal plugins`)")
     for p in problems:
@@ -206,8 +222,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import hal
 
     compiled = hal.compile(args.model)
+    if args.policy is not None and args.device != "auto":
+        msg = f"--policy ranks devices for --device auto, not {args.device}"
+        raise HalError(msg)
+    if args.rtol is not None and args.precision != "relaxed":
+        msg = "--rtol is the tolerance of --precision relaxed; pass both"
+        raise HalError(msg)
+    if args.device == "auto":
+        return _explain_auto(compiled, args)
     fallback = None if args.no_fallback else "auto"
-    exe = compiled.to(args.device, fallback=fallback, reduced_precision=args.reduced_precision)
+    exe = compiled.to(args.device, fallback=fallback, reduced_precision=args.reduced_precision,
+                      precision=args.precision, rtol=args.rtol)
     if args.json:
         print(json.dumps({
             "requested": args.device,
@@ -232,6 +257,85 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for step in compiled.steps:
             print(f"  {step.kind}: {step.detail}")
     return 0
+
+
+def _explain_auto(compiled: Any, args: argparse.Namespace) -> int:
+    from hal.selection import explain_auto
+
+    exe, error, candidates = explain_auto(
+        compiled, args.policy, reduced_precision=args.reduced_precision, precision=args.precision, rtol=args.rtol,
+    )
+    if args.json:
+        print(json.dumps({
+            "requested": "auto",
+            "policy": args.policy or "default",
+            "device": None if exe is None else exe.device.id,
+            "error": None if error is None else str(error),
+            "candidates": [c.to_dict() for c in candidates],
+            "placement": [] if exe is None else [p.to_dict() for p in exe.placement],
+            "lowering": [] if exe is None else [s.to_dict() for s in exe.lowering],
+        }, indent=2))
+        return 0 if exe is not None else EXIT_ERROR
+    print(f"model      {compiled.model.name} ({compiled.digest[:16]})")
+    print(f"requested  auto, policy {args.policy or 'default'}")
+    print(f"runs on    {exe.device.id} ({exe.device.vendor} {exe.device.name})" if exe is not None else f"runs on    nothing: {error}")
+    rows = []
+    for c in candidates:
+        steps = "; ".join(s.kind.value for s in c.verdict.steps) or "-"
+        rows.append([
+            "-" if c.place is None else str(c.place),
+            c.device,
+            c.verdict.status,
+            f"{_ms(c.p50_s)} ms" if c.p50_s is not None else "-",
+            f"{_ms(c.estimate_s)} ms (est.)" if c.estimate_s is not None else "-",
+            steps,
+            c.why,
+        ])
+    print("candidates")
+    _print_table(rows, ["#", "DEVICE", "VERDICT", "MEASURED P50", "ESTIMATE", "LOWERING", "WHY"])
+    if exe is not None:
+        print("lowering" + ("" if exe.lowering else "   none: the device runs the model as compiled"))
+        for step in exe.lowering:
+            print(f"  {step.kind}: {step.detail}")
+    return 0 if exe is not None else EXIT_ERROR
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hal.doctor import doctor
+
+    if args.burn_in < 1:
+        msg = f"--burn-in must be at least 1, got {args.burn_in}"
+        raise HalError(msg)
+    live = sys.stderr.isatty() and not args.json
+
+    def progress(device: str, canary: str, done: int, total: int) -> None:
+        print(f"\r{device}: {done}/{total} canaries ({canary})".ljust(60), end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+    reports = doctor(args.device, burn_in=args.burn_in, timeout=args.timeout, progress=progress if live else None)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        rows = []
+        for r in reports:
+            h = r.health
+            rows.append([
+                r.device,
+                r.status.upper() if r.status == "quarantined" else r.status,
+                str(h.probes),
+                str(h.failures),
+                "-" if h.error_rate is None else f"{h.error_rate:.1%}",
+                {True: "yes", False: "no", None: "-"}[h.deterministic],
+                "-" if h.latency_jitter is None else f"{h.latency_jitter:.2f}",
+                ", ".join(f"{c.model}:{c.agreement}" for c in r.canaries if c.status == "ran") or "-",
+            ])
+        _print_table(rows, ["DEVICE", "STATUS", "RUNS", "FAILED", "ERROR RATE", "SAME BITS", "JITTER P90/P50", "AGREEMENT"])
+        for r in reports:
+            for reason in r.reasons:
+                print(f"{r.device}: {reason}")
+        if any(r.status == "quarantined" for r in reports):
+            print("quarantined devices are refused by to() until `hal doctor --device D` passes")
+    return EXIT_ERROR if any(r.status == "quarantined" for r in reports) else 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -581,11 +685,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="show where a model's nodes run on a device and what was changed")
     p.add_argument("model")
-    p.add_argument("--device", default="auto", help="device id or auto (default)")
+    p.add_argument("--device", default="auto", help="device id or auto (default): auto shows every candidate and why")
+    p.add_argument("--policy", help="with auto: fastest, stable, native-fp8, or a plugin's (default: the default order)")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of moving the model to another device")
     p.add_argument("--reduced-precision", action="store_true", help="allow narrower compute types than declared")
+    p.add_argument("--precision", default="exact", choices=["exact", "relaxed"],
+                   help="relaxed: reduced-precision variants where their outputs are within --rtol of the reference")
+    p.add_argument("--rtol", type=float, help="the tolerance of --precision relaxed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("doctor", help="run canary models on each device: errors, hangs, NaNs, agreement, determinism, jitter; quarantine")
+    p.add_argument("--device", action="append", metavar="D", help="device id; repeat (default: every available device)")
+    p.add_argument("--burn-in", type=int, default=10, metavar="N", help="runs of each canary per device (default 10)")
+    p.add_argument("--timeout", type=float, metavar="S", help="seconds a run may take before it counts as a hang (default HAL_DOCTOR_TIMEOUT_S or 10)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("cache", help="show or clear the compile cache")
     p.add_argument("action", choices=["info", "clear"])

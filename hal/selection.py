@@ -352,3 +352,136 @@ def prepare(
 def admitted_reduced(exe: Executable) -> bool:
     """Whether ``exe`` is a reduced-precision variant admitted by ``precision="relaxed"``."""
     return any(s.kind is StepKind.VERIFIED and s.detail.startswith("reduced precision admitted") for s in exe.lowering)
+
+
+# -- explaining auto -----------------------------------------------------------------------------
+
+
+@frozen
+class Candidate:
+    """One device as ``hal explain --device auto`` shows it: its place (1 = chosen; None when
+    not a candidate), verdict, figures and why it stands where it does."""
+
+    device: str
+    place: int | None
+    verdict: Any  # hal.ranking.Verdict
+    p50_s: float | None = None
+    runs: int = 0
+    estimate_s: float | None = None
+    estimate_note: str | None = None
+    health: Any = None  # hal.capabilities.Health
+    why: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from attrs import asdict
+
+        return {
+            "device": self.device, "place": self.place, "verdict": self.verdict.to_dict(),
+            "measured_p50_s": self.p50_s, "measured_runs": self.runs,
+            "estimate_s": self.estimate_s, "estimate_note": self.estimate_note,
+            "health": None if self.health is None else asdict(self.health), "why": self.why,
+        }
+
+
+_KIND_WORDS = {"gpu": "an accelerator", "npu": "an accelerator", "cpu": "a CPU", "simulated": "simulated"}
+
+
+def _default_why(device: Device, verdict: Any) -> str:
+    changes = [s for s in verdict.steps if not s.kind.keeps_meaning]
+    parts = [
+        f"lowering changes how it computes ({len(changes)} step{'s' if len(changes) != 1 else ''})" if changes
+        else "runs the model as written",
+        _KIND_WORDS.get(device.kind.value, device.kind.value),
+        f"maturity {device.capabilities.stability.maturity.value}",
+    ]
+    if device.id == "ort:cpu":
+        parts.append("the reference runtime, first among equals")
+    return ", ".join(parts)
+
+
+def _health_why(device: Device) -> str:
+    health = device.capabilities.stability.health
+    if not health.probes:
+        return "never checked (run `hal doctor`)"
+    jitter = "" if health.latency_jitter is None else f", jitter p90/p50 {health.latency_jitter:.2f}"
+    bits = {True: ", same bits every run", False: ", bits vary", None: ""}[health.deterministic]
+    return f"{health.failures} of {health.probes} canary runs failed{bits}{jitter}"
+
+
+def explain_auto(
+    compiled: CompiledModel,
+    policy: str | None = None,
+    *,
+    reduced_precision: bool = False,
+    precision: str = "exact",
+    rtol: float | None = None,
+) -> tuple[Executable | None, HalError | None, list[Candidate]]:
+    """Place ``compiled`` with ``to("auto", policy=policy)`` and describe every device: the
+    chosen executable (or the error), and one :class:`Candidate` per device, ranked ones first in
+    their order."""
+    from hal.backend import CompileOptions
+    from hal.errors import DeviceError
+    from hal.estimate import estimate
+    from hal.ranking import BUILTIN_POLICIES, assess, fp8_as_written, rank
+
+    exe: Executable | None = None
+    error: HalError | None = None
+    try:
+        exe = compiled.to("auto", policy=policy, reduced_precision=reduced_precision, precision=precision, rtol=rtol)
+    except HalError as exc:
+        error = exc
+    reg = registry()
+    devices = reg.devices()
+    lower = compiled._steps_for  # noqa: SLF001 - the one lowering per device
+    verdicts = {d.id: assess(compiled.model, d, lower) for d in devices}
+    default = [d for d, _ in rank(compiled.model, devices, None, lower)]
+    ranked = [d for d, _ in rank(compiled.model, devices, None if policy == "fastest" else policy, lower)]
+    selection = None
+    if policy == "fastest" and len(default) > 1:
+        options = CompileOptions(reduced_precision=reduced_precision)
+        selection = remembered(_key(compiled, default, options, precision, rtol, None))
+        if selection is not None:
+            by_id = {d.id: d for d in default}
+            ranked = [by_id[i] for i in selection.order if i in by_id]
+    plugin = reg.policies().get(policy) if policy and policy not in BUILTIN_POLICIES else None
+    feeds = seeded_feeds(compiled.model.inputs)
+    shapes = {k: v.shape for k, v in feeds.items() if hasattr(v, "shape")}
+    out = []
+    place = {d.id: i + 1 for i, d in enumerate(ranked)}
+    for device in sorted(devices, key=lambda d: place.get(d.id, len(devices) + 1)):
+        verdict = verdicts[device.id]
+        est = note = None
+        if verdict.status != "cannot":
+            try:
+                est = estimate(compiled._lowered(device)[0], device.capabilities, shapes).seconds  # noqa: SLF001
+            except DeviceError as exc:
+                note = str(exc).split(";")[0]
+            except HalError as exc:
+                note = f"no estimate: {exc}"
+        measured = selection.measurement(device.id) if selection is not None else None
+        if verdict.status == "cannot":
+            why = f"not a candidate: {verdict.reason}"
+        elif measured is not None and measured.problem is not None:
+            why = f"not a candidate: {measured.problem}"
+        elif policy == "fastest" and measured is not None and selection is not None:
+            best = selection.measurement(selection.order[0])
+            ratio = measured.p50_s / best.p50_s if best and best.p50_s and measured.p50_s else 1.0
+            why = "measured fastest" if place.get(device.id) == 1 else f"measured {ratio:.2f}x the fastest's time"
+        elif policy == "fastest":
+            why = "the only candidate: nothing to measure against" if len(default) == 1 else "not measured"
+        elif policy == "stable":
+            why = f"health: {_health_why(device)}; then {_default_why(device, verdict)}"
+        elif policy == "native-fp8":
+            kept = "keeps the model's FP8 as written" if fp8_as_written(verdict) else "converts the model's FP8"
+            why = f"{kept}; then {_default_why(device, verdict)}"
+        elif plugin is not None:
+            why = (f"placed by policy {policy!r} of plugin {plugin.plugin}" if device.id in place
+                   else f"left out by policy {policy!r} of plugin {plugin.plugin}")
+        else:
+            why = _default_why(device, verdict)
+        out.append(Candidate(
+            device.id, place.get(device.id), verdict,
+            None if measured is None else measured.p50_s, 0 if measured is None else measured.runs,
+            est, note, device.capabilities.stability.health, why,
+        ))
+    return exe, error, out
