@@ -302,7 +302,8 @@ class _Member:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    return first if isinstance(exc, HalError) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def _finite(value: Any) -> bool:
