@@ -359,12 +359,13 @@ class CompiledModel:
         if policy is not None and not (isinstance(device, str) and device == "auto"):
             msg = f"policy={policy!r} ranks devices for to('auto'); a device or a list is tried as given"
             raise InputError(msg)
-        if isinstance(device, Device):
-            return [reg.device(device.id)]
+        if isinstance(device, (str, Device)) and device != "auto":
+            named = reg.device(device.id if isinstance(device, Device) else device)
+            if named.capabilities.stability.health.quarantined:  # asked for by name: no quiet fallback
+                raise UnavailableDeviceError(quarantine_message(named))
+            return [named]
         if isinstance(device, str):
-            if device == "auto":
-                return [d for d, _ in rank(self.model, reg.devices(), policy, self._steps_for)]
-            return [reg.device(device)]
+            return [d for d, _ in rank(self.model, reg.devices(), policy, self._steps_for)]
         return [reg.device(d.id if isinstance(d, Device) else d) for d in device]
 
     def _fallbacks(self, fallback: str | None, tried: set[str]) -> list[Device]:
