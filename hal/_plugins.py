@@ -54,7 +54,8 @@ class PluginInfo:
     """What ``hal plugins`` shows for one plugin.
 
     ``status`` is ``loaded``, ``blocked`` (by ``HAL_DISABLE_PLUGINS``), ``not-allowed`` (left
-    out of ``HAL_LOAD_PLUGINS``) or ``error`` (then ``error`` says why).
+    out of ``HAL_LOAD_PLUGINS``) or ``error`` (then ``error`` says why). ``isolated``: imported
+    and discovered in a child process, its devices run in workers (:mod:`hal.isolation`).
     """
 
     name: str
@@ -66,6 +67,7 @@ class PluginInfo:
     hooks: tuple[str, ...] = ()
     backends: tuple[str, ...] = ()
     policies: tuple[str, ...] = ()
+    isolated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class PluginInfo:
             "hooks": list(self.hooks),
             "backends": list(self.backends),
             "policies": list(self.policies),
+            "isolated": self.isolated,
         }
 
 
@@ -255,6 +258,9 @@ class Registry:
         self._plugins = {}
         allowed = _env_list("HAL_LOAD_PLUGINS")
         blocked = _env_list("HAL_DISABLE_PLUGINS") or set()
+        from hal.isolation import isolated_plugins
+
+        isolated = isolated_plugins()
         for name in blocked:
             self._pm.set_blocked(name)
 
@@ -278,8 +284,27 @@ class Registry:
                 self._update(ep.name, status="blocked")
             elif allowed is not None and not {ep.name, dist} & allowed:
                 self._update(ep.name, status="not-allowed")
+            elif {ep.name, dist} & isolated:
+                self._register_isolated(ep.name, timeout)
             else:
                 self._register_lazily(ep.load, ep.name, timeout)
+
+    def _register_isolated(self, name: str, timeout: float) -> None:
+        """Import and discover plugin ``name`` in a child process (:mod:`hal.isolation`); register
+        stand-ins for its backends. A crash or hang there is this plugin's error alone."""
+        from hal.isolation import discover_isolated
+
+        backends, error = discover_isolated(name, timeout + env_seconds("HAL_DISCOVERY_TIMEOUT", 60.0))
+        self._update(name, isolated=True, hooks=("hal_register_backends",) if backends else ())
+        if error is not None:
+            self._fail(name, error)
+        accepted = []
+        for backend in backends:
+            try:
+                accepted.append(self._accept_backend(name, backend))
+            except PluginError as exc:
+                self._fail(name, str(exc))
+        self._update(name, backends=tuple(accepted))
 
     def _register_lazily(self, load: Callable[[], object], name: str, timeout: float) -> None:
         try:

@@ -55,6 +55,7 @@ log = logging.getLogger("hal.isolation")
 KEY = "hal.isolate"
 VARIABLE = "HAL_ISOLATE_PLUGINS"
 ENTRY_POINT_GROUP = "hal.isolate"
+_CHILD = "HAL_ISOLATED_CHILD"  # set in a child process: the plugin it loads in-process
 
 
 @frozen
@@ -108,6 +109,7 @@ def isolated_plugins() -> set[str]:
         msg = f"{VARIABLE}={raw!r}: {bad} are not plugin names; give a comma list such as 'sim,openvino' (see hal plugins)"
         raise SettingError(msg)
     names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    names.discard(os.environ.get(_CHILD, ""))
     return names
 
 
@@ -150,14 +152,17 @@ def discover_isolated(plugin: str, timeout: float) -> tuple[list[IsolatedBackend
     process.start()
     child.close()
     result = None
+    ended = False  # the child closed its end: it is exiting, or has
     try:
         if parent.poll(timeout):
             result = parent.recv()
     except (EOFError, OSError):
-        result = None
+        ended = True
     finally:
         parent.close()
     if result is None:
+        if ended:
+            process.join(10)
         if process.is_alive():
             process.kill()
             process.join(5)
@@ -179,7 +184,7 @@ def _child_environment(plugin: str) -> None:
     os.environ["HAL_LOAD_PLUGINS"] = plugin
     names = [n.strip() for n in os.environ.get(VARIABLE, "").split(",") if n.strip() and n.strip() != plugin]
     os.environ[VARIABLE] = ",".join(names)
-    os.environ["HAL_ISOLATED_CHILD"] = plugin  # the child imports this plugin in-process
+    os.environ[_CHILD] = plugin  # loaded in-process here, even when it asks for isolation
 
 
 def _discover_child(conn: Any, plugin: str) -> None:
