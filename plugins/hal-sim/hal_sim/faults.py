@@ -2,7 +2,7 @@
 
 Which fault request ``k`` of device ``d`` gets is a pure function of ``(seed, d, k)``
 (:func:`fault_for`): ``numpy.random.default_rng((seed, stable_hash(d), k))`` draws one number, and
-the configured rates cut ``[0, 1)`` into error, hang, nan, slow and none, in that order. Requests
+the configured rates cut ``[0, 1)`` into error, hang, nan, slow, crash and none, in that order. Requests
 are numbered under a lock per device, so the same seed gives the same faults on the same sequence
 of requests in any process and from any number of threads. ``die_after=N`` is not drawn: runs
 ``N + 1`` onwards raise, and the device stays dead (its later ``prepare`` raises
@@ -16,6 +16,8 @@ What each fault does to a run:
 ``nan``    runs, then returns every floating output filled with NaN (formats without a NaN, such as
            float4_e2m1, and non-float outputs are returned as computed).
 ``slow``   runs, then sleeps so the run takes ``slow_factor`` (default 10) times as long.
+``crash``  ends the process at once (``os._exit(70)``), as a segfaulting driver would: meant for a
+           device run isolated (``to(device, isolate=True)``), whose worker process it ends.
 
 Pacing (``HAL_SIM_PACE=1``): a run that finishes before its roofline estimate
 (:func:`hal.plugin.estimate` for the model as lowered for the device, on the feeds' shapes) sleeps
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -41,7 +44,9 @@ __all__ = ["DeviceState", "SimRunner", "fault_for", "stable_hash"]
 
 log = logging.getLogger("hal_sim")
 
-ERROR, HANG, NAN, SLOW, DIE = "error", "hang", "nan", "slow", "die"
+ERROR, HANG, NAN, SLOW, CRASH, DIE = "error", "hang", "nan", "slow", "crash", "die"
+#: The exit status of a process a ``crash`` fault ends.
+CRASH_STATUS = 70
 
 #: Float formats with no NaN encoding: a nan fault leaves them as computed.
 _NO_NAN = frozenset({NumberFormat.FLOAT4_E2M1, NumberFormat.FLOAT6_E2M3, NumberFormat.FLOAT6_E3M2})
@@ -54,14 +59,14 @@ def stable_hash(text: str) -> int:
 
 def fault_for(seed: int, device_id: str, request: int, spec: FaultSpec) -> str | None:
     """The fault request number ``request`` (from 0) of ``device_id`` gets: ``"error"``,
-    ``"hang"``, ``"nan"``, ``"slow"``, ``"die"`` or None. Pure: the same arguments, the same answer."""
+    ``"hang"``, ``"nan"``, ``"slow"``, ``"crash"``, ``"die"`` or None. Pure: the same arguments, the same answer."""
     if spec.die_after is not None and request >= spec.die_after:
         return DIE
-    if not (spec.error or spec.hang or spec.nan or spec.slow):
+    if not (spec.error or spec.hang or spec.nan or spec.slow or spec.crash):
         return None
     u = float(np.random.default_rng((seed, stable_hash(device_id), request)).random())
     edge = 0.0
-    for name in (ERROR, HANG, NAN, SLOW):
+    for name in (ERROR, HANG, NAN, SLOW, CRASH):  # crash last: adding it moved no other fault
         edge += getattr(spec, name)
         if u < edge:
             return name
@@ -142,6 +147,9 @@ class SimRunner:
         request, fault = state.next_fault()
         if fault == DIE:  # every request from die_after on: the device stays dead
             raise RunError(self._died())
+        if fault == CRASH:
+            log.critical("%s: injected fault 'crash' at request %d: the process exits", state.device_id, request)
+            os._exit(CRASH_STATUS)
         if fault == ERROR:
             msg = f"{state.device_id}: injected fault 'error' at request {request} (HAL_SIM_FAULTS, seed {state.seed})"
             raise RunError(msg)

@@ -45,7 +45,7 @@ MAX_COUNT = 64
 
 _FAULT_SYNTAX = (
     "write KEY:FAULT=VALUE,...;KEY:...  where KEY is a profile name (ascend-910c) or a device id "
-    "(sim:h100:1) and FAULT is error, hang, nan or slow (a probability per run, together at most 1), "
+    "(sim:h100:1) and FAULT is error, hang, nan, slow or crash (a probability per run, together at most 1), "
     "die_after (runs before the device dies), hang_s (seconds a hang blocks, default 3600) or "
     "slow_factor (how many times longer a slow run takes, default 10); "
     'e.g. HAL_SIM_FAULTS="ascend-910c:error=0.05,hang=0.01;h100:die_after=300"'
@@ -106,22 +106,23 @@ def parse_devices(raw: str) -> list[DeviceRequest]:
 @frozen
 class FaultSpec:
     """What to inject into one device's runs. Rates are probabilities per run and exclusive: a
-    run gets at most one of error, hang, nan, slow."""
+    run gets at most one of error, hang, nan, slow, crash."""
 
     error: float = 0.0
     hang: float = 0.0
     nan: float = 0.0
     slow: float = 0.0
+    crash: float = 0.0
     die_after: int | None = None
     hang_s: float = 3600.0
     slow_factor: float = 10.0
 
     @property
     def any(self) -> bool:
-        return bool(self.error or self.hang or self.nan or self.slow) or self.die_after is not None
+        return bool(self.error or self.hang or self.nan or self.slow or self.crash) or self.die_after is not None
 
     def describe(self) -> str:
-        parts = [f"{k}={getattr(self, k):g}" for k in ("error", "hang", "nan", "slow") if getattr(self, k)]
+        parts = [f"{k}={getattr(self, k):g}" for k in ("error", "hang", "nan", "slow", "crash") if getattr(self, k)]
         if self.hang:
             parts.append(f"hang_s={self.hang_s:g}")
         if self.slow:
@@ -131,7 +132,7 @@ class FaultSpec:
         return ",".join(parts) or "none"
 
 
-_RATES = ("error", "hang", "nan", "slow")
+_RATES = ("error", "hang", "nan", "slow", "crash")
 _FAULT_KEYS = (*_RATES, "die_after", "hang_s", "slow_factor")
 
 
@@ -181,7 +182,7 @@ def parse_faults(raw: str) -> dict[str, dict[str, float | int]]:
     for key, values in out.items():
         total = sum(float(values.get(r, 0.0)) for r in _RATES)
         if total > 1.0 + 1e-12:
-            raise bad(key, f"has error+hang+nan+slow = {total:g}, more than 1 (each run gets at most one fault)")
+            raise bad(key, f"has error+hang+nan+slow+crash = {total:g}, more than 1 (each run gets at most one fault)")
     return out
 
 
@@ -195,7 +196,7 @@ def faults_for(parsed: Mapping[str, Mapping[str, float | int]], profile: str, de
     if total > 1.0 + 1e-12:
         msg = (
             f"{FAULTS_VARIABLE}: the entries for {profile!r} and {device_id!r} together give {device_id} "
-            f"error+hang+nan+slow = {total:g}, more than 1; lower the rates. {_FAULT_SYNTAX}"
+            f"error+hang+nan+slow+crash = {total:g}, more than 1; lower the rates. {_FAULT_SYNTAX}"
         )
         raise SimSettingError(msg)
     return FaultSpec(**merged)  # type: ignore[arg-type]
