@@ -7,7 +7,9 @@ devices that can run it after lowering and pass verification — and places it o
   once untimed, then timed round-robin (one run per device per round, so that a change of the
   machine's load falls on every device alike) for up to :data:`MAX_RUNS` rounds while the rounds
   took under ``HAL_SELECT_BUDGET_S`` seconds (default :data:`DEFAULT_BUDGET_S`; at least one
-  round); each device's figure is the median of its runs on seeded inputs (or ``example=``);
+  round); after :data:`ELIMINATE_AFTER` rounds a device over :data:`ELIMINATE_ABOVE` times the
+  best median so far is timed no more; each device's figure is the median of its runs on seeded
+  inputs (or ``example=``);
 - a device that cannot be prepared, fails verification or fails while timed is not a candidate;
 - the order is remembered in the cache directory (``selection/``, integrity-checked, written
   atomically), keyed by the model's digest, every candidate's id, backend, backend version and
@@ -56,6 +58,10 @@ log = logging.getLogger("hal.selection")
 DEFAULT_BUDGET_S = 3.0
 #: Timed runs per device at most.
 MAX_RUNS = 15
+#: After this many rounds, a device whose median is over ELIMINATE_ABOVE times the best's is
+#: timed no more, so the rest of the budget separates the contenders.
+ELIMINATE_AFTER = 3
+ELIMINATE_ABOVE = 1.5
 #: ``precision=`` values ``to()`` takes.
 PRECISIONS = ("exact", "relaxed")
 #: Bump when what a remembered selection means changes.
@@ -267,14 +273,20 @@ def measure(
             del prepared[device_id], times[device_id]
     start = time.perf_counter()
     rounds = 0
-    while prepared and rounds < MAX_RUNS and (rounds == 0 or time.perf_counter() - start < seconds):
-        for device_id, exe in list(prepared.items()):
+    timing = dict(prepared)
+    while timing and rounds < MAX_RUNS and (rounds == 0 or time.perf_counter() - start < seconds):
+        if rounds >= ELIMINATE_AFTER and len(timing) > 1:
+            # The budget goes to the contenders: a device clearly slower than the best so far
+            # keeps its figure and is timed no more.
+            best = min(statistics.median(times[d]) for d in timing)
+            timing = {d: e for d, e in timing.items() if statistics.median(times[d]) <= ELIMINATE_ABOVE * best}
+        for device_id, exe in list(timing.items()):
             t0 = time.perf_counter()
             try:
                 exe.run(feeds)
             except HalError as exc:
                 problems[device_id] = f"failed while measured: {exc}"
-                del prepared[device_id], times[device_id]
+                del prepared[device_id], times[device_id], timing[device_id]
                 continue
             times[device_id].append(time.perf_counter() - t0)
         rounds += 1
