@@ -30,7 +30,7 @@ from _machine import load_average, machine_info
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 
 
-def _child(target: str, model_name: str, prime: bool) -> dict[str, Any]:
+def _child(target: str, model_name: str, prime: bool, policy: str | None = None) -> dict[str, Any]:
     import time
 
     import hal
@@ -44,17 +44,19 @@ def _child(target: str, model_name: str, prime: bool) -> dict[str, Any]:
                 compiled.to(device, strict=True)
             except hal.errors.HalError:
                 pass
+        if target == "auto" and policy:
+            compiled.to("auto", policy=policy)  # measures once and remembers
     start = time.perf_counter()
-    exe = compiled.to(target)
+    exe = compiled.to(target, policy=policy) if target == "auto" and policy else compiled.to(target)
     return {"seconds": time.perf_counter() - start, "device": exe.device.id, "devices": devices}
 
 
-def _run(target: str, model_name: str, cache: Path, prime: bool = False) -> dict[str, Any]:
+def _run(target: str, model_name: str, cache: Path, prime: bool = False, policy: str | None = None) -> dict[str, Any]:
     env = dict(os.environ, HAL_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(cache.parent / "pycache"))
     code = (
         "import json, sys; sys.path.insert(0, %r); import auto_overhead; "
-        "print(json.dumps(auto_overhead._child(%r, %r, %r)))"
-    ) % (str(Path(__file__).parent), target, model_name, prime)
+        "print(json.dumps(auto_overhead._child(%r, %r, %r, %r)))"
+    ) % (str(Path(__file__).parent), target, model_name, prime, policy)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,16 +65,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--policy", help="time to('auto', policy=P) instead (e.g. fastest: remembered, not measured)")
     args = parser.parse_args()
     print(json.dumps(machine_info()), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="hal-auto-bench-") as tmp:
         for model_name in args.models.split(","):
             cache = Path(tmp) / model_name
-            primed = _run("auto", model_name, cache, prime=True)
+            primed = _run("auto", model_name, cache, prime=True, policy=args.policy)
             chosen = primed["device"]
             auto, direct = [], []
             for _ in range(args.runs):
-                auto.append(_run("auto", model_name, cache)["seconds"])
+                auto.append(_run("auto", model_name, cache, policy=args.policy)["seconds"])
                 direct.append(_run(chosen, model_name, cache)["seconds"])
             a, d = statistics.median(auto), statistics.median(direct)
             print(

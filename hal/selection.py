@@ -7,8 +7,8 @@ devices that can run it after lowering and pass verification — and places it o
   once untimed, then timed round-robin (one run per device per round, so that a change of the
   machine's load falls on every device alike) for up to :data:`MAX_RUNS` rounds while the rounds
   took under ``HAL_SELECT_BUDGET_S`` seconds (default :data:`DEFAULT_BUDGET_S`; at least one
-  round); after :data:`ELIMINATE_AFTER` rounds a device over :data:`ELIMINATE_ABOVE` times the
-  best median so far is timed no more; each device's figure is the median of its runs on seeded
+  round); after :data:`ELIMINATE_AFTER` rounds a device whose quickest run is over
+  :data:`ELIMINATE_ABOVE` times the best median so far is timed no more; each device's figure is the median of its runs on seeded
   inputs (or ``example=``);
 - a device that cannot be prepared, fails verification or fails while timed is not a candidate;
 - the order is remembered in the cache directory (``selection/``, integrity-checked, written
@@ -62,6 +62,8 @@ MAX_RUNS = 15
 #: timed no more, so the rest of the budget separates the contenders.
 ELIMINATE_AFTER = 3
 ELIMINATE_ABOVE = 1.5
+#: Untimed runs per device before timing.
+WARMUP_RUNS = 2
 #: ``precision=`` values ``to()`` takes.
 PRECISIONS = ("exact", "relaxed")
 #: Bump when what a remembered selection means changes.
@@ -265,9 +267,10 @@ def measure(
         prepared[device.id] = exe
     feeds = seeded_feeds(compiled.model.inputs, example=example)
     times: dict[str, list[float]] = {d: [] for d in prepared}
-    for device_id, exe in list(prepared.items()):  # one untimed run each: first-run allocations, JIT
+    for device_id, exe in list(prepared.items()):  # untimed runs: first-run allocations, JIT
         try:
-            exe.run(feeds)
+            for _ in range(WARMUP_RUNS):
+                exe.run(feeds)
         except HalError as exc:
             problems[device_id] = f"failed while measured: {exc}"
             del prepared[device_id], times[device_id]
@@ -278,8 +281,10 @@ def measure(
         if rounds >= ELIMINATE_AFTER and len(timing) > 1:
             # The budget goes to the contenders: a device clearly slower than the best so far
             # keeps its figure and is timed no more.
+            # By each device's quickest run: a busy machine only ever adds time, so a device
+            # is dropped only when even its best run is clearly behind.
             best = min(statistics.median(times[d]) for d in timing)
-            timing = {d: e for d, e in timing.items() if statistics.median(times[d]) <= ELIMINATE_ABOVE * best}
+            timing = {d: e for d, e in timing.items() if min(times[d]) <= ELIMINATE_ABOVE * best}
         for device_id, exe in list(timing.items()):
             t0 = time.perf_counter()
             try:
