@@ -88,8 +88,11 @@ class Breaker:
     the device (in ``half-open`` it lets exactly one through, the trial); every allowed request
     ends with :meth:`succeeded` or :meth:`failed`."""
 
-    def __init__(self, settings: BreakerSettings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: BreakerSettings | None = None, clock: Callable[[], float] = time.monotonic, name: str = "device"
+    ) -> None:
         self.settings = settings or BreakerSettings()
+        self.name = name
         self._clock = clock
         self._lock = threading.Lock()
         self._state = CLOSED
@@ -137,7 +140,7 @@ class Breaker:
             self._failures += 1
             if self._state == HALF_OPEN or self._failures >= self.settings.failures:
                 if self._state != OPEN:
-                    log.warning("circuit breaker opened after %d consecutive failures", self._failures)
+                    log.warning("%s: circuit breaker opened after %d consecutive failures", self.name, self._failures)
                 self._state = OPEN
                 self._opened_at = self._clock()
             self._trial = False
@@ -251,7 +254,7 @@ class _Member:
     def __init__(self, exe: Executable, settings: BreakerSettings, threads: int) -> None:
         self.exe = exe
         self.id = exe.device.id
-        self.breaker = Breaker(settings)
+        self.breaker = Breaker(settings, name=self.id)
         self._lock = threading.Lock()
         self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite"), 0)
         self.last_error: str | None = None
