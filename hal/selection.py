@@ -4,8 +4,9 @@
 devices that can run it after lowering and pass verification — and places it on the fastest:
 
 - every candidate is prepared as ``to(device)`` would (verified, with the caller's options), run
-  once untimed, then timed round-robin (one run per device per round, so that a change of the
-  machine's load falls on every device alike) for up to :data:`MAX_RUNS` rounds while the rounds
+  twice untimed, then timed round-robin (per round, each device runs once untimed — the device
+  before may leave its thread pool spinning — then :data:`RUNS_PER_ROUND` timed runs, so that a
+  change of the machine's load falls on every device alike) for up to :data:`MAX_RUNS` rounds while the rounds
   took under ``HAL_SELECT_BUDGET_S`` seconds (default :data:`DEFAULT_BUDGET_S`; at least one
   round); after :data:`ELIMINATE_AFTER` rounds a device whose quickest run is over
   :data:`ELIMINATE_ABOVE` times the best median so far is timed no more; each device's figure is the median of its runs on seeded
@@ -60,10 +61,12 @@ DEFAULT_BUDGET_S = 3.0
 MAX_RUNS = 15
 #: After this many rounds, a device whose median is over ELIMINATE_ABOVE times the best's is
 #: timed no more, so the rest of the budget separates the contenders.
-ELIMINATE_AFTER = 3
+ELIMINATE_AFTER = 2
 ELIMINATE_ABOVE = 1.5
 #: Untimed runs per device before timing.
 WARMUP_RUNS = 2
+#: Timed runs of one device in a row per round (after one untimed run when devices alternate).
+RUNS_PER_ROUND = 2
 #: ``precision=`` values ``to()`` takes.
 PRECISIONS = ("exact", "relaxed")
 #: Bump when what a remembered selection means changes.
@@ -277,7 +280,7 @@ def measure(
     start = time.perf_counter()
     rounds = 0
     timing = dict(prepared)
-    while timing and rounds < MAX_RUNS and (rounds == 0 or time.perf_counter() - start < seconds):
+    while timing and rounds * RUNS_PER_ROUND < MAX_RUNS and (rounds == 0 or time.perf_counter() - start < seconds):
         if rounds >= ELIMINATE_AFTER and len(timing) > 1:
             # The budget goes to the contenders: a device clearly slower than the best so far
             # keeps its figure and is timed no more.
@@ -286,14 +289,19 @@ def measure(
             best = min(statistics.median(times[d]) for d in timing)
             timing = {d: e for d, e in timing.items() if min(times[d]) <= ELIMINATE_ABOVE * best}
         for device_id, exe in list(timing.items()):
-            t0 = time.perf_counter()
             try:
-                exe.run(feeds)
+                if len(timing) > 1:
+                    # Untimed: the device before may leave its thread pool spinning (onnxruntime
+                    # does, for a while after each run), which would be charged to this one.
+                    exe.run(feeds)
+                for _ in range(RUNS_PER_ROUND):
+                    t0 = time.perf_counter()
+                    exe.run(feeds)
+                    times[device_id].append(time.perf_counter() - t0)
             except HalError as exc:
                 problems[device_id] = f"failed while measured: {exc}"
                 del prepared[device_id], times[device_id], timing[device_id]
                 continue
-            times[device_id].append(time.perf_counter() - t0)
         rounds += 1
     measurements = [Measurement(d, statistics.median(t), len(t)) for d, t in times.items()]
     measurements += [Measurement(d, problem=p) for d, p in problems.items()]
