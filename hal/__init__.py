@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BreakerSettings",
     "Capabilities",
     "CompileOptions",
     "CompiledModel",
@@ -89,6 +90,7 @@ _LAZY = {
     "load": "hal.model",
     "PluginInfo": "hal._plugins",
     "Pool": "hal.pool",
+    "BreakerSettings": "hal.pool",
     "VerificationReport": "hal.verification",
 }
 
@@ -116,7 +118,7 @@ if TYPE_CHECKING:
     from hal.executable import Executable
     from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
     from hal.model import Model, Requirements, TensorInfo, load
-    from hal.pool import Pool
+    from hal.pool import BreakerSettings, Pool
     from hal.verification import VerificationReport
 
 

@@ -43,8 +43,9 @@ PLUGIN_TESTS = sorted([*ROOT.glob("plugins/*/tests"), ROOT / "examples/plugin/te
 #: The onnx-hal modules past ``hal`` that a plugin's code may import.
 CODE_MODULES = frozenset({"hal.plugin"})
 #: ... and its tests: the errors and the testing package with its submodules (the contract kit,
-#: model builders) besides.
-TEST_MODULES = frozenset({"hal.plugin", "hal.errors", "hal.testing"})
+#: model builders) besides, and the user's tools a test drives a device with: FP8 quantization
+#: (``hal.quantize``) and health checks (``hal.doctor``), public modules of the user API.
+TEST_MODULES = frozenset({"hal.plugin", "hal.errors", "hal.testing", "hal.quantize", "hal.doctor"})
 
 
 def _public(module: str, allowed: frozenset[str]) -> bool:

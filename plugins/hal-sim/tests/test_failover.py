@@ -10,7 +10,6 @@ import numpy as np
 
 import hal
 from hal.errors import FailoverError
-from hal.pool import BreakerSettings
 from hal.testing.models import mlp
 from hal_sim.faults import fault_for
 from hal_sim.settings import FaultSpec, parse_faults
@@ -43,7 +42,7 @@ class TestCrashFault:
         sim(HAL_SIM_DEVICES="h100", HAL_SIM_FAULTS="h100:crash=0.2")
         compiled = hal.compile(mlp(batch=2, width=16, layers=2))
         pool = compiled.to(["sim:h100:0", "ort:cpu"], isolate=["sim:h100:0"], verify=False, deadline_s=60,
-                           breaker=BreakerSettings(failures=1000))
+                           breaker=hal.BreakerSettings(failures=1000))
         reference = compiled.to("ort:cpu")
         for rid in range(20):
             feeds = _feeds(pool, rid)
@@ -60,7 +59,7 @@ class TestLoad:
         sim(HAL_SIM_DEVICES="h100,ascend-910c", HAL_SIM_FAULTS=FAULTS)
         compiled = hal.compile(mlp(batch=2, width=16, layers=2))
         pool = compiled.to(["sim:ascend-910c:0", "sim:h100:0", "ort:cpu"], verify=False, deadline_s=3.0,
-                           breaker=BreakerSettings(failures=3, cool_down_s=0.2))
+                           breaker=hal.BreakerSettings(failures=3, cool_down_s=0.2))
         reference = compiled.to("ort:cpu")
         delivered: Counter[int] = Counter()
         problems: list[str] = []

@@ -4,7 +4,6 @@ gives them faults."""
 from __future__ import annotations
 
 import hal
-from hal import selection
 from hal.doctor import doctor
 from hal.testing.build import make_model
 from onnx import TensorProto, helper
@@ -33,14 +32,12 @@ def _model() -> hal.Model:
 class TestFastestOnPacedChips:
     def test_the_measured_fastest_chip(self, sim, profile_dir, monkeypatch):
         monkeypatch.setenv("HAL_SELECT_BUDGET_S", "0.5")
-        selection._MEMORY.clear()
         # "a-slow" sorts first: the default order picks it; measured, it is 25 ms a run against 1 ms.
         profiles = profile_dir(a_slow=chip(12500), b_fast=chip(500))
         sim(HAL_SIM_DEVICES="a-slow,b-fast", HAL_SIM_PROFILES=str(profiles), HAL_SIM_PACE="1", HAL_DISABLE_PLUGINS="cpu")
         compiled = hal.compile(_model())
         assert compiled.to("auto").device.id == "sim:a-slow:0"
         assert compiled.to("auto", policy="fastest").device.id == "sim:b-fast:0"
-        selection._MEMORY.clear()
 
 
 class TestDoctorOnFaultyChips:
