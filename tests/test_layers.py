@@ -28,7 +28,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("hal._plugins", "hal.ranking", "hal.isolation", "hal.pool"),
     ("hal.compiled", "hal.selection"),
     ("hal", "hal.plugin", "hal.backends.cpu", "hal._scaffold", "hal.testing", "hal.testing.*", "hal.bench",
-     "hal.quantize", "hal.quantize.*", "hal.doctor"),
+     "hal.quantize", "hal.quantize.*", "hal.doctor", "hal.ray", "hal.ray.*"),
     ("hal.cli", "hal.__main__"),
 )
 
