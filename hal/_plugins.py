@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import threading
 import time
@@ -33,9 +32,10 @@ import pluggy
 from attrs import evolve, frozen
 
 from hal import hookspecs
+from hal._bounds import BoundExceeded, bounded, env_seconds
 from hal.backend import Backend, Device
 from hal.capabilities import Capabilities
-from hal.errors import PluginError, SettingError, UnavailableDeviceError, UnknownDeviceError
+from hal.errors import PluginError, UnavailableDeviceError, UnknownDeviceError
 from hal.health import with_health
 
 __all__ = ["DEFAULT_PLUGINS", "Hooks", "PluginInfo", "Policy", "Registry", "registry"]
@@ -113,52 +113,9 @@ def _env_list(name: str) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def env_seconds(name: str, default: float) -> float:
-    """A positive, finite number of seconds from the environment, or a :class:`SettingError`
-    naming the variable."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        msg = f"{name}={raw!r} is not a positive number of seconds; set it to e.g. {default:g}, or unset it"
-        raise SettingError(msg)
-    return value
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _bounded(fn: Callable[[], Any], seconds: float, name: str) -> Any:
-    """``fn()`` in a daemon thread, waited for at most ``seconds``: a plugin that hangs at import
-    or in a hook cannot hang the host (the thread is left behind, idle or not; Python cannot
-    stop it)."""
-    outcome: list[Any] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if not outcome:
-        raise _Timeout
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 class Hooks:
@@ -308,8 +265,8 @@ class Registry:
 
     def _register_lazily(self, load: Callable[[], object], name: str, timeout: float) -> None:
         try:
-            plugin = _bounded(load, timeout, f"hal-import-{name}")
-        except _Timeout:
+            plugin = bounded(load, timeout, f"hal-import-{name}")
+        except BoundExceeded:
             self._fail(name, f"import did not finish within {timeout:g} s (HAL_PLUGIN_TIMEOUT)")
             return
         except Exception as exc:  # a broken plugin must not take the host down
@@ -378,8 +335,8 @@ class Registry:
                 registered.append(accept(name, *args, **kwargs))
 
         try:
-            _bounded(lambda: call(register), timeout, f"hal-{hook}-{name}")
-        except _Timeout:
+            bounded(lambda: call(register), timeout, f"hal-{hook}-{name}")
+        except BoundExceeded:
             self._fail(name, f"{hook} did not finish within {timeout:g} s (HAL_PLUGIN_TIMEOUT)")
         except Exception as exc:
             self._fail(name, f"{hook} failed: {_describe(exc)}")

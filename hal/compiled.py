@@ -36,7 +36,6 @@ from hal.errors import (
     LoweringError,
     ModelError,
     OutputPathError,
-    PluginError,
     InputError,
     UnavailableDeviceError,
     VerificationError,

@@ -29,7 +29,6 @@ every process sees it; a quarantined device is refused by ``to()`` until a docto
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 from attrs import asdict, evolve, frozen
 
 from hal import health as health_store
-from hal._plugins import env_seconds, registry
+from hal._bounds import BoundExceeded, bounded, env_seconds
+from hal._plugins import registry
 from hal.backend import CompileOptions
 from hal.capabilities import Health
 from hal.compiled import CompiledModel
@@ -116,31 +116,6 @@ def canaries() -> dict[str, tuple[CompiledModel, Mapping[str, Any]]]:
     return {name: (compile_model(proto), feeds) for name, (proto, feeds) in zoo(small=True).items()}
 
 
-class _Hung(Exception):
-    pass
-
-
-def _bounded(fn: Callable[[], Any], seconds: float, name: str) -> Any:
-    """``fn()`` on a daemon thread, waited for ``seconds``; raises :class:`_Hung` past them."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if not outcome:
-        raise _Hung
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
 def _nonfinite(outputs: Mapping[str, Any], expected: Mapping[str, Any] | None) -> bool:
     import numpy as np
 
@@ -169,13 +144,13 @@ def _canary(
 
     backend = registry().backend(device.backend)
     try:
-        exe = _bounded(
+        exe = bounded(
             lambda: compiled._prepare(backend, device, CompileOptions(), False, None),  # noqa: SLF001 - bypasses quarantine on purpose
             10 * timeout, f"hal-doctor-prepare-{device.id}",
         )
     except LoweringError as exc:
         return CanaryResult(name, "skipped", detail=f"the device's capabilities refuse it: {exc}")
-    except _Hung:
+    except BoundExceeded:
         return CanaryResult(name, "hung", runs=1, hangs=1, detail=f"preparing it took over {10 * timeout:g} s")
     except HalError as exc:
         return CanaryResult(name, "error", runs=1, errors=1, detail=f"cannot be prepared: {exc}")
@@ -193,8 +168,8 @@ def _canary(
         runs += 1
         start = time.perf_counter()
         try:
-            outputs = _bounded(lambda: exe.run(dict(feeds)), timeout, f"hal-doctor-run-{device.id}")
-        except _Hung:
+            outputs = bounded(lambda: exe.run(dict(feeds)), timeout, f"hal-doctor-run-{device.id}")
+        except BoundExceeded:
             details.append(f"run {index + 1} did not finish within {timeout:g} s (HAL_DOCTOR_TIMEOUT_S); abandoned")
             return _result(name, "hung", runs, errors, 1, nonfinite, varied, "skipped", times, details)
         except HalError as exc:

@@ -77,7 +77,7 @@ def _context() -> Any:
 
 
 def _start_timeout() -> float:
-    from hal._plugins import env_seconds
+    from hal._bounds import env_seconds
 
     return env_seconds("HAL_ISOLATE_START_TIMEOUT", 120.0)
 

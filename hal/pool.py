@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from attrs import define, field, frozen
+from attrs import field, frozen
 
 from hal.errors import FailoverError, HalError, InputError
 from hal.executable import Executable, _is_float

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import threading
 import time
@@ -39,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import evolve, frozen
 
+from hal._bounds import env_seconds
 from hal._plugins import registry
 from hal.cache import CompileCache, cache_key
-from hal.errors import HalError, InputError, SettingError
+from hal.errors import HalError, InputError
 from hal.health import without_health
 from hal.lowering import LoweringStep, StepKind
 from hal.verification import judge, seeded_feeds
@@ -75,17 +75,7 @@ _FORMAT = 1
 
 def budget() -> float:
     """``HAL_SELECT_BUDGET_S``, checked."""
-    raw = os.environ.get("HAL_SELECT_BUDGET_S")
-    if raw is None or not raw.strip():
-        return DEFAULT_BUDGET_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        msg = f"HAL_SELECT_BUDGET_S={raw!r} is not a number of seconds >= 0; set it to e.g. {DEFAULT_BUDGET_S:g}, or unset it"
-        raise SettingError(msg)
-    return value
+    return env_seconds("HAL_SELECT_BUDGET_S", DEFAULT_BUDGET_S, zero="measures nothing")
 
 
 @frozen

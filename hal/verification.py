@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -502,17 +501,9 @@ def judge(
 
 def budget_seconds() -> float:
     """``HAL_VERIFY_BUDGET_S``: how long the reference evaluator may take for one model."""
-    raw = os.environ.get("HAL_VERIFY_BUDGET_S")
-    if raw is None:
-        return 0.5
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        msg = f"HAL_VERIFY_BUDGET_S={raw!r} is not a number of seconds; set it to e.g. 0.5 (0 turns the evaluator off)"
-        raise HalError(msg)
-    return value
+    from hal._bounds import env_seconds
+
+    return env_seconds("HAL_VERIFY_BUDGET_S", 0.5, zero="turns the evaluator off")
 
 
 #: Estimated seconds per output element for operators the evaluator runs element by element in

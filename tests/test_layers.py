@@ -19,7 +19,7 @@ HAL = Path(__file__).resolve().parents[1] / "hal"
 
 #: Lowest first. Modules on one floor may import each other.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("hal.errors", "hal._paths"),
+    ("hal.errors", "hal._paths", "hal._bounds"),
     ("hal.capabilities", "hal.cache"),
     ("hal.tensors", "hal.model", "hal.weights", "hal.fp8"),
     ("hal.lowering",),
