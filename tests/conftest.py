@@ -139,3 +139,31 @@ def installed(tmp_path, monkeypatch):
     importlib.invalidate_caches()
     yield
     _plugins.reset_registry()
+
+
+@pytest.fixture
+def scripted(fresh_registry):
+    """``scripted(modes, **kw)`` registers a :class:`ScriptedBackend` named ``s`` in this process
+    (taken out after the test) and returns it."""
+    from scripted_backend import ScriptedBackend, register
+
+    reg = fresh_registry()
+    made = []
+
+    def add(modes, **kwargs):
+        backend = ScriptedBackend("s", modes, **kwargs)
+        register(reg, backend)
+        made.append(backend)
+        return backend
+
+    yield add
+    for backend in made:
+        reg.remove_plugin(backend.name)
+
+
+@pytest.fixture
+def compiled():
+    """The ``plus_one`` model of tests/scripted_backend.py, compiled."""
+    from scripted_backend import plus_one
+
+    return hal.compile(plus_one())

@@ -98,3 +98,4 @@ def register(reg, backend: ScriptedBackend) -> None:
             register(backend)
 
     reg.add_plugin(Plugin(), name=backend.name)
+

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from scripted_backend import CRASH, HANG, ScriptedBackend, plus_one, register
+from scripted_backend import CRASH, HANG, plus_one
 
 import hal
 from hal import _plugins
@@ -20,27 +20,6 @@ from hal.errors import RunError, SettingError
 from hal.isolation import WorkerRunner
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
-
-
-@pytest.fixture
-def scripted(fresh_registry):
-    reg = fresh_registry()
-    made = []
-
-    def add(modes, **kwargs):
-        backend = ScriptedBackend("s", modes, **kwargs)
-        register(reg, backend)
-        made.append(backend)
-        return backend
-
-    yield add
-    for backend in made:
-        reg.remove_plugin(backend.name)
-
-
-@pytest.fixture
-def compiled():
-    return hal.compile(plus_one())
 
 
 def poisoned(value: float) -> np.ndarray:

@@ -9,35 +9,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scripted_backend import ScriptedBackend, plus_one, register
 
 import hal
 from hal.errors import CompileError, FailoverError, InputError, RunError
 from hal.pool import Breaker, BreakerSettings, Pool
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
-
-
-@pytest.fixture
-def scripted(fresh_registry):
-    """``scripted(modes, **kw)`` registers a :class:`ScriptedBackend` named ``s``."""
-    reg = fresh_registry()
-    made = []
-
-    def add(modes, **kwargs):
-        backend = ScriptedBackend("s", modes, **kwargs)
-        register(reg, backend)
-        made.append(backend)
-        return backend
-
-    yield add
-    for backend in made:
-        reg.remove_plugin(backend.name)
-
-
-@pytest.fixture
-def compiled():
-    return hal.compile(plus_one())
 
 
 class Clock:
