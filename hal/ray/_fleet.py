@@ -33,6 +33,8 @@ DEFAULT_DEADLINE_S = 30.0
 DEFAULT_MAX_RESTARTS = 4
 #: Seconds the actors may take to start, lower and verify the model, unless ``placement_timeout_s`` says.
 DEFAULT_PLACEMENT_TIMEOUT_S = 600.0
+#: Seconds a node's probe may take to list its devices (a node that died a moment ago lists none).
+PROBE_TIMEOUT_S = 60.0
 #: Requests one device actor runs at once (a runner may be called from many threads).
 ACTOR_CONCURRENCY = 4
 
@@ -153,13 +155,22 @@ class Fleet:
         ray = _ray()
         probe = ray.remote(NodeProbe)
         actors = []
+        alive = []
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue
+            alive.append(node["NodeID"])
             strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             actors.append(probe.options(num_cpus=0, scheduling_strategy=strategy).remote())
+        refs = [a.devices.remote() for a in actors]
         try:
-            listed = ray.get([a.devices.remote() for a in actors])
+            ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+            listed = []
+            for node, ref in zip(alive, refs):
+                try:
+                    listed.append(ray.get(ref, timeout=0))
+                except Exception as exc:  # noqa: BLE001 - a node that cannot answer lists nothing
+                    log.warning("fleet: node %s listed no devices: %s", node[:8], _remote_reason(exc))
         finally:
             for actor in actors:
                 ray.kill(actor)
