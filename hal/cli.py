@@ -755,6 +755,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="a bar chart of measured and estimated speed (needs onnx-hal[plot])")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("serve", help="serve a model over HTTP (Open Inference Protocol v2) on Ray Serve, across a fleet's devices")
+    p.add_argument("model")
+    p.add_argument("--devices", nargs="+", default=["auto"], metavar="ID",
+                   help="device ids (on every node that lists them) or fleet ids ray:NODE:ID (default: auto)")
+    p.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--name", help="the model's name in URLs (default: the graph's name)")
+    p.add_argument("--replicas", type=int, default=1, help="actors per device (default 1)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("plugin", help="write a new vendor plugin package")
     plugin = p.add_subparsers(dest="plugin_command", required=True, metavar="ACTION")
     p = plugin.add_parser("new", help="scaffold hal-NAME: entry point, a backend with TODOs, tests running the contract kit")
@@ -762,6 +773,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="where to create the hal-NAME folder (default: here)")
     p.set_defaults(func=cmd_plugin_new)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import ray
+    except ImportError:
+        msg = "hal serve needs Ray Serve: pip install 'onnx-hal[ray]'"
+        raise HalError(msg) from None
+    import time
+
+    import hal
+    from hal.ray import serve as hal_serve
+
+    compiled = hal.compile(args.model)  # a bad model fails here, before any cluster starts
+    devices = "auto" if args.devices == ["auto"] else args.devices
+    ray.init(address=args.ray, log_to_driver=False)
+    url = hal_serve.run(compiled, name=args.name, devices=devices, replicas=args.replicas, port=args.port, host=args.host)
+    name = args.name or compiled.model.name
+    print(f"serving {name!r} at {url}/v2/models/{name} (ready at {url}/v2/health/ready once verified); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
 
 
 def cmd_plugin_new(args: argparse.Namespace) -> int:

@@ -11,12 +11,15 @@ Skipped where Ray or hal-sim is not installed (the other tox environments collec
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests_ray_helpers
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("hal_sim")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,21 +17,17 @@ ray = pytest.importorskip("ray")
 http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from tests_ray_helpers import free_port  # noqa: E402
+
 from hal.ray import protocol  # noqa: E402
 from hal.ray import serve as hal_serve  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(cluster: Any, mlp: Any) -> Iterator[Any]:
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     try:
         hal_serve.run(mlp, name="mlp", devices="auto", port=port, deadline_s=30)
         client = http.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=60)
