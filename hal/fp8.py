@@ -110,7 +110,25 @@ def cast(x: Any, fmt: Any, *, saturate: bool = True) -> np.ndarray:
         top = max_value(dtype)
         # np.clip keeps NaN and sends ±inf to ±top, which is Cast(saturate=1).
         values = np.clip(values, -top, top)
+    if values.dtype == np.float64:
+        values = _round_to_odd_float32(values)
     return values.astype(dtype)
+
+
+def _round_to_odd_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` (float64) as float32 rounded to odd: truncated toward zero, with the last mantissa
+    bit set when anything was cut. Rounding that once more to a format with at least two fewer
+    mantissa bits (every FP8 format) gives what rounding ``x`` directly would: so the result does
+    not depend on whether ml_dtypes converts float64 directly (0.6 and later) or through float32
+    (0.5, which rounded twice)."""
+    nearest = x.astype(np.float32)
+    finite = np.isfinite(x) & np.isfinite(nearest)
+    wide = nearest.astype(np.float64)
+    over = finite & (np.abs(wide) > np.abs(x))
+    truncated = np.where(over, np.nextafter(nearest, np.float32(0)), nearest)
+    inexact = finite & (truncated.astype(np.float64) != x)
+    bits = truncated.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(np.float32)
 
 
 def saturate_cast(x: Any, fmt: Any) -> np.ndarray:
