@@ -23,7 +23,7 @@ import pytest
 import hal
 from hal.testing import models
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests_ray_helpers
+sys.path.append(str(Path(__file__).parent))  # tests_ray_helpers; appended: never shadows another `conftest`
 
 # Other environments collect tests/ too: without Ray (or hal-sim, or tritonclient) these tests
 # are not collected at all (a skip raised while a conftest loads would stop the whole session).

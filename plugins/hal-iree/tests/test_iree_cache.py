@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import feeds_for, iree_backend, mlp_model, to_strict
+from iree_helpers import feeds_for, iree_backend, mlp_model, to_strict
 
 import hal
 from hal.plugin import Artifact

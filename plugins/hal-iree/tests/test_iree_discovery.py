@@ -40,7 +40,7 @@ def test_plugin_import_does_not_import_iree() -> None:
 
 
 def test_version_names_compiler_and_runtime() -> None:
-    from conftest import iree_backend
+    from iree_helpers import iree_backend
 
     version = iree_backend().version
     assert "compiler" in version and "runtime" in version
@@ -72,7 +72,7 @@ def test_the_target_is_the_newest_iree_knows_at_or_below_the_gpu() -> None:
 
 
 def test_cuda_flags_take_the_gpus_target_and_an_explicit_one_wins() -> None:
-    from conftest import iree_backend
+    from iree_helpers import iree_backend
 
     from hal.plugin import CompileOptions
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import iree_backend, to_strict
+from iree_helpers import iree_backend, to_strict
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 import hal

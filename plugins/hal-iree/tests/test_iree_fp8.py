@@ -13,7 +13,7 @@ import hal.quantize
 from hal.plugin import NumberFormat, StepKind, Support
 from hal.testing import models
 
-from conftest import to_strict
+from iree_helpers import to_strict
 
 
 def relative(out, ref):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import attention_model, conv_model, feeds_for, make, mlp_model, to_strict
+from iree_helpers import attention_model, conv_model, feeds_for, make, mlp_model, to_strict
 from onnx import TensorProto, helper
 
 import hal

@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import make, to_strict
+from iree_helpers import make, to_strict
 from onnx import TensorProto, helper
 
 import hal

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make, to_strict
+from iree_helpers import make, to_strict
 from onnx import TensorProto, helper
 
 import hal
