@@ -72,9 +72,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def fleet(cluster: Any) -> Any:
+    import functools
+
     import hal.ray
 
-    return hal.ray.Fleet()
+    fleet = hal.ray.Fleet()
+    # A test that cannot place fails in minutes, not after the default 600 s per placement.
+    fleet.to = functools.partial(fleet.to, placement_timeout_s=180)  # type: ignore[method-assign]
+    return fleet
 
 
 @pytest.fixture(scope="session")
