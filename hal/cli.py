@@ -140,7 +140,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             p.version or "-",
             ",".join(p.hooks) or "-",
             ",".join(p.backends) or "-",
-            p.status if p.status != "error" else f"error: {p.error}",
+            ("isolated, " if p.isolated else "") + (p.status if p.status != "error" else f"error: {p.error}"),
         ]
         for p in plugins
     ]

@@ -148,7 +148,7 @@ def plugins_on_path(tmp_path, monkeypatch):
 
 class TestIsolatedDiscovery:
     @pytest.mark.parametrize("how", sorted(CRASHES))
-    def test_a_plugin_that_kills_its_process_is_reported_and_the_rest_listed(self, plugins_on_path, monkeypatch, how):
+    def test_a_plugin_that_kills_its_process_is_reported_and_the_rest_listed(self, plugins_on_path, monkeypatch, how, capsys):
         plugins_on_path("hal_crashy", "crashy", CRASHES[how])
         plugins_on_path("hal_isogood", "isogood", GOOD.replace('"iso', '"isg'))
         monkeypatch.setenv("HAL_LOAD_PLUGINS", "crashy,isogood")
@@ -163,6 +163,11 @@ class TestIsolatedDiscovery:
         ids = [d.id for d in hal.devices()]
         assert "isg:0" in ids and "ort:cpu" in ids
         assert "hal_crashy" not in sys.modules
+        from hal import cli
+
+        assert cli.main(["plugins"]) == 0  # `hal plugins` says which plugin ran isolated
+        lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+        assert "isolated, error: " in lines["crashy"] and "isolated" not in lines["isogood"]
 
     def test_devices_of_an_isolated_plugin_are_listed_and_run_isolated(self, plugins_on_path, monkeypatch):
         plugins_on_path("hal_isovendor", "isovendor", GOOD, isolate_group=True)  # the plugin asks for it
