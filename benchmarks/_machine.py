@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from importlib import metadata
 from typing import Any
 
@@ -61,3 +62,28 @@ def machine_info() -> dict[str, Any]:
         "hal_load_plugins": os.environ.get("HAL_LOAD_PLUGINS"),
         "versions": versions(),
     }
+
+
+def write_section(heading: str, lines: list[str], *, after: str | None = None) -> Path:
+    """Put ``lines`` (starting with ``heading``) into BENCHMARKS.md: in place of the section
+    ``heading`` (up to the next ``## ``) if there is one, else after the section ``after`` if that
+    exists, else at the end. Returns the file's path."""
+    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+    text = path.read_text()
+    body = "\n".join(lines)
+
+    def split(anchor: str) -> tuple[str, str, str]:
+        before, _, rest = text.partition(anchor)
+        cut = rest.find("\n## ") + 1 if "\n## " in rest else len(rest)
+        return before, anchor + rest[:cut], rest[cut:]
+
+    if heading in text:
+        before, _, rest = split(heading)
+        text = before + body + ("\n" + rest if rest else "")
+    elif after is not None and after in text:
+        before, section, rest = split(after)
+        text = before + section + body + ("\n" + rest if rest else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+    return path

@@ -31,7 +31,7 @@ from hal import fp8
 from hal.testing import models
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_section  # noqa: E402
 
 SECTION = "## FP8 quantization accuracy (issue 12)"
 CONFIGS = [
@@ -181,15 +181,7 @@ def main() -> None:
         "`hal.quantize.fp8(rounding=\"down\")` is Cast-24's down, not OCP's rule.",
         "",
     ]
-    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if SECTION in text:
-        before, _, rest = text.partition(SECTION)
-        after = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
-        text = before + "\n".join(section) + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-    path.write_text(text)
+    path = write_section(SECTION, section)
     print(f"wrote the section to {path}")
 
 

@@ -32,7 +32,7 @@ from hal.testing import models  # noqa: E402
 from hal.verification import seeded_feeds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_section  # noqa: E402
 
 SECTION = "## FP8 quantized models on each device (issue 12)"
 DEVICES = (
@@ -188,22 +188,8 @@ def main() -> None:
         "configuration.",
         "",
     ]
-    path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-    text = path.read_text()
-    if SECTION in text:
-        before, _, rest = text.partition(SECTION)
-        after = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
-        text = before + "\n".join(section) + ("\n" + after if after else "")
-    else:
-        # After the accuracy section, which its own script rewrites up to the next heading.
-        anchor = "## FP8 quantization accuracy (issue 12)"
-        if anchor in text:
-            before, _, rest = text.partition(anchor)
-            cut = rest.find("\n## ") + 1 if "\n## " in rest else len(rest)
-            text = before + anchor + rest[:cut] + "\n".join(section) + ("\n" + rest[cut:] if cut < len(rest) else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-    path.write_text(text)
+    # After the accuracy section, which its own script rewrites up to the next heading.
+    path = write_section(SECTION, section, after="## FP8 quantization accuracy (issue 12)")
     print(f"wrote the section to {path}")
 
 
