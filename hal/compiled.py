@@ -270,8 +270,11 @@ class CompiledModel:
         :class:`~hal.errors.VerificationError`, or is skipped (WARNING, a ``fallback`` step) when
         ``auto``, a list or a fallback offers another. The verdict is cached with the lowered
         model, so a warm ``to()`` does not verify again. ``"each-shape"`` also checks the first
-        run of every new input-shape signature (for models with dynamic dimensions); ``False``
-        skips verification. ``example``: real inputs to verify with (by input name), instead of
+        run of every new input-shape signature (for models with dynamic dimensions): under
+        ``auto`` or a fallback, a shape the device answers wrong or cannot run moves, alone, to
+        the next device that answers it right (WARNING, a ``fallback`` step); otherwise the
+        :class:`~hal.errors.VerificationError` is raised. ``False`` skips verification.
+        ``example``: real inputs to verify with (by input name), instead of
         seeded ones; dynamic dimensions then take the example's sizes.
 
         ``policy``: with ``"auto"``, ``"fastest"`` (measured on this model and remembered),
@@ -340,6 +343,19 @@ class CompiledModel:
                 exe.lowering = (*skipped, *exe.lowering)
             if target.id in notes:
                 exe.lowering = (*exe.lowering, notes[target.id])
+            if verify == "each-shape" and isinstance(exe.runner, ShapeCheckedRunner) and (not explicit or not (strict or fallback is None)):
+                # A later shape the device answers wrong (or cannot run) moves to the next device.
+                others = (
+                    (lambda: [d for d, _ in rank(self.model, registry().devices(), policy, self._steps_for)]) if not explicit
+                    else (lambda: self._fallbacks(fallback, set()))
+                )
+
+                def place(other: Device) -> Executable:
+                    return self.to(other.id, fallback=None, strict=True, reduced_precision=reduced_precision,
+                                   verify="each-shape", example=example, precision=precision, rtol=rtol, **extra)
+
+                exe.runner = _ShapeFailover(exe, others, place)
+                exe._run = exe.runner.run  # noqa: SLF001 - the executable's cached bound method
             return exe
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
@@ -628,6 +644,78 @@ class _Verification:
         if report.status == "failed":
             raise report.error()
         return report
+
+
+class _ShapeFailover:
+    """``to("auto" or with a fallback, verify="each-shape")``: the first run of a new input-shape
+    signature that the chosen device answers wrong (its :class:`ShapeCheckedRunner` raised a
+    :class:`VerificationError`) or cannot run moves that signature, and only it, to the next
+    device that answers it right, with a WARNING and a ``fallback`` step on the executable.
+    Shapes the device answers right stay on it; when no other device does, the first error is
+    raised. Devices are placed lazily, on the first shape that needs one, and kept."""
+
+    def __init__(self, exe: Executable, others: Any, place: Any) -> None:
+        self.checked: ShapeCheckedRunner = exe.runner  # type: ignore[assignment]
+        self._exe = exe
+        self._others = others  # () -> devices in the order to try them
+        self._place = place  # device -> Executable (verify="each-shape", no failover of its own)
+        self._placed: dict[str, Executable | HalError] = {}
+        self._routes: dict[Any, Any] = {}  # shape signature -> the runner that answers it
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:  # close(), abandon(), ... of the device's own runner
+        return getattr(self.checked, name)
+
+    def run(self, feeds: dict[str, Any], output_names: Sequence[str]) -> list[Any]:
+        if self._routes:
+            routed = self._routes.get(shape_signature(feeds))
+            if routed is not None:
+                return routed.run(feeds, output_names)
+        try:
+            return self.checked.run(feeds, output_names)
+        except VerificationError as exc:
+            error: Exception = exc
+        except Exception as exc:
+            if shape_signature(feeds) in self.checked._seen:  # noqa: SLF001 - a shape it ran before: not a shape problem
+                raise
+            error = exc
+        return self._fail_over(feeds, output_names, error)
+
+    def _fail_over(self, feeds: dict[str, Any], output_names: Sequence[str], error: Exception) -> list[Any]:
+        signature = shape_signature(feeds)
+        first = self._exe.device.id
+        with self._lock:  # one failover at a time: placing a device is slow and done once
+            routed = self._routes.get(signature)
+            if routed is not None:
+                return routed.run(feeds, output_names)
+            tried: list[str] = []
+            for device in self._others():
+                if device.id == first:
+                    continue
+                placed = self._placed.get(device.id)
+                if placed is None:
+                    try:
+                        placed = self._place(device)
+                    except HalError as exc:
+                        placed = exc
+                    self._placed[device.id] = placed
+                if isinstance(placed, HalError):
+                    tried.append(f"{device.id}: {placed}")
+                    continue
+                try:
+                    results = placed.runner.run(feeds, output_names)
+                except Exception as exc:  # noqa: BLE001 - wrong or failed there too: the next one
+                    tried.append(f"{device.id}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+                    continue
+                why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                moved = f"inputs of shape {dict(signature)} moved from {first} to {device.id}: {why}"
+                log.warning("fallback: %s", moved)
+                self._exe.lowering = (*self._exe.lowering, LoweringStep(StepKind.FALLBACK, moved))
+                self._routes[signature] = placed.runner
+                return results
+        if tried:
+            log.warning("%s: no other device answers inputs of shape %s: %s", first, dict(signature), "; ".join(tried))
+        raise error
 
 
 def _verdicts() -> CompileCache:

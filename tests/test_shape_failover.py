@@ -1,0 +1,113 @@
+"""``verify="each-shape"`` under ``auto`` or a fallback: a new input shape the chosen device
+answers wrong, or cannot run, moves to the next device that answers it right.
+
+The wrong device is test_verification's DriftBackend: onnxruntime with its answer perturbed for
+some input sizes, or refusing a batch size (a stand-in for a runtime that miscompiles one shape,
+as iree:local-task did for an OCR model; no real runtime here does it on demand).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import hal
+from hal.errors import RunError, VerificationError
+from test_verification import Counter, DriftBackend, _register, conv_model
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def drifting(fresh_registry):
+    """drift:0 answers inputs with height 64 wrong and cannot run batch 2."""
+    reg = fresh_registry()
+    _register(reg, DriftBackend(wrong_sizes={64}, refuse_batch=2))
+    Counter.runs = 0
+    yield
+    reg.remove_plugin("drift")
+
+
+def _x(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _expected(compiled: hal.CompiledModel, x: np.ndarray) -> np.ndarray:
+    return compiled.to("ort:cpu", verify=False).run({"x": x})["y"]
+
+
+class TestShapeFailover:
+    def test_a_wrong_shape_moves_to_the_next_device_and_the_others_stay(self, drifting, caplog):
+        compiled = hal.compile(conv_model())
+        exe = compiled.to("auto", verify="each-shape")
+        assert exe.device.id == "drift:0"  # ranked first (a gpu) and right on the seeded check
+        right, wrong = _x(1, 3, 48, 32), _x(1, 3, 64, 64, seed=1)
+        with caplog.at_level(logging.WARNING, logger="hal"):
+            got = exe.run({"x": wrong})["y"]
+        np.testing.assert_allclose(got, _expected(compiled, wrong), rtol=1e-5, atol=1e-5)
+        assert "moved from drift:0 to ort:cpu" in caplog.text
+        step = exe.lowering[-1]
+        assert step.kind == "fallback" and "(1, 3, 64, 64)" in step.detail and "answers differently" in step.detail
+
+        runs = Counter.runs
+        again = _x(1, 3, 64, 64, seed=2)  # the moved shape goes straight to ort:cpu
+        np.testing.assert_allclose(exe.run({"x": again})["y"], _expected(compiled, again), rtol=1e-5, atol=1e-5)
+        assert Counter.runs == runs
+        np.testing.assert_allclose(exe.run({"x": right})["y"], _expected(compiled, right), rtol=1e-5, atol=1e-5)
+        assert Counter.runs == runs + 1  # other shapes stay on the device
+
+    def test_a_shape_the_device_cannot_run_moves_too(self, drifting):
+        compiled = hal.compile(conv_model())
+        exe = compiled.to("auto", verify="each-shape")
+        x = _x(2, 3, 16, 16)
+        np.testing.assert_allclose(exe.run({"x": x})["y"], _expected(compiled, x), rtol=1e-5, atol=1e-5)
+        assert "Expected dim size > 2" in exe.lowering[-1].detail
+
+    def test_an_explicit_device_with_a_fallback_fails_over(self, drifting):
+        compiled = hal.compile(conv_model())
+        exe = compiled.to("drift:0", verify="each-shape", fallback="ort:cpu")
+        x = _x(1, 3, 64, 8)
+        np.testing.assert_allclose(exe.run({"x": x})["y"], _expected(compiled, x), rtol=1e-5, atol=1e-5)
+        assert "moved from drift:0 to ort:cpu" in exe.lowering[-1].detail
+
+    def test_strict_raises_and_so_does_a_shape_no_other_device_takes(self, drifting):
+        compiled = hal.compile(conv_model())
+        with pytest.raises(VerificationError, match=r"\(1, 3, 64, 64\)"):
+            compiled.to("drift:0", verify="each-shape", strict=True).run({"x": _x(1, 3, 64, 64)})
+        alone = compiled.to("drift:0", verify="each-shape", fallback="drift:0")  # nobody else to ask
+        with pytest.raises(VerificationError):
+            alone.run({"x": _x(1, 3, 64, 64)})
+        with pytest.raises(RunError, match="Expected dim size"):
+            alone.run({"x": _x(2, 3, 8, 8)})
+
+    def test_a_failure_on_a_shape_that_ran_before_is_not_moved(self, fresh_registry):
+        reg = fresh_registry()
+        backend = DriftBackend(offset=0.0)
+        _register(reg, backend)
+        try:
+            compiled = hal.compile(conv_model())
+            exe = compiled.to("auto", verify="each-shape")
+            x = _x(2, 3, 8, 8)
+            exe.run({"x": x})
+            backend.refuse_batch = 2  # the device breaks later: a run error, not a shape's
+            with pytest.raises(RunError, match="Expected dim size"):
+                exe.run({"x": x})
+        finally:
+            reg.remove_plugin("drift")
+
+    def test_many_threads_on_a_moved_shape_get_right_answers(self, drifting):
+        from concurrent.futures import ThreadPoolExecutor
+
+        compiled = hal.compile(conv_model())
+        exe = compiled.to("auto", verify="each-shape")
+        inputs = [_x(1, 3, 64 if i % 2 else 40, 16, seed=i) for i in range(32)]
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda x: exe.run({"x": x})["y"], inputs))
+        for x, got in zip(inputs, outs):
+            np.testing.assert_allclose(got, _expected(compiled, x), rtol=1e-5, atol=1e-5)
+        assert sum(step.kind == "fallback" for step in exe.lowering) == 1
