@@ -107,9 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0, help="which case of each N to start from (default 0)")
     p.add_argument("--no-auto", action="store_true", help="run the devices alone, not to('auto')")
     p.add_argument(
-        "--no-verify", action="store_true",
-        help="place with verify=False: the HAL's plumbing against the runtime, without placement verification's refusals",
+        "--verify", choices=("seeded", "case", "each-shape", "off"), default="seeded",
+        help="how to() verifies: seeded inputs (the default users get), the case's own inputs as example=,\n"
+        "each-shape (also each new input shape at its first run; under auto a wrong shape moves on),\n"
+        "or off (the HAL's plumbing against the runtime, without verification's refusals)",
     )
+    p.add_argument("--no-verify", action="store_const", dest="verify", const="off", help="the same as --verify off")
     p.add_argument("--cache-dir", help="HAL_CACHE_DIR to use (default: a fresh temporary directory, removed after)")
     p.add_argument("--json", metavar="PATH", help="also write counts, settings and every case's outcome as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -145,7 +148,7 @@ def _run(args: argparse.Namespace, conformance: Any) -> None:
             print(f"  {index + 1}/{len(cases)} cases, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
     print(f"{len(cases)} cases on {', '.join(targets)}", file=sys.stderr, flush=True)
-    result = conformance.run(cases, targets, progress=progress, verify=False if args.no_verify else None)
+    result = conformance.run(cases, targets, progress=progress, verify=args.verify)
     wall = time.perf_counter() - start
     lines, summary = _summary(result)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -158,7 +161,7 @@ def _run(args: argparse.Namespace, conformance: Any) -> None:
     if args.json:
         data = {
             "machine": {**machine_info(), "load_average_end": load},
-            "settings": {"sample": args.sample, "offset": args.offset, "targets": targets},
+            "settings": {"sample": args.sample, "offset": args.offset, "targets": targets, "verify": args.verify},
             "wall_s": round(wall, 1),
             **summary,
             **result.to_dict(),

@@ -727,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("conformance", help="run onnx's node test cases: passed / wrong / errors per device")
     p.add_argument("--device", action="append", metavar="D", help="device id or auto; repeat (default: all available and auto)")
     p.add_argument("--every", type=int, default=1, metavar="N", help="run every N-th case by name (default 1: all)")
+    p.add_argument(
+        "--verify", choices=("seeded", "case", "each-shape", "off"), default="seeded",
+        help="how to() verifies: seeded inputs (default), each case's own inputs (example=), each new shape too, or not",
+    )
     p.add_argument("--json", action="store_true", help="one object per device: device, total, passed, wrong, errors, reasons")
     p.set_defaults(func=cmd_conformance)
 
@@ -824,7 +828,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} cases", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    summaries = conformance.survey(args.device, every=args.every, progress=progress if live else None)
+    summaries = conformance.survey(args.device, every=args.every, verify=args.verify, progress=progress if live else None)
     if args.json:
         print(json.dumps([s.to_dict() for s in summaries], indent=2))
         return 0

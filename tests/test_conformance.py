@@ -224,3 +224,39 @@ class TestReport:
         assert main(["conformance", "--device", "nosuch:0"]) == 1
         assert main(["conformance", "--every", "0"]) == 1
         assert capsys.readouterr().err.count("hal: error:") == 2
+
+
+class TestVerifyModes:
+    def test_case_mode_verifies_with_the_cases_own_inputs(self, monkeypatch):
+        case = next(c for c in _cases() if c.name == "test_add")
+        given = []
+        real = hal.CompiledModel.to
+
+        def spy(self, device="auto", **options):
+            given.append(options)
+            return real(self, device, **options)
+
+        monkeypatch.setattr(hal.CompiledModel, "to", spy)
+        with conformance.isolated_cache():
+            outcome = conformance.run_case(case, ["ort:cpu", "auto"], verify="case")
+        assert {r.outcome for r in outcome.values()} == {"pass"}
+        inputs, _ = case.data_sets[0]
+        for options in given[:2]:
+            assert options["verify"] is True
+            assert [n for n in options["example"]] == ["x", "y"]
+            np.testing.assert_array_equal(options["example"]["x"], inputs[0])
+            assert not options["example"]["x"].flags.writeable  # fed as read, like the run itself
+
+    def test_each_shape_and_off_reach_to(self, monkeypatch):
+        case = next(c for c in _cases() if c.name == "test_add")
+        given = []
+        real = hal.CompiledModel.to
+        monkeypatch.setattr(hal.CompiledModel, "to", lambda self, device="auto", **o: (given.append(o.get("verify")), real(self, device, **o))[1])
+        with conformance.isolated_cache():
+            conformance.run_case(case, ["auto"], verify="each-shape")
+            conformance.run_case(case, ["auto"], verify="off")
+        assert given == ["each-shape", False]
+
+    def test_an_unknown_mode_is_named(self):
+        with pytest.raises(hal.errors.InputError, match="seeded, case, each-shape, off"):
+            conformance.run([], ["ort:cpu"], verify="sometimes")

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import field, frozen
 
 import hal
-from hal.errors import HalError, RunError
+from hal.errors import HalError, RunError, VerificationError
 
 if TYPE_CHECKING:
     import onnx
@@ -291,8 +291,32 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def _prepare(compiled: hal.CompiledModel, target: str, verify: bool | None) -> hal.Executable:
+#: How ``to()`` verifies a case's model: the HAL's default (seeded inputs), with the case's own
+#: inputs as ``example=`` (what a user with real inputs does), also each new input shape at its
+#: first run (``verify="each-shape"``: under ``auto`` a wrong shape moves to the next device), or not.
+VERIFY_MODES = ("seeded", "case", "each-shape", "off")
+
+
+def verify_option(mode: str | bool | None) -> bool | str | None:
+    """``mode`` (one of :data:`VERIFY_MODES`, or None/True/False/"each-shape" as ``to()`` takes
+    them) as :func:`run` takes it; raises :class:`~hal.errors.InputError` for anything else."""
+    from hal.errors import InputError
+
+    options: dict[Any, bool | str | None] = {None: None, True: None, "seeded": None, "case": "case",
+                                              "each-shape": "each-shape", False: False, "off": False}
+    try:
+        return options[mode]
+    except (KeyError, TypeError):
+        msg = f"verify={mode!r} is not one of {', '.join(VERIFY_MODES)}"
+        raise InputError(msg) from None
+
+
+def _prepare(
+    compiled: hal.CompiledModel, target: str, verify: bool | str | None, example: dict[str, Any] | None = None
+) -> hal.Executable:
     options: dict[str, Any] = {} if verify is None else {"verify": verify}
+    if verify == "case":
+        options = {"verify": True, "example": example}
     if target == AUTO:
         return compiled.to(AUTO, **options)
     return compiled.to(target, strict=True, fallback=None, **options)
@@ -305,7 +329,7 @@ def _run_target(
     feeds_list: list[dict[str, Any]],
     expected_list: list[list[Any]],
     output_names: list[str],
-    verify: bool | None,
+    verify: bool | str | None,
 ) -> CaseResult:
     start = time.perf_counter()
 
@@ -313,7 +337,7 @@ def _run_target(
         return CaseResult(case.name, target, outcome, time.perf_counter() - start, device, message, hal_error)
 
     try:
-        exe = _prepare(compiled, target, verify)
+        exe = _prepare(compiled, target, verify, feeds_list[0] if feeds_list else None)
     except HalError as exc:
         return result("error", _first_line(exc))
     except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
@@ -324,6 +348,8 @@ def _run_target(
             outputs = exe.run(feeds)
         except RunError as exc:
             return result("crash", _first_line(exc), device)
+        except VerificationError as exc:  # verify="each-shape" refused the device's answer: a refusal
+            return result("error", _first_line(exc), device)
         except HalError as exc:  # an InputError for feeds the case's own model declares
             return result("crash", f"in run(): {_first_line(exc)}", device)
         except Exception as exc:  # noqa: BLE001 - as above
@@ -335,10 +361,12 @@ def _run_target(
     return result("pass", device=device)
 
 
-def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | None = None) -> dict[str, CaseResult]:
+def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | str | None = None) -> dict[str, CaseResult]:
     """Run one case on each target: compiled once with :func:`hal.compile`, then ``to(target)``.
 
-    ``verify`` is passed to ``to()`` when given (None: the HAL's default)."""
+    ``verify`` is passed to ``to()`` when given (None: the HAL's default); ``"case"`` verifies
+    with the case's own first inputs (``example=``)."""
+    verify = verify_option(verify)
     start = time.perf_counter()
 
     def everywhere(outcome: str, message: str) -> dict[str, CaseResult]:
@@ -366,16 +394,17 @@ def run(
     targets: Sequence[str] | Mapping[str, Iterable[str] | None],
     *,
     progress: Callable[[int, TestCase, dict[str, CaseResult]], None] | None = None,
-    verify: bool | None = None,
+    verify: bool | str | None = None,
 ) -> ConformanceResult:
     """Run ``cases`` on ``targets``.
 
     ``targets`` is a list of device ids and ``"auto"``, or a mapping from target to the names
     of the cases it should run (``None``: all), so slow devices can run a sample while the
     others run everything; a case is compiled once for all the targets that run it.
-    ``progress(index, case, results)`` is called after each case. ``verify`` is passed to
-    ``to()`` when given (None: the HAL's default, which is what users get).
+    ``progress(index, case, results)`` is called after each case. ``verify``: one of
+    :data:`VERIFY_MODES` (None: the HAL's default, seeded inputs, which is what users get).
     """
+    verify = verify_option(verify)
     wanted: dict[str, frozenset[str] | None] = (
         {t: None if names is None else frozenset(names) for t, names in targets.items()}
         if isinstance(targets, Mapping)
@@ -498,7 +527,7 @@ def survey(
     *,
     every: int = 1,
     top: int = 5,
-    verify: bool | None = None,
+    verify: bool | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[TargetSummary]:
     """Run every ``every``-th node case on ``targets`` and summarize, in a fresh compile cache.
