@@ -444,68 +444,97 @@ class Pool:
         Raises :class:`~hal.errors.InputError` for bad feeds (no device is tried) and
         :class:`~hal.errors.FailoverError` when no device answered within the deadline."""
         feeds, names, specs = self._members[0].exe.check(feeds, output_names)
-        start = time.monotonic()
-        deadline = None if self.deadline_s is None else start + self.deadline_s
         with self._lock:
             self._counts["requests"] += 1
-        failures: list[tuple[str, str]] = []
-        doubtful: list[tuple[_Member, dict[str, Any]]] = []  # non-finite answers, awaiting a second opinion
-        tried = 0
-        members = self._members
-        for index, member in enumerate(members):
-            if not member.breaker.allow():
-                failures.append((member.id, f"skipped: circuit breaker open (last failure: {member.last_error})"))
-                continue
-            timeout = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    member.breaker.released()
-                    failures.append((member.id, f"not tried: the {self.deadline_s:g} s deadline had passed"))
-                    continue
-                share = left / (1 + sum(1 for m in members[index + 1:] if m.breaker.ready()))
-                timeout = share if self.attempt_s is None else min(left, self.attempt_s)
-            if tried:
-                member.count("retried")
-            tried += 1
-            kind, value = member.call(feeds, names, specs, timeout)
-            if kind == "ok":
-                if _finite(value):
-                    member.breaker.succeeded()
-                    member.count("served")
-                    for other, _ in doubtful:  # contradicted by a finite answer
-                        other.breaker.failed()
-                        other.count("failed", f"non-finite outputs where {member.id} answered finite ones")
-                    self._answered()
-                    return value
-                member.count("nonfinite")
-                doubtful.append((member, value))
-                failures.append((member.id, "returned non-finite outputs"))
-                continue
-            member.breaker.failed()
-            member.count("failed", value)
-            if kind == "timeout":
-                member.count("timed_out")
-            failures.append((member.id, value))
-        if doubtful:  # nobody answered finite: the first non-finite answer stands, nobody is blamed
-            for other, _ in doubtful:
-                other.breaker.succeeded()
-            first, answer = doubtful[0]
-            first.count("served")
-            self._answered()
-            return answer
-        with self._lock:
-            self._counts["failed"] += 1
-        parts = "; ".join(f"{d}: {r}" for d, r in failures)
-        late = "" if deadline is None or time.monotonic() < deadline else f" within the {self.deadline_s:g} s deadline"
-        msg = f"no device of the pool answered{late}: {parts}; see pool.stats(), and hal devices for their health"
-        error = FailoverError(msg)
-        error.failures = tuple(failures)
-        raise error
+        try:
+            value = failover(
+                self._members,
+                lambda member, timeout: member.call(feeds, names, specs, timeout),
+                lambda member, what, error=None: member.count(what, error),
+                deadline_s=self.deadline_s,
+                attempt_s=self.attempt_s,
+                nobody="no device of the pool answered",
+                hint="see pool.stats(), and hal devices for their health",
+            )
+        except FailoverError:
+            with self._lock:
+                self._counts["failed"] += 1
+            raise
+        self._answered()
+        return value
 
     def _answered(self) -> None:
         with self._lock:
             self._counts["answered"] += 1
+
+
+def failover(
+    members: Sequence[Any],
+    attempt: Callable[[Any, float | None], tuple[str, Any]],
+    count: Callable[..., None],
+    *,
+    deadline_s: float | None,
+    attempt_s: float | None = None,
+    nobody: str,
+    hint: str,
+) -> Any:
+    """One request, tried on ``members`` in order (a :class:`Pool`'s devices, a Ray fleet's
+    actors: anything with ``id`` and ``breaker``) until one answers; the module's docs say how.
+
+    ``attempt(member, timeout)`` returns ``("ok", outputs)``, ``("error", reason)`` or
+    ``("timeout", reason)``; ``count(member, what, error=None)`` keeps the member's counts.
+    Returns the outputs, or raises :class:`~hal.errors.FailoverError` whose message starts with
+    ``nobody`` and ends with ``hint``, with ``failures``: ``(member id, reason)`` per member."""
+    start = time.monotonic()
+    deadline = None if deadline_s is None else start + deadline_s
+    failures: list[tuple[str, str]] = []
+    doubtful: list[tuple[Any, Any]] = []  # non-finite answers, awaiting a second opinion
+    tried = 0
+    for index, member in enumerate(members):
+        if not member.breaker.allow():
+            failures.append((member.id, f"skipped: circuit breaker open (last failure: {member.last_error})"))
+            continue
+        timeout = None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                member.breaker.released()
+                failures.append((member.id, f"not tried: the {deadline_s:g} s deadline had passed"))
+                continue
+            share = left / (1 + sum(1 for m in members[index + 1:] if m.breaker.ready()))
+            timeout = share if attempt_s is None else min(left, attempt_s)
+        if tried:
+            count(member, "retried")
+        tried += 1
+        kind, value = attempt(member, timeout)
+        if kind == "ok":
+            if _finite(value):
+                member.breaker.succeeded()
+                count(member, "served")
+                for other, _ in doubtful:  # contradicted by a finite answer
+                    other.breaker.failed()
+                    count(other, "failed", f"non-finite outputs where {member.id} answered finite ones")
+                return value
+            count(member, "nonfinite")
+            doubtful.append((member, value))
+            failures.append((member.id, "returned non-finite outputs"))
+            continue
+        member.breaker.failed()
+        count(member, "failed", value)
+        if kind == "timeout":
+            count(member, "timed_out")
+        failures.append((member.id, value))
+    if doubtful:  # nobody answered finite: the first non-finite answer stands, nobody is blamed
+        for other, _ in doubtful:
+            other.breaker.succeeded()
+        first, answer = doubtful[0]
+        count(first, "served")
+        return answer
+    parts = "; ".join(f"{d}: {r}" for d, r in failures)
+    late = "" if deadline is None or time.monotonic() < deadline else f" within the {deadline_s:g} s deadline"
+    error = FailoverError(f"{nobody}{late}: {parts}; {hint}")
+    error.failures = tuple(failures)
+    raise error
 
 
 def _why(exc: HalError) -> str:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from attrs import evolve, frozen
 
 from hal.backend import Device
 from hal.capabilities import DeviceKind
 from hal.errors import CompileError, FailoverError, HalError, InputError, SettingError
-from hal.executable import Executable, _is_float
+from hal.executable import Executable
 from hal.lowering import LoweringStep, Placement
-from hal.pool import Breaker, BreakerSettings, DeviceStats, check_seconds
+from hal.pool import OPEN, Breaker, BreakerSettings, DeviceStats, check_seconds, failover
 
 if TYPE_CHECKING:
     from hal.compiled import CompiledModel
@@ -345,26 +343,13 @@ class _Member:
         self.breaker = Breaker(settings, name=name)
         self.inflight = 0
         self.last_error: str | None = None
-        self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite"), 0)
+        self.restarting = False  # killed as hung, not answered since
+        self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite", "restarted"), 0)
 
     def stats(self) -> DeviceStats:
         c = self.counts
         return DeviceStats(self.id, c["served"], c["failed"], c["retried"], c["timed_out"], c["late"],
                            c["nonfinite"], self.breaker.state, self.last_error)
-
-
-def _finite(values: Iterable[Any]) -> bool:
-    for value in values:
-        if isinstance(value, list):
-            if not _finite(value):
-                return False
-        elif isinstance(value, np.ndarray) and _is_float(value.dtype):
-            try:
-                if not np.isfinite(value).all():
-                    return False
-            except TypeError:  # a format without NaN: finite by construction
-                pass
-    return True
 
 
 class FleetExecutable:
@@ -378,7 +363,9 @@ class FleetExecutable:
     request moves to the next actor, as a :class:`hal.Pool` does. The caller gets exactly one
     answer, or a :class:`~hal.errors.FailoverError` naming each actor's failure; an abandoned
     call's late answer is dropped. Ray restarts an actor whose process or node died (up to
-    ``max_restarts``); its breaker lets a trial through after the cool-down.
+    ``max_restarts``); its breaker lets a trial through after the cool-down. An actor whose
+    breaker opens on timeouts is hung: its process is killed, and Ray restarts it
+    (``restarts()`` counts them).
     """
 
     def __init__(self, members: Sequence[_Member], model: Any, *, deadline_s: float | None,
@@ -442,6 +429,11 @@ class FleetExecutable:
         with self._lock:
             return dict(self._counts)
 
+    def restarts(self) -> dict[str, int]:
+        """Per actor: how many times the fleet killed it as hung (Ray restarts it)."""
+        with self._lock:
+            return {m.id: m.counts["restarted"] for m in self._members}
+
     def check_health(self, burn_in: int = 2) -> dict[str, dict[str, Any]]:
         """Each actor's canary check (:meth:`hal.ray._actors.DeviceWorker.check_health`), or the
         reason it could not answer."""
@@ -477,6 +469,29 @@ class FleetExecutable:
             member.counts[what] += 1
             if error is not None:
                 member.last_error = error
+            if what == "served":
+                member.restarting = False
+            # Timeouts opened its breaker: the actor is hung (its threads stuck in calls nothing
+            # in Python can stop). Once per hang: a restarting actor answers nothing for a while.
+            hung = what == "timed_out" and member.breaker.state == OPEN and not member.restarting
+            if hung:
+                member.restarting = True
+        if hung:
+            self._restart(member)
+
+    def _restart(self, member: _Member) -> None:
+        """Kill a hung actor's process; Ray restarts it (``max_restarts``) and the breaker lets a
+        trial through after the cool-down. Its stuck requests fail over like any other."""
+        log.warning(
+            "fleet: %s stopped answering within its share of the deadline (%s): its process is killed, Ray restarts it",
+            member.id, member.last_error,
+        )
+        with self._lock:
+            member.counts["restarted"] += 1
+        try:
+            _ray().kill(member.actor, no_restart=False)
+        except Exception as exc:  # noqa: BLE001 - already dead (Ray restarts it, or it is out of restarts)
+            log.warning("fleet: %s could not be killed: %s", member.id, exc)
 
     def run(self, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> dict[str, Any]:
         """Run the model on one actor of the fleet, failing over (see the class). Raises
@@ -486,62 +501,23 @@ class FleetExecutable:
         checker = self._members[0].exe
         feeds, names, specs = checker.check(feeds, output_names)
         feeds = dict(feeds)
-        start = time.monotonic()
-        deadline = None if self.deadline_s is None else start + self.deadline_s
         with self._lock:
             request = next(self._ids)
             self._counts["requests"] += 1
-        failures: list[tuple[str, str]] = []
-        doubtful: list[tuple[_Member, dict[str, Any]]] = []
-        order = self._order()
-        tried = 0
-        for index, member in enumerate(order):
-            if not member.breaker.allow():
-                failures.append((member.id, f"skipped: circuit breaker open (last failure: {member.last_error})"))
-                continue
-            timeout = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    member.breaker.released()
-                    failures.append((member.id, f"not tried: the {self.deadline_s:g} s deadline had passed"))
-                    continue
-                timeout = left / (1 + sum(1 for m in order[index + 1:] if m.breaker.ready()))
-            if tried:
-                self._count(member, "retried")
-            tried += 1
-            kind, value = self._attempt(ray, member, request, feeds, names, specs, timeout)
-            if kind == "ok":
-                if _finite(value.values()):
-                    member.breaker.succeeded()
-                    self._count(member, "served")
-                    for other, _ in doubtful:
-                        other.breaker.failed()
-                        self._count(other, "failed", f"non-finite outputs where {member.id} answered finite ones")
-                    return self._deliver(request, value)
-                self._count(member, "nonfinite")
-                doubtful.append((member, value))
-                failures.append((member.id, "returned non-finite outputs"))
-                continue
-            member.breaker.failed()
-            self._count(member, "failed", value)
-            if kind == "timeout":
-                self._count(member, "timed_out")
-            failures.append((member.id, value))
-        if doubtful:
-            for other, _ in doubtful:
-                other.breaker.succeeded()
-            first, answer = doubtful[0]
-            self._count(first, "served")
-            return self._deliver(request, answer)
-        with self._lock:
-            self._counts["failed"] += 1
-        late = "" if deadline is None or time.monotonic() < deadline else f" within the {self.deadline_s:g} s deadline"
-        parts = "; ".join(f"{d}: {r}" for d, r in failures)
-        msg = f"no actor of the fleet answered request {request}{late}: {parts}; see .stats(), and ray status for the nodes"
-        error = FailoverError(msg)
-        error.failures = tuple(failures)
-        raise error
+        try:
+            value = failover(
+                self._order(),
+                lambda member, timeout: self._attempt(ray, member, request, feeds, names, specs, timeout),
+                self._count,
+                deadline_s=self.deadline_s,
+                nobody=f"no actor of the fleet answered request {request}",
+                hint="see .stats(), and ray status for the nodes",
+            )
+        except FailoverError:
+            with self._lock:
+                self._counts["failed"] += 1
+            raise
+        return self._deliver(request, value)
 
     def _attempt(self, ray: Any, member: _Member, request: int, feeds: dict[str, Any], names: Sequence[str],
                  specs: Any, timeout: float | None) -> tuple[str, Any]:

@@ -179,3 +179,40 @@ class TestFailover:
         while node.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]} and time.monotonic() < deadline:
             time.sleep(1)
         fleet.refresh()
+
+
+class TestHungActors:
+    def test_a_hung_actor_is_killed_ray_restarts_it_and_nothing_is_lost(self, fleet: Any, mlp: Any) -> None:
+        from hal.pool import BreakerSettings
+
+        # The H100s' actors hang on every request (hal-sim's injected fault, for their processes
+        # only; verify=False: placement would hang too); the 910C answers.
+        h100 = next(d.device for d in fleet.devices if d.device.id == "sim:h100:0")
+        hanging = {**resources_for(h100), "runtime_env": {"env_vars": {"HAL_SIM_FAULTS": "h100:hang=1,hang_s=600"}}}
+        with fleet.to(mlp, devices=["sim:h100:0", "sim:ascend-910c:0"], resources={"sim:h100:0": hanging},
+                      verify=False, deadline_s=6, breaker=BreakerSettings(failures=2, cool_down_s=120)) as exe:
+            hung = [m["id"] for m in exe.describe() if m["id"].endswith("sim:h100:0")]
+            assert len(hung) == 2
+            pids = {name: ray.get(exe.actors[name].describe.remote(), timeout=60)["pid"] for name in hung}
+            for seed in range(10):
+                feeds = mlp.feeds(seed)
+                np.testing.assert_array_equal(exe.run(feeds)["y"], mlp.answer(feeds)["y"])
+            stats = exe.stats()
+            assert all(stats[name].timed_out == 2 and stats[name].breaker == "open" for name in hung)
+            assert exe.restarts() == {**dict.fromkeys(hung, 1), next(m for m in exe.actors if m not in hung): 0}
+            # A new process each: the stuck one's threads would still hold the old (for 600 s).
+            for name in hung:
+                assert _pid_once_restarted(exe.actors[name]) != pids[name]
+            assert exe.totals() == {"requests": 10, "answered": 10, "failed": 0}
+
+
+def _pid_once_restarted(actor: Any) -> int:
+    """The actor's process id, once Ray has restarted it (calls fail while it restarts)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return ray.get(actor.describe.remote(), timeout=60)["pid"]
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
