@@ -88,12 +88,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+#: External tensors smaller than this go into the graph given to onnxruntime: its shape inference
+#: cannot read a Reshape's shape (or any value it needs at load) from external data, even from the
+#: model's own file ("Cannot parse data from external tensors"). onnx writes tensors under 1 KiB
+#: inside the model by default (``size_threshold=1024``); a model that put them outside still runs.
+INLINE_BELOW = 1024
+
+
 def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any]]]:
     """The graph for onnxruntime, and its external initializers as OrtValues over the mapped
-    bytes (``SessionOptions.add_initializer``: onnxruntime uses the buffer, never copies it, and
+    bytes (``SessionOptions.add_external_initializers``: onnxruntime uses the buffers, and
     never opens the file the model names). External tensors it cannot take that way (inside
-    subgraphs or attributes, sub-byte types, strings) are copied into the graph; the rest of the
-    model stays as small as its graph."""
+    subgraphs or attributes, sub-byte types, strings, and those under :data:`INLINE_BELOW` bytes)
+    are copied into the graph; the rest of the model stays as small as its graph."""
     import onnxruntime as ort
 
     from hal.weights import external_tensors
@@ -110,6 +117,8 @@ def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any
         if fmt.bits < 8 or fmt is NumberFormat.STRING:
             continue
         array = weights.array(tensor)
+        if array.nbytes < INLINE_BELOW:
+            continue  # copied into the graph, where onnxruntime's shape inference can read it
         if fmt in RAW_BIT_FORMATS or array.dtype.kind not in "biufc":
             value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits_view(array), tensor.data_type)
         else:
@@ -128,7 +137,7 @@ def _placeholder_directory(proto: Any, weights: Any) -> Iterator[Path]:
 
     onnxruntime checks that every external data location exists inside the model's directory
     (relative to the working directory for a model given as bytes), even for initializers
-    ``add_initializer`` replaces, and refuses a symbolic link that leads outside it. The
+    ``add_external_initializers`` replaces, and refuses a symbolic link that leads outside it. The
     placeholders satisfy the check and are never read: every external initializer is replaced
     (checked by the tests: the answers are the weights', not zeros). Removed on exit; the
     session has read the model by then.
@@ -563,8 +572,11 @@ class OrtBackend(Backend):
         initializers: Sequence[tuple[str, Any]] = (),
     ) -> Any:
         so = self.session_options(device, options)
-        for name, value in initializers:
-            so.add_initializer(name, value)
+        if initializers:
+            # add_external_initializers, not add_initializer: onnxruntime's graph optimizers
+            # (constant folding, fusions that read a constant) see these values; with
+            # add_initializer they read the placeholder file's zeros and answered wrong.
+            so.add_external_initializers([n for n, _ in initializers], [v for _, v in initializers])
         tmp = None
         if artifact is not None:
             # onnxruntime writes the optimized model while creating the session; it goes to a

@@ -46,6 +46,9 @@ on):
   verification (:data:`hal.testing.contract.FLOAT32`): ``max|got - want| <= 1e-6 + 1e-4 *
   max|want|`` per output (runtimes differ by about 5e-7 of the largest output on these models,
   computing in bfloat16 by about 4e-3);
+- **external weights** — a model whose every tensor is in a data file (``size_threshold=0``),
+  including those a runtime's graph optimizer reads (a Transpose of a weight, GELU's constants, a
+  Reshape's shape), answers as the reference within that tolerance, placed cold and again warm;
 - **ONNX node test cases** — the cases onnx defines in code, with inputs fed as read from their
   ``.pb`` files and read-only: every failure must be a ``HalError``; pass / wrong / error counts
   are reported after the run, and asserted only where the device declares a floor (the

@@ -595,6 +595,61 @@ class TestPrecision:
         assert not problems, f"{device.id} at the default precision vs {reference}: " + "; ".join(problems)
 
 
+# -- external weights ------------------------------------------------------------------------------
+
+
+def _external_weights_model() -> onnx.ModelProto:
+    """Weights a runtime's graph optimizer reads, not only its kernels: a Transpose of a weight
+    (constant-folded), GELU's scalar constants (fusions match their values), a Reshape's shape (shape
+    inference needs it) and a bias; all saved external by the test (``size_threshold=0``)."""
+    rng = np.random.default_rng(7)
+    init = [
+        onnx.numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w_t"),
+        onnx.numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "bias"),
+        onnx.numpy_helper.from_array(np.array([1.4142135], np.float32), "sqrt2"),
+        onnx.numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+        onnx.numpy_helper.from_array(np.array([0.5], np.float32), "half"),
+        onnx.numpy_helper.from_array(np.array([2, 4, 4], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["w_t"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "bias"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["g"]),
+        helper.make_node("Reshape", ["g", "shape"], ["y"]),
+    ]
+    return make_model(nodes, [("x", TensorProto.FLOAT, [2, 32])], [("y", TensorProto.FLOAT, [2, 4, 4])], initializers=init)
+
+
+class TestExternalWeights:
+    def test_weights_in_a_data_file_answer_as_inside(self, hal_device: hal.Device, tmp_path: Path) -> None:
+        from onnx.reference import ReferenceEvaluator
+
+        device = _available(hal_device)
+        if not device.capabilities.support(F.FLOAT32).at_least(Support.EMULATED):
+            pytest.skip(f"{device.id} does not compute float32")
+        model = _external_weights_model()
+        feeds = {"x": np.random.default_rng(8).standard_normal((2, 32)).astype(np.float32)}
+        want = ReferenceEvaluator(model).run(["y"], feeds)[0]
+        path = tmp_path / "external.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="external.onnx.data", size_threshold=0)
+        for attempt in ("cold", "warm"):  # the second placement may come from the device's caches
+            compiled = hal.compile(path)
+            assert compiled.model.weights is not None, "the weights were not left external"
+            got = compiled.to(device.id, strict=True, fallback=None, verify=False).run(feeds)["y"]
+            assert got.shape == want.shape, f"{device.id} ({attempt}): output 'y' is {_show(got)}, expected {_show(want)}"
+            error, tolerance = _normwise(got, want)
+            assert error <= tolerance, (
+                f"{device.id} ({attempt}) with the weights in a data file: output 'y' is {error:.3g} off, "
+                f"beyond {tolerance:.3g}; got {_show(got)}, expected {_show(want)}"
+            )
+
+
 # -- ONNX node test cases --------------------------------------------------------------------------
 
 
