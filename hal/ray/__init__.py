@@ -16,6 +16,6 @@ offers simulated chips by advertising them, ``HAL_SIM_DEVICES=h100 ray start --h
 
 from __future__ import annotations
 
-from hal.ray._fleet import Fleet, FleetDevice, FleetExecutable, model_bytes, resources_for
+from hal.ray._fleet import Fleet, FleetDevice, FleetExecutable, Shipment, model_bytes, resources_for, ship
 
-__all__ = ["Fleet", "FleetDevice", "FleetExecutable", "model_bytes", "resources_for"]
+__all__ = ["Fleet", "FleetDevice", "FleetExecutable", "Shipment", "model_bytes", "resources_for", "ship"]

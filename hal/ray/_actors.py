@@ -23,6 +23,17 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def opened(model: Any) -> Any:
+    """A :class:`hal.CompiledModel` from a :class:`~hal.ray.Shipment` or a model's bytes."""
+    from hal.ray._fleet import Shipment
+
+    if isinstance(model, Shipment):
+        return model.open()
+    import hal
+
+    return hal.compile(model)
+
+
 class NodeProbe:
     """A small actor pinned to one node: lists the HAL's devices there."""
 
@@ -41,16 +52,14 @@ class NodeProbe:
 class DeviceWorker:
     """One device of a fleet: the compiled model lowered, verified and prepared on that device.
 
-    ``model`` is the compiled model's bytes (:func:`hal.ray._fleet.model_bytes`, shipped once
-    through the object store); ``device`` the device id on this node; ``options`` go to
+    ``model`` is the compiled model as :func:`hal.ray.ship` packs it (or its bytes), shipped
+    once through the object store; ``device`` the device id on this node; ``options`` go to
     ``compiled.to(device, strict=True, **options)``. When Ray restarts the actor (its process or
     its node died) the constructor runs again on the node Ray chose, which must have the device.
     """
 
     def __init__(self, model: bytes, device: str, options: Mapping[str, Any]) -> None:
-        import hal
-
-        self.compiled = hal.compile(model)
+        self.compiled = opened(model)
         self.exe = self.compiled.to(device, strict=True, **dict(options))
         self.device = device
         self.node = _node_id()

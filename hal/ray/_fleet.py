@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from hal.compiled import CompiledModel
     from hal.model import TensorInfo
 
-__all__ = ["Fleet", "FleetDevice", "FleetExecutable", "model_bytes", "resources_for"]
+__all__ = ["Fleet", "FleetDevice", "FleetExecutable", "Shipment", "model_bytes", "resources_for", "ship"]
 
 log = logging.getLogger("hal.ray")
 
@@ -98,7 +98,7 @@ def _scaled(options: Mapping[str, Any], share: float) -> dict[str, Any]:
 def model_bytes(compiled: CompiledModel) -> bytes:
     """The compiled model as :meth:`CompiledModel.save` writes it, in memory: what a node's
     ``hal.compile(bytes)`` reads back without optimizing again. Raises InputError for a model whose
-    weights are external (ship them to the nodes and use a path instead)."""
+    weights are external (:func:`ship` carries those)."""
     import json
 
     import onnx
@@ -107,14 +107,73 @@ def model_bytes(compiled: CompiledModel) -> bytes:
 
     if compiled.model.weights is not None:
         msg = (
-            f"{compiled.model.name!r} keeps its weights in external files, which a fleet does not ship yet; "
-            "put the model and its .data file where every node can read them, or use a model under 2 GiB with its weights inside"
+            f"{compiled.model.name!r} keeps its weights in external files, which do not fit in one ModelProto's bytes; "
+            "use hal.ray.ship(compiled), which carries them beside it"
         )
         raise InputError(msg)
     proto = onnx.ModelProto()
     proto.CopyFrom(compiled.model.proto)
     proto.metadata_props.add(key=MANIFEST_KEY, value=json.dumps(compiled.manifest, sort_keys=True))
     return proto.SerializeToString()
+
+
+@frozen(eq=False)  # an array inside: no element-wise ==
+class Shipment:
+    """A compiled model as a fleet ships it through Ray's object store: the model's bytes and,
+    for a model with external weights, its one weights file as a uint8 array (Ray moves arrays
+    without pickling their bytes, and a node reads them from shared memory). :meth:`open` makes
+    it a :class:`~hal.CompiledModel` again on the node."""
+
+    model: bytes
+    data_name: str | None = None
+    data: Any = None  # np.ndarray of uint8: the weights file save() wrote, tensors 64-byte aligned
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.model) + (0 if self.data is None else int(self.data.nbytes))
+
+    def open(self) -> CompiledModel:
+        """The compiled model, not optimized again. External weights are written to a private
+        directory of this process (removed when the model is), whose files the HAL maps."""
+        import hal
+
+        if self.data is None:
+            return hal.compile(self.model)
+        import shutil
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        directory = Path(tempfile.mkdtemp(prefix="hal-fleet-"))
+        try:
+            (directory / "model.onnx").write_bytes(self.model)
+            with open(directory / str(self.data_name), "wb") as f:
+                f.write(memoryview(self.data).cast("B"))
+            compiled = hal.compile(directory / "model.onnx")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        weakref.finalize(compiled, shutil.rmtree, str(directory), True)  # mapped files outlive the names
+        return compiled
+
+
+def ship(compiled: CompiledModel) -> Shipment:
+    """``compiled`` as a :class:`Shipment`: its bytes, and its external weights (if any) as one
+    array, read from the file :meth:`CompiledModel.save` writes (one copy, into the object store
+    when put there)."""
+    if compiled.model.weights is None:
+        return Shipment(model_bytes(compiled))
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="hal-ship-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        compiled.save(path)
+        data_name = f"{path.name}.data"
+        data = np.fromfile(path.parent / data_name, dtype=np.uint8)
+        return Shipment(path.read_bytes(), data_name, data)
 
 
 class Fleet:
@@ -218,7 +277,7 @@ class Fleet:
             check_seconds("deadline_s", deadline_s)
         check_seconds("placement_timeout_s", placement_timeout_s)
         chosen = self._choose(compiled, devices)
-        ref = ray.put(model_bytes(compiled))
+        ref = ray.put(ship(compiled))
         worker = ray.remote(DeviceWorker)
         pending = []
         for target in chosen:

@@ -42,15 +42,16 @@ HEALTH_CHECK_PERIOD_S = 30.0
 
 
 class ModelServer:
-    """The Serve deployment's class (see the module): ``model`` is the compiled model's bytes,
-    ``name`` the name clients use, ``devices`` and ``replicas`` as :meth:`hal.ray.Fleet.to`."""
+    """The Serve deployment's class (see the module): ``model`` is the compiled model as
+    :func:`hal.ray.ship` packs it (or its bytes), ``name`` the name clients use, ``devices`` and
+    ``replicas`` as :meth:`hal.ray.Fleet.to`."""
 
-    def __init__(self, model: bytes, name: str, devices: str | Sequence[str] = "auto", replicas: int = 1,
+    def __init__(self, model: Any, name: str, devices: str | Sequence[str] = "auto", replicas: int = 1,
                  deadline_s: float | None = None) -> None:
-        import hal
+        from hal.ray._actors import opened
 
         self.name = name
-        self.compiled = hal.compile(model)
+        self.compiled = opened(model)
         self.metadata = protocol.model_metadata(name, self.compiled.inputs, self.compiled.outputs, "onnx-hal")
         self.exe: Any = None
         self.error: str | None = None
@@ -156,7 +157,7 @@ def application(model: Any, *, name: str | None = None, devices: str | Sequence[
     from ray import serve
 
     import hal
-    from hal.ray._fleet import model_bytes
+    from hal.ray._fleet import ship
 
     compiled = model if isinstance(model, hal.CompiledModel) else hal.compile(model)
     name = name or compiled.model.name
@@ -165,7 +166,7 @@ def application(model: Any, *, name: str | None = None, devices: str | Sequence[
         health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_PERIOD_S,
         max_ongoing_requests=64,
     )
-    return deployment.bind(model_bytes(compiled), name, devices, replicas, deadline_s)
+    return deployment.bind(ship(compiled), name, devices, replicas, deadline_s)
 
 
 def run(model: Any, *, name: str | None = None, devices: str | Sequence[str] = "auto", replicas: int = 1,

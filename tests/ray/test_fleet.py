@@ -216,3 +216,26 @@ def _pid_once_restarted(actor: Any) -> int:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+class TestExternalWeights:
+    def test_a_model_with_external_weights_ships_with_them(self, fleet: Any, mlp: Any, tmp_path: Any) -> None:
+        import onnx
+
+        from hal.testing import models
+
+        proto = models.mlp(batch=4, width=64, layers=2)  # the session's mlp, its weights in a file
+        onnx.save_model(proto, tmp_path / "mlp.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="mlp.onnx.data", size_threshold=0)
+        compiled = hal.compile(tmp_path / "mlp.onnx")
+        assert compiled.model.weights is not None
+        shipment = hal.ray.ship(compiled)
+        assert shipment.data is not None and shipment.data.nbytes >= 2 * 64 * 64 * 4
+        with pytest.raises(InputError, match=r"hal.ray.ship"):
+            hal.ray.model_bytes(compiled)
+        with fleet.to(compiled, devices=["sim:ascend-910c:0", "sim:h100:0"]) as exe:
+            assert all("matches" in d["verified"] for d in exe.describe())
+            for seed in range(6):
+                feeds = mlp.feeds(seed)
+                np.testing.assert_array_equal(exe.run(feeds)["y"], mlp.answer(feeds)["y"])
+            assert all(s.served == 2 for s in exe.stats().values())
