@@ -46,7 +46,15 @@ from hal.health import quarantine_message, without_health
 from hal.lowering import LoweredModel, LoweringStep, Placement, StepKind
 from hal.model import Model, load
 from hal.ranking import Verdict, assess, rank
-from hal.verification import Reference, ShapeCheckedRunner, VerificationReport, judge, seeded_feeds, shape_signature
+from hal.verification import (
+    REFERENCE_EVALUATOR,
+    Reference,
+    ShapeCheckedRunner,
+    VerificationReport,
+    judge,
+    seeded_feeds,
+    shape_signature,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -309,40 +317,8 @@ class CompiledModel:
         if policy == "fastest" and isinstance(device, str) and device == "auto":
             candidates, prepared, notes = selection.fastest(self, candidates, options, verify, example, precision, rtol)
         explicit = not (isinstance(device, str) and device == "auto")
-        failures: list[tuple[Device, HalError]] = []
-        tried: set[str] = set()
-        while candidates:
-            target = candidates.pop(0)
-            if target.id in tried:
-                continue
-            tried.add(target.id)
-            try:
-                exe = prepared.pop(target.id, None)
-                if exe is None:
-                    exe = selection.prepare(self, reg.backend(target.backend), target, options, verify, example, precision, rtol)
-            except (CompileError, UnavailableDeviceError) as exc:
-                failures.append((target, exc))
-                if candidates:  # the caller's own list (or auto's ranking) goes on
-                    continue
-                if strict or fallback is None:
-                    first, first_exc = failures[0]
-                    if isinstance(first_exc, VerificationError) and len(failures) == 1:
-                        raise first_exc
-                    raise _no_fallback(first, first_exc, strict) from exc
-                if explicit:
-                    candidates = self._fallbacks(fallback, tried)
-                continue
-            if failures:
-                first, reason = failures[0]
-                moved = f"all {len(self.model.proto.graph.node)} nodes moved from {first.id} to {target.id}"
-                log.warning("fallback: %s: %s", moved, reason)
-                skipped = [LoweringStep(StepKind.FALLBACK, f"{moved}: {reason}")]
-                for other, other_reason in failures[1:]:
-                    log.warning("fallback: %s skipped too: %s", other.id, other_reason)
-                    skipped.append(LoweringStep(StepKind.FALLBACK, f"{other.id} skipped: {other_reason}"))
-                exe.lowering = (*skipped, *exe.lowering)
-            if target.id in notes:
-                exe.lowering = (*exe.lowering, notes[target.id])
+
+        def finish(exe: Executable) -> Executable:
             if verify == "each-shape" and isinstance(exe.runner, ShapeCheckedRunner) and (not explicit or not (strict or fallback is None)):
                 # A later shape the device answers wrong (or cannot run) moves to the next device.
                 others = (
@@ -357,9 +333,65 @@ class CompiledModel:
                 exe.runner = _ShapeFailover(exe, others, place)
                 exe._run = exe.runner.run  # noqa: SLF001 - the executable's cached bound method
             return exe
+
+        failures: list[tuple[Device, HalError]] = []
+        tried: set[str] = set()
+        reserve: tuple[Executable, int] | None = None  # auto's disputed first choice, and its failures
+        while candidates:
+            target = candidates.pop(0)
+            if target.id in tried:
+                continue
+            tried.add(target.id)
+            try:
+                exe = prepared.pop(target.id, None)
+                if exe is None:
+                    exe = selection.prepare(self, reg.backend(target.backend), target, options, verify, example, precision, rtol)
+                report = exe.verification
+                if reserve is not None and (report is None or report.reference != REFERENCE_EVALUATOR):
+                    if report is not None and report.passed:  # it agrees with ort:cpu, not the evaluator
+                        break  # two runtimes against the evaluator: the first choice stands
+                    raise CompileError(f"{target.id} is not verified either ({'off' if report is None else report.summary()})")
+                if not explicit and report is not None and report.disputed and reserve is None and candidates:
+                    # The reference disputes this device's answer: a device that agrees with the
+                    # reference is used instead where one does; this one stays in reserve.
+                    reserve = (exe, len(failures))
+                    raise CompileError(f"{target.id}'s answer is disputed: {report.detail}")
+            except (CompileError, UnavailableDeviceError) as exc:
+                failures.append((target, exc))
+                if candidates:  # the caller's own list (or auto's ranking) goes on
+                    continue
+                if reserve is not None:  # nobody agreed with the reference: the disputed one stands
+                    break
+                if strict or fallback is None:
+                    first, first_exc = failures[0]
+                    if isinstance(first_exc, VerificationError) and len(failures) == 1:
+                        raise first_exc
+                    raise _no_fallback(first, first_exc, strict) from exc
+                if explicit:
+                    candidates = self._fallbacks(fallback, tried)
+                continue
+            return finish(self._with_fallbacks(exe, failures, notes))
+        if reserve is not None:
+            exe, before = reserve
+            return finish(self._with_fallbacks(exe, failures[:before], notes))
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
         raise CompileError(msg)
+
+    def _with_fallbacks(self, exe: Executable, failures: list[tuple[Device, HalError]], notes: dict[str, LoweringStep]) -> Executable:
+        """``exe`` with a ``fallback`` step (and a WARNING) per device tried before it."""
+        if failures:
+            first, reason = failures[0]
+            moved = f"all {len(self.model.proto.graph.node)} nodes moved from {first.id} to {exe.device.id}"
+            log.warning("fallback: %s: %s", moved, reason)
+            skipped = [LoweringStep(StepKind.FALLBACK, f"{moved}: {reason}")]
+            for other, other_reason in failures[1:]:
+                log.warning("fallback: %s skipped too: %s", other.id, other_reason)
+                skipped.append(LoweringStep(StepKind.FALLBACK, f"{other.id} skipped: {other_reason}"))
+            exe.lowering = (*skipped, *exe.lowering)
+        if exe.device.id in notes:
+            exe.lowering = (*exe.lowering, notes[exe.device.id])
+        return exe
 
     def _why_none_ranked(self) -> str:
         """Each available device's reason for not running the model, when ``auto`` ranked none."""

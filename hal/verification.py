@@ -153,6 +153,12 @@ class VerificationReport:
     def passed(self) -> bool:
         return self.status == "passed"
 
+    @property
+    def disputed(self) -> bool:
+        """The ONNX reference evaluator disagreed with the device and no third opinion settled it
+        (the device is ``ort:cpu``, the evaluator's second opinion): unverified, not refused."""
+        return self.status == "skipped" and (self.detail or "").startswith("disputed")
+
     def summary(self) -> str:
         if self.status == "skipped":
             return f"not verified: {self.detail}"

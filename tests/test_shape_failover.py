@@ -111,3 +111,77 @@ class TestShapeFailover:
         for x, got in zip(inputs, outs):
             np.testing.assert_allclose(got, _expected(compiled, x), rtol=1e-5, atol=1e-5)
         assert sum(step.kind == "fallback" for step in exe.lowering) == 1
+
+
+class EchoBackend(hal.Backend):
+    """A CPU device answering ``y = answer(x)`` for any model; by default ``y = x``, what the
+    broken evaluator below says a Relu is. ``echo:0`` ranks after ort:cpu (both CPUs)."""
+
+    name = "echo"
+    version = "1"
+
+    def __init__(self, answer=lambda x: np.array(x, copy=True)) -> None:
+        self.answer = answer
+
+    def discover(self):
+        caps = hal.Capabilities.from_levels(native=["float32"], opsets=hal.OpsetRange(1, 25))
+        return [hal.Device(id="echo:0", backend="echo", vendor="test", name="echo", kind="cpu", capabilities=caps)]
+
+    def prepare(self, model, device, options):
+        answer = self.answer
+
+        class Runner:
+            def run(self, feeds, names):
+                return [answer(feeds["x"]) for _ in names]
+
+        return Runner()
+
+
+class TestDisputedFirstChoice:
+    """``auto``'s first device is ort:cpu and the ONNX reference evaluator disputes its answer
+    (here the evaluator's Relu is broken on purpose, as onnx 1.23's LpNormalization p=1 is for
+    real): a device that agrees with the evaluator is used instead; ort:cpu stays when the only
+    other opinion is ort:cpu's own, or when the device was asked for by name."""
+
+    @pytest.fixture
+    def broken_evaluator(self, monkeypatch):
+        from onnx.reference.ops import op_relu
+
+        monkeypatch.setattr(op_relu.Relu, "_run", lambda self, x: (x,))
+
+    @staticmethod
+    def relu():
+        from onnx import TensorProto, helper
+
+        from hal.testing.build import make_model
+
+        return make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])])
+
+    def _auto(self, fresh_registry, backend):
+        reg = fresh_registry()
+        _register(reg, backend)
+        try:
+            return hal.compile(self.relu()).to("auto")
+        finally:
+            reg.remove_plugin("echo")
+
+    def test_a_device_agreeing_with_the_evaluator_replaces_a_disputed_ort_cpu(self, fresh_registry, broken_evaluator, caplog):
+        with caplog.at_level(logging.WARNING, logger="hal"):
+            exe = self._auto(fresh_registry, EchoBackend())
+        assert exe.device.id == "echo:0"
+        assert exe.verification.passed and exe.verification.reference == "onnx-reference"
+        assert exe.lowering[0].kind == "fallback" and "ort:cpu's answer is disputed" in exe.lowering[0].detail
+        assert "moved from ort:cpu to echo:0" in caplog.text
+
+    def test_ort_cpu_stands_when_the_other_device_agrees_with_it(self, fresh_registry, broken_evaluator):
+        exe = self._auto(fresh_registry, EchoBackend(lambda x: np.maximum(x, np.float32(0))))  # a right Relu
+        assert exe.device.id == "ort:cpu" and exe.verification.disputed
+        assert not any(step.kind == "fallback" for step in exe.lowering)
+
+    def test_without_a_dispute_auto_keeps_its_first_choice(self, fresh_registry):
+        exe = self._auto(fresh_registry, EchoBackend())  # echo answers wrong, ort:cpu right
+        assert exe.device.id == "ort:cpu" and exe.verification.passed
+
+    def test_an_explicit_ort_cpu_is_kept_whatever_the_dispute(self, broken_evaluator):
+        exe = hal.compile(self.relu()).to("ort:cpu")
+        assert exe.device.id == "ort:cpu" and exe.verification.disputed
