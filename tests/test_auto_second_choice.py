@@ -1,5 +1,6 @@
-"""``verify="each-shape"`` under ``auto`` or a fallback: a new input shape the chosen device
-answers wrong, or cannot run, moves to the next device that answers it right.
+"""When ``auto`` (or a fallback) moves on from its first choice after placement: a new input
+shape the device answers wrong or cannot run (``verify="each-shape"``), and a first choice whose
+answer the reference evaluator disputes.
 
 The wrong device is test_verification's DriftBackend: onnxruntime with its answer perturbed for
 some input sizes, or refusing a batch size (a stand-in for a runtime that miscompiles one shape,
