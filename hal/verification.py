@@ -34,7 +34,7 @@ import numpy as np
 from attrs import field, frozen
 
 from hal.capabilities import NumberFormat, ValueKind
-from hal.errors import HalError, InputError, VerificationError
+from hal.errors import HalError, InputError, RunError, VerificationError
 
 if TYPE_CHECKING:
     import onnx
@@ -576,7 +576,8 @@ class Reference:
     ``run(feeds)`` returns ``(outputs, reference name)`` or raises :class:`HalError` when no
     reference can run the model. ``exclude`` is the device under test (never its own reference).
     ``ort_cpu`` is a callable returning an ``ort:cpu`` :class:`~hal.Executable` for the model,
-    built only if the evaluator cannot be used.
+    built only if the evaluator cannot be used and a plain onnxruntime session on the model cannot
+    either (external weights, sequences, raw-bit formats, a model onnxruntime refuses unlowered).
     """
 
     def __init__(
@@ -664,13 +665,19 @@ class Reference:
     def _ort(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
         with self._lock:
             if self._ort_exe is None:
+                # A plain session first: a placement on the HAL's ort:cpu lowers, optimizes and
+                # caches for a device nobody asked for, several times the cost. The HAL's when the
+                # model needs what only it does (external weights, containers, raw-bit formats).
+                self._ort_exe = _PlainSession.build(self.proto) if self.weights is None else None
+            if self._ort_exe is None:
                 try:
                     self._ort_exe = self._ort_cpu()
                 except HalError as exc:
                     msg = f"ort:cpu cannot run it: {exc}"
                     raise HalError(msg) from exc
+            exe = self._ort_exe
         try:
-            return self._ort_exe.run(dict(feeds)), "ort:cpu"
+            return exe.run(dict(feeds)), "ort:cpu"
         except HalError as exc:
             msg = f"ort:cpu failed on the inputs: {exc}"
             raise HalError(msg) from exc
@@ -706,6 +713,60 @@ class Reference:
         with np.errstate(divide="raise"):  # see _run: a zero divisor stops verification here
             values = evaluator.run(names, {k: _as_arrays(v) for k, v in feeds.items()})
         return {n: _as_arrays(v) for n, v in zip(names, values)}
+
+
+#: ONNX element types onnxruntime's Python API takes and gives as numpy arrays (the rest, ml_dtypes
+#: arrays, only by their raw bits: hal.backends.onnxruntime.RAW_BIT_FORMATS, a floor above this one).
+_NUMPY_NATIVE = frozenset(
+    f.onnx_type
+    for f in (
+        NumberFormat.FLOAT32, NumberFormat.FLOAT16, NumberFormat.FLOAT64, NumberFormat.BOOL, NumberFormat.STRING,
+        NumberFormat.INT8, NumberFormat.INT16, NumberFormat.INT32, NumberFormat.INT64,
+        NumberFormat.UINT8, NumberFormat.UINT16, NumberFormat.UINT32, NumberFormat.UINT64,
+    )
+)
+
+
+class _PlainSession:
+    """onnxruntime's CPU provider on the reference's model as it is: no lowering, no graph
+    optimizations (no fused kernels between the model and its operators' meaning), no optimized
+    model written to the cache. Its ``run`` answers as an ort:cpu :class:`~hal.Executable` does:
+    every output by name, :class:`~hal.errors.RunError` when onnxruntime fails."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    @classmethod
+    def build(cls, proto: onnx.ModelProto) -> _PlainSession | None:
+        """A session for ``proto``, or None where only the HAL's ort:cpu can run it: a sequence
+        or optional input or output, an element type numpy arrays cannot carry to onnxruntime
+        (bfloat16, FP8, int4: the HAL passes their raw bits; complex, which has few CPU kernels),
+        or a model onnxruntime refuses as it is (an IR version or operator the HAL lowers for it
+        first)."""
+        import onnxruntime as ort
+
+        for value in (*proto.graph.input, *proto.graph.output):
+            if not value.type.HasField("tensor_type") or value.type.tensor_type.elem_type not in _NUMPY_NATIVE:
+                return None
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # quiet, as the HAL's sessions are: a refusal is the answer
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - any refusal: the HAL's ort:cpu may still run it
+            log.debug("plain onnxruntime session refused (%s); the reference uses the HAL's ort:cpu", _first_line(exc))
+            return None
+        return cls(session)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self.output_names
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:
+            msg = f"ort:cpu failed to run the model: {_first_line(exc)}"
+            raise RunError(msg) from exc
+        return dict(zip(names, values))
 
 
 def _as_arrays(value: Any) -> Any:

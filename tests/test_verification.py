@@ -254,6 +254,105 @@ class TestReference:
             hal.compile(linear_model).to("ort:cpu")
 
 
+class TestOrtReference:
+    """Over the evaluator's budget the reference is onnxruntime's CPU provider on the model as it
+    is (a plain session: no lowering, no optimized-model file); the HAL's ort:cpu placement only
+    where the plain session cannot take the model."""
+
+    @staticmethod
+    def reference(model):
+        built = []
+
+        def hal_ort_cpu():
+            built.append(1)
+            return hal.compile(model).to("ort:cpu", verify=False, fallback=None)
+
+        compiled = hal.compile(model)
+        reference = Reference(compiled.model.proto, exclude="", ort_cpu=hal_ort_cpu, budget=0, weights=compiled.model.weights)
+        return reference, built, compiled
+
+    @staticmethod
+    def ort_files(tmp_path):
+        return sorted((tmp_path / "cache").rglob("*.ort.onnx"))
+
+    def test_a_right_device_passes_without_the_hal_placing_ort_cpu(self, fresh_registry, monkeypatch, linear_model, tmp_path):
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "0")
+        reg = fresh_registry()
+        _register(reg, DriftBackend(offset=0.0))
+        try:
+            exe = hal.compile(linear_model).to("drift:0", strict=True)
+        finally:
+            reg.remove_plugin("drift")
+        assert exe.verification.passed and exe.verification.reference == "ort:cpu"
+        assert self.ort_files(tmp_path) == []  # the HAL's ort:cpu would have cached its optimized model
+
+    def test_a_wrong_device_is_still_refused(self, drift, monkeypatch, linear_model, tmp_path):
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "0")
+        with pytest.raises(VerificationError, match="from ort:cpu") as info:
+            hal.compile(linear_model).to("drift:0", strict=True)
+        assert info.value.report.reference == "ort:cpu"
+        assert info.value.report.checks[0].max_abs == pytest.approx(0.1, rel=1e-3)
+        assert self.ort_files(tmp_path) == []
+
+    def test_outputs_by_name_as_the_hal_gives_them(self, linear_model):
+        reference, built, compiled = self.reference(linear_model)
+        feeds = seeded_feeds(compiled.inputs)
+        outputs, name = reference.run(feeds)
+        assert name == "ort:cpu" and built == []
+        expected = compiled.to("ort:cpu", verify=False).run(feeds)
+        assert outputs.keys() == expected.keys()
+        np.testing.assert_allclose(outputs["y"], expected["y"], rtol=1e-6)
+        assert reference.second_opinion(feeds)[1] == "ort:cpu" and built == []
+
+    def test_a_run_error_is_a_hal_error(self, linear_model):
+        reference, built, _ = self.reference(linear_model)
+        with pytest.raises(HalError, match="ort:cpu failed on the inputs: "):
+            reference.run({"x": np.ones((2, 9), np.float32)})  # 9 columns where w has 8 rows
+        assert built == []
+
+    def test_a_sequence_model_uses_the_hals_ort_cpu(self, fresh_registry, monkeypatch, tmp_path):
+        reference, built, compiled = self.reference(sequence_model())
+        outputs, name = reference.run(seeded_feeds(compiled.inputs))
+        assert name == "ort:cpu" and built == [1] and len(outputs["y"]) == 2
+        monkeypatch.setenv("HAL_VERIFY_BUDGET_S", "0")
+        reg = fresh_registry()
+        _register(reg, SequenceDriftBackend())
+        try:
+            with pytest.raises(VerificationError, match=r"from ort:cpu.*output 'y': element 1: max abs error 0.1"):
+                hal.compile(sequence_model()).to("seqdrift:0", strict=True)
+        finally:
+            reg.remove_plugin("seqdrift")
+        assert self.ort_files(tmp_path)  # the reference was the HAL's ort:cpu placement
+
+    def test_bfloat16_inputs_use_the_hals_ort_cpu(self):
+        # numpy cannot hand onnxruntime bfloat16 arrays; the HAL's runner passes their bits.
+        model = make_model(
+            [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+            [("x", TensorProto.BFLOAT16, [2, 3])], [("y", TensorProto.FLOAT, [2, 3])],
+        )
+        reference, built, compiled = self.reference(model)
+        feeds = seeded_feeds(compiled.inputs)
+        outputs, _ = reference.run(feeds)
+        assert built == [1]
+        np.testing.assert_array_equal(outputs["y"], feeds["x"].astype(np.float32))
+
+    def test_external_weights_use_the_hals_ort_cpu(self, linear_model, tmp_path):
+        import onnx
+        from onnx import numpy_helper
+
+        for t in linear_model.graph.initializer:  # only raw_data goes external
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+        path = tmp_path / "linear.onnx"
+        onnx.save_model(linear_model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="linear.data", size_threshold=0)
+        reference, built, compiled = self.reference(path)
+        assert compiled.model.weights is not None
+        feeds = seeded_feeds(compiled.inputs)
+        outputs, _ = reference.run(feeds)
+        assert built == [1]
+        np.testing.assert_allclose(outputs["y"], compiled.to("ort:cpu", verify=False).run(feeds)["y"], rtol=1e-6)
+
+
 class TestSeededFeeds:
     def test_symbols_get_one_size_and_examples_fix_them(self):
         inputs = hal.load(make_model(
