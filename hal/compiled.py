@@ -337,6 +337,7 @@ class CompiledModel:
         failures: list[tuple[Device, HalError]] = []
         tried: set[str] = set()
         reserve: tuple[Executable, int] | None = None  # auto's disputed first choice, and its failures
+        seconded = False  # another device agreed with the disputed one
         while candidates:
             target = candidates.pop(0)
             if target.id in tried:
@@ -347,20 +348,22 @@ class CompiledModel:
                 if exe is None:
                     exe = selection.prepare(self, reg.backend(target.backend), target, options, verify, example, precision, rtol)
                 report = exe.verification
-                if reserve is not None and (report is None or report.reference != REFERENCE_EVALUATOR):
+                if reserve is not None and not (report is not None and report.passed and report.reference == REFERENCE_EVALUATOR):
                     if report is not None and report.passed:  # it agrees with ort:cpu, not the evaluator
+                        seconded = True
                         break  # two runtimes against the evaluator: the first choice stands
                     raise CompileError(f"{target.id} is not verified either ({'off' if report is None else report.summary()})")
                 if not explicit and report is not None and report.disputed and reserve is None and candidates:
-                    # The reference disputes this device's answer: a device that agrees with the
-                    # reference is used instead where one does; this one stays in reserve.
+                    # The evaluator (which defines the operators) disputes this device's answer: a
+                    # device that agrees with the evaluator is used instead; with none, this one
+                    # stands (the evaluator has bugs of its own: LpNormalization p=1 in onnx 1.23).
                     reserve = (exe, len(failures))
                     raise CompileError(f"{target.id}'s answer is disputed: {report.detail}")
             except (CompileError, UnavailableDeviceError) as exc:
                 failures.append((target, exc))
                 if candidates:  # the caller's own list (or auto's ranking) goes on
                     continue
-                if reserve is not None:  # nobody agreed with the reference: the disputed one stands
+                if reserve is not None:
                     break
                 if strict or fallback is None:
                     first, first_exc = failures[0]
@@ -371,8 +374,10 @@ class CompiledModel:
                     candidates = self._fallbacks(fallback, tried)
                 continue
             return finish(self._with_fallbacks(exe, failures, notes))
-        if reserve is not None:
+        if reserve is not None:  # seconded by another device, or nobody settles it: it stands
             exe, before = reserve
+            if not seconded:
+                log.warning("%s: no other device settles the dispute; used, unverified", exe.device.id)
             return finish(self._with_fallbacks(exe, failures[:before], notes))
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"

@@ -142,7 +142,7 @@ class TestDisputedFirstChoice:
     """``auto``'s first device is ort:cpu and the ONNX reference evaluator disputes its answer
     (here the evaluator's Relu is broken on purpose, as onnx 1.23's LpNormalization p=1 is for
     real): a device that agrees with the evaluator is used instead; ort:cpu stays when the only
-    other opinion is ort:cpu's own, or when the device was asked for by name."""
+    other opinion is ort:cpu's own, when no other device gives one, or when asked for by name."""
 
     @pytest.fixture
     def broken_evaluator(self, monkeypatch):
@@ -178,6 +178,14 @@ class TestDisputedFirstChoice:
         exe = self._auto(fresh_registry, EchoBackend(lambda x: np.maximum(x, np.float32(0))))  # a right Relu
         assert exe.device.id == "ort:cpu" and exe.verification.disputed
         assert not any(step.kind == "fallback" for step in exe.lowering)
+
+    def test_ort_cpu_stands_when_nobody_settles_the_dispute(self, fresh_registry, broken_evaluator, caplog):
+        # echo answers another shape: it runs, but gives no opinion; the evaluator has bugs of its
+        # own, so its word alone does not refuse the only device that runs the model.
+        with caplog.at_level(logging.WARNING, logger="hal"):
+            exe = self._auto(fresh_registry, EchoBackend(lambda x: x[:1]))
+        assert exe.device.id == "ort:cpu" and exe.verification.disputed
+        assert "no other device settles the dispute" in caplog.text
 
     def test_without_a_dispute_auto_keeps_its_first_choice(self, fresh_registry):
         exe = self._auto(fresh_registry, EchoBackend())  # echo answers wrong, ort:cpu right

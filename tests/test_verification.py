@@ -688,3 +688,32 @@ class TestWhatCannotBeCompared:
         ).model.inputs
         feeds = seeded_feeds(infos)
         assert feeds["axes"].shape == (0,) and feeds["x"].shape == (3, 2, 2)
+
+
+class TestMlDtypesOutputs:
+    """bfloat16 and float8 outputs are ml_dtypes arrays (numpy kind "V"): they are held to their
+    row of TOLERANCES, not compared bit for bit (bf16 attention differs by an ulp between runtimes)."""
+
+    def test_bfloat16_within_its_tolerance_passes_and_beyond_fails(self):
+        import ml_dtypes
+
+        from hal.capabilities import NumberFormat
+
+        want = np.linspace(-4, 4, 64, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        ulp = (want.astype(np.float32) * np.float32(1.01)).astype(ml_dtypes.bfloat16)  # a step or two
+        info = [TensorInfo("y", NumberFormat.BFLOAT16, (64,))]
+        close = compare({"y": ulp}, {"y": want}, info)
+        assert close[0].passed and 0 < close[0].max_abs <= 0.1
+        far = compare({"y": (want.astype(np.float32) + np.float32(0.5)).astype(ml_dtypes.bfloat16)}, {"y": want}, info)
+        assert not far[0].passed and far[0].tolerance == TOLERANCES[NumberFormat.BFLOAT16]
+
+    def test_float8_and_integers_keep_their_own_rules(self):
+        import ml_dtypes
+
+        from hal.capabilities import NumberFormat
+
+        want = np.array([0.5, 1.0, 2.0], np.float32).astype(ml_dtypes.float8_e4m3fn)
+        got = np.array([0.5, 1.0, 2.25], np.float32).astype(ml_dtypes.float8_e4m3fn)
+        assert compare({"y": got}, {"y": want}, [TensorInfo("y", NumberFormat.FLOAT8_E4M3FN, (3,))])[0].passed
+        ints = compare({"z": np.array([1, 2], np.int8)}, {"z": np.array([1, 3], np.int8)}, [TensorInfo("z", NumberFormat.INT8, (2,))])
+        assert not ints[0].passed and "exact match required" in ints[0].reason
