@@ -89,6 +89,14 @@ class OpenVinoRunner:
         self.inference_precision = _precision_name(compiled)
         in_ports = _port_index(compiled.inputs)
         out_ports = _port_index(compiled.outputs)
+        if len(compiled.inputs) == len(model.inputs) and any(i.name not in in_ports for i in model.inputs):
+            # Every input is there, one under another name: OpenVINO's ONNX reader names a
+            # parameter after the output it passes through unchanged (Dropout's y for its x). Its
+            # parameters keep the graph's input order, so the unnamed ones are matched by position.
+            claimed = {in_ports[i.name] for i in model.inputs if i.name in in_ports}
+            for position, info in enumerate(model.inputs):
+                if info.name not in in_ports and position not in claimed:
+                    in_ports[info.name] = position
 
         # (feed name, request input index, converter to a Tensor)
         inputs: list[tuple[str, int, Callable[[np.ndarray], Any]]] = []
@@ -185,11 +193,14 @@ class OpenVinoRunner:
             held.append(tensor)
             set_input(index, tensor)
         self._infer(request, {}, True, False)
-        del held  # read by infer; only now may a copy go
         outputs = self._outputs
         get_output = request.get_output_tensor
-        # Copied out here, before the request can serve another call.
-        return [convert(get_output(index)) for index, convert in (outputs[name] for name in output_names)]
+        # Copied out here, before the request can serve another call, and while ``held`` still
+        # holds the inputs: an output may be an input's own memory (a graph that passes an input
+        # through, Dropout or Identity, answered with freed memory when the copy went first).
+        results = [convert(get_output(index)) for index, convert in (outputs[name] for name in output_names)]
+        del held
+        return results
 
 
 def _shared_tensor(array: np.ndarray, tensor: Any) -> Any:
