@@ -243,9 +243,14 @@ class TestThreads:
         lock = threading.Lock()
         stop = threading.Event()
 
+        misbehaving = threading.Event()
+
         def chaos():  # the first device changes its mind all the time
             while not stop.is_set():
-                backend.modes["s:flaky"] = str(rng.choice(["ok", "ok", "error", "nan", "hang"]))
+                mode = str(rng.choice(["ok", "ok", "error", "nan", "hang"]))
+                backend.modes["s:flaky"] = mode
+                if mode != "ok":
+                    misbehaving.set()
                 time.sleep(0.01)
 
         def client(thread: int):
@@ -264,6 +269,9 @@ class TestThreads:
 
         mixer = threading.Thread(target=chaos, daemon=True)
         mixer.start()
+        # The clients start on a misbehaving device: on a loaded machine the mixer may not be
+        # scheduled again before 480 quick requests are done, and the chaos would go unseen.
+        assert misbehaving.wait(30)
         clients = [threading.Thread(target=client, args=(t,)) for t in range(8)]
         for t in clients:
             t.start()
