@@ -2,6 +2,7 @@
 
     python benchmarks/large_model.py                     # ort:cpu, and openvino:CPU, iree:local-task where installed
     python benchmarks/large_model.py --devices iree:local-task --runs 3
+    python benchmarks/large_model.py --devices "ort:cpu,ort:cpu;graph_optimization=disabled"   # to() options after ";"
     python benchmarks/large_model.py --dir /data/big --runs 3 --json out.json
     python benchmarks/large_model.py --small             # the benchmark models saved with external data,
                                                          # peak memory of load + compile + to()
@@ -143,7 +144,9 @@ def _child(mode: str, path: str, device: str) -> dict[str, Any]:
         if device.startswith("iree"):
             import iree.runtime  # noqa: F401
         imported = time.perf_counter()
-        exe = hal.compile(hal.load(path)).to(device, strict=True)
+        device, _, setting = device.partition(";")  # "ort:cpu;graph_optimization=disabled"
+        options = dict([setting.split("=", 1)]) if setting else {}
+        exe = hal.compile(hal.load(path)).to(device, strict=True, **options)
         y = exe.run({"ids": ids})["y"]
     done = time.perf_counter()
     return {
@@ -190,7 +193,7 @@ def large(args: argparse.Namespace) -> dict[str, Any]:
     inspect: list[float] = []
     for _ in range(args.runs):
         for device in devices:
-            direct = {"ort:cpu": "ort", "openvino:CPU": "openvino"}.get(device)
+            direct = {"ort:cpu": "ort", "openvino:CPU": "openvino"}.get(device)  # not again for "ort:cpu;..."
             if direct is not None:
                 rows.setdefault(direct, []).append(_measure(direct, path))
             with tempfile.TemporaryDirectory() as cache:

@@ -138,9 +138,12 @@ class CompiledModel:
                     proto,
                     weights=self.model.weights,
                     exclude=device_id if own else "",
+                    # Unoptimized: a reference needs no speed, and its external weights are then
+                    # used in place (an optimized session copies them in).
                     ort_cpu=(
-                        (lambda: self.to("ort:cpu", verify=False, fallback=None)) if lossy is None
-                        else (lambda: compile(Model(proto, weights=self.model.weights)).to("ort:cpu", verify=False, fallback=None))
+                        (lambda: self.to("ort:cpu", verify=False, fallback=None, graph_optimization="disabled")) if lossy is None
+                        else (lambda: compile(Model(proto, weights=self.model.weights)).to(
+                            "ort:cpu", verify=False, fallback=None, graph_optimization="disabled"))
                     ),
                 )
                 self._references[key] = reference

@@ -95,10 +95,24 @@ def _first_line(exc: BaseException) -> str:
 INLINE_BELOW = 1024
 
 
+#: ``to("ort:cpu", graph_optimization=...)``: "all" (default: onnxruntime's every graph
+#: optimization; external weights are copied into the session, which its optimizers read), or
+#: "disabled" (no graph optimization: slower kernels, and external weights used in place, no copy).
+GRAPH_OPTIMIZATION = ("all", "disabled")
+
+
+def _optimizations_off(options: CompileOptions) -> bool:
+    value = options.extra.get("graph_optimization", "all")
+    if value not in GRAPH_OPTIMIZATION:
+        msg = f"graph_optimization={value!r} is not one of {', '.join(map(repr, GRAPH_OPTIMIZATION))}"
+        raise CompileError(msg)
+    return value == "disabled"
+
+
 def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any]]]:
     """The graph for onnxruntime, and its external initializers as OrtValues over the mapped
-    bytes (``SessionOptions.add_external_initializers``: onnxruntime uses the buffers, and
-    never opens the file the model names). External tensors it cannot take that way (inside
+    bytes: onnxruntime never opens the file the model names (see :data:`GRAPH_OPTIMIZATION` for
+    whether it copies them). External tensors it cannot take that way (inside
     subgraphs or attributes, sub-byte types, strings, and those under :data:`INLINE_BELOW` bytes)
     are copied into the graph; the rest of the model stays as small as its graph."""
     import onnxruntime as ort
@@ -462,6 +476,8 @@ class OrtBackend(Backend):
         threads = options.extra.get("intra_op_num_threads")
         if threads is not None:
             so.intra_op_num_threads = int(threads)
+        if _optimizations_off(options):
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return so
 
     def prepare(self, model: LoweredModel, device: Device, options: CompileOptions) -> OrtRunner:
@@ -537,6 +553,7 @@ class OrtBackend(Backend):
         key = cache_key(
             model=model.digest, device=device.id, providers=providers,
             onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
+            optimization=options.extra.get("graph_optimization", "all"),
             reduced_precision=options.reduced_precision,  # the optimized model bakes precision in
         )
         return Artifact(Path(options.cache_dir) / f"{key}.ort.onnx", key)
@@ -572,10 +589,15 @@ class OrtBackend(Backend):
         initializers: Sequence[tuple[str, Any]] = (),
     ) -> Any:
         so = self.session_options(device, options)
-        if initializers:
-            # add_external_initializers, not add_initializer: onnxruntime's graph optimizers
-            # (constant folding, fusions that read a constant) see these values; with
-            # add_initializer they read the placeholder file's zeros and answered wrong.
+        if initializers and _optimizations_off(options):
+            # No graph optimizer runs, so none reads a weight's value: the kernels use the
+            # mapped buffers as they are (no copy of the weights).
+            for name, value in initializers:
+                so.add_initializer(name, value)
+        elif initializers:
+            # The graph optimizers (constant folding, Conv+BatchNormalization and other fusions)
+            # read weights' values, and see only these: onnxruntime copies them in. With
+            # add_initializer (no copy) they read the placeholder files' zeros and answered wrong.
             so.add_external_initializers([n for n, _ in initializers], [v for _, v in initializers])
         tmp = None
         if artifact is not None:

@@ -52,7 +52,7 @@ from hal.plugin import (
     Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, HalError, LoweredModel, Maturity,
     Memory, OpsetRange, Stability, UnavailableDeviceError,
 )
-from hal_iree._compile import MIN_IMPORT_OPSET
+from hal_iree._compile import MAX_IMPORT_OPSET, MIN_IMPORT_OPSET
 
 if TYPE_CHECKING:
     from hal_iree._runner import IreeRunner
@@ -88,7 +88,7 @@ def cpu_capabilities(cpu_flags: frozenset[str] | set[str] = frozenset()) -> Capa
         native=native,
         emulated=emulated,
         # IREE's importer covers operators from opset 17 on: the core converts older models.
-        opsets=OpsetRange(MIN_IMPORT_OPSET, 25),
+        opsets=OpsetRange(MIN_IMPORT_OPSET, MAX_IMPORT_OPSET),
         stability=Stability(maturity=Maturity.BETA, incompatibilities=_CPU_NOTES),
     )
 
@@ -111,7 +111,7 @@ IREE_CPU_CAPABILITIES = cpu_capabilities()
 #: GPU targets are not exercised by this plugin's tests (no GPU in CI): declared conservatively.
 IREE_GPU_CAPABILITIES = Capabilities.from_levels(
     native=["float32", "float16", "int8", "int32", "int64", "bool"],
-    opsets=OpsetRange(MIN_IMPORT_OPSET, 25),
+    opsets=OpsetRange(MIN_IMPORT_OPSET, MAX_IMPORT_OPSET),
     stability=Stability(
         maturity=Maturity.EXPERIMENTAL,
         incompatibilities=("not covered by hal-iree's test suite; pass iree_gpu_target for your GPU",),
