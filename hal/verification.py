@@ -818,7 +818,8 @@ def _first_line(exc: BaseException) -> str:
 class ShapeCheckedRunner:
     """A runner that checks the first run of every new input-shape signature against the
     reference (``verify="each-shape"``), for models whose dynamic dimensions make one check at
-    placement cover one shape only. A mismatch raises :class:`VerificationError`; a shape the
+    placement cover one shape only (and whose seeded inputs prove little about real ones: the
+    placement's own shape is checked again at its first real run, unless ``example`` gave it). A mismatch raises :class:`VerificationError`; a shape the
     reference cannot run is logged once and left unchecked. Later runs of a checked signature
     cost one set lookup."""
 

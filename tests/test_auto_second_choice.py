@@ -194,3 +194,41 @@ class TestDisputedFirstChoice:
     def test_an_explicit_ort_cpu_is_kept_whatever_the_dispute(self, broken_evaluator):
         exe = hal.compile(self.relu()).to("ort:cpu")
         assert exe.device.id == "ort:cpu" and exe.verification.disputed
+
+
+class LoudBackend(DriftBackend):
+    """Right on seeded inputs (uniform in [-1, 1)), off by 0.5 once an input exceeds 1: wrong on
+    real values at the very shape placement checked."""
+
+    name = "drift"
+
+    def prepare(self, model, device, options):
+        inner = super().prepare(model, device, options)
+
+        class Runner:
+            def run(self, feeds, names):
+                out = inner.run(feeds, names)
+                loud = max(float(np.abs(v).max()) for v in feeds.values() if v.size)
+                return [o + np.float32(0.5) if loud > 1 else o for o in out]
+
+        return Runner()
+
+
+class TestThePlacementShapeWithRealValues:
+    def test_its_first_real_run_is_checked_and_moved(self, fresh_registry):
+        reg = fresh_registry()
+        _register(reg, LoudBackend(offset=0.0))
+        try:
+            compiled = hal.compile(conv_model())
+            exe = compiled.to("auto", verify="each-shape")
+            assert exe.device.id == "drift:0" and exe.verification.passed
+            real = 3 * _x(1, 3, 16, 16)  # the seeded sizes: batch 1, other symbols 16
+            np.testing.assert_allclose(exe.run({"x": real})["y"], _expected(compiled, real), rtol=1e-5, atol=1e-5)
+            assert "moved from drift:0 to ort:cpu" in exe.lowering[-1].detail
+            with pytest.raises(VerificationError, match=r"\(1, 3, 16, 16\)"):
+                compiled.to("drift:0", strict=True, verify="each-shape").run({"x": real})
+            # given as an example, the shape's real values were checked at placement: refused there
+            with pytest.raises(VerificationError):
+                compiled.to("drift:0", strict=True, verify="each-shape", example={"x": real})
+        finally:
+            reg.remove_plugin("drift")
