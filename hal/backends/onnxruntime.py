@@ -95,18 +95,33 @@ def _first_line(exc: BaseException) -> str:
 INLINE_BELOW = 1024
 
 
-#: ``to("ort:cpu", graph_optimization=...)``: "all" (default: onnxruntime's every graph
-#: optimization; external weights are copied into the session, which its optimizers read), or
-#: "disabled" (no graph optimization: slower kernels, and external weights used in place, no copy).
-GRAPH_OPTIMIZATION = ("all", "disabled")
+#: ``to("ort:cpu", graph_optimization=...)``: "all" (onnxruntime's every graph optimization;
+#: external weights are copied into the session, whose optimizers read them), "disabled" (no graph
+#: optimization: slower kernels, external weights used in place, no copy), or "auto" (default:
+#: "disabled" for external weights of :data:`IN_PLACE_FROM` bytes or more, else "all").
+GRAPH_OPTIMIZATION = ("auto", "all", "disabled")
+#: From this many bytes of external weights, "auto" keeps them in place: a copy would double the
+#: memory of a model that is large because of them (3 GiB model: peak 2.07x the weights and 2.4x
+#: onnxruntime's own time copied, 0.70x and 0.82x in place; BENCHMARKS.md "Large models").
+IN_PLACE_FROM = 2**31
 
 
 def _optimizations_off(options: CompileOptions) -> bool:
-    value = options.extra.get("graph_optimization", "all")
+    value = options.extra.get("graph_optimization", "auto")
     if value not in GRAPH_OPTIMIZATION:
         msg = f"graph_optimization={value!r} is not one of {', '.join(map(repr, GRAPH_OPTIMIZATION))}"
         raise CompileError(msg)
     return value == "disabled"
+
+
+def _settled(options: CompileOptions, model: LoweredModel) -> CompileOptions:
+    """``options`` with "auto" resolved for ``model`` (see :data:`GRAPH_OPTIMIZATION`)."""
+    from attrs import evolve
+
+    if options.extra.get("graph_optimization", "auto") != "auto":
+        return options
+    large = model.weights is not None and model.weights.nbytes >= IN_PLACE_FROM
+    return evolve(options, extra={**options.extra, "graph_optimization": "disabled" if large else "all"})
 
 
 def external_initializers(model: LoweredModel) -> tuple[Any, list[tuple[str, Any]]]:
@@ -484,6 +499,8 @@ class OrtBackend(Backend):
         if not device.available:
             msg = f"device {device.id} is unavailable: {device.reason}"
             raise UnavailableDeviceError(msg)
+        _optimizations_off(options)  # an unknown setting is named before anything is built
+        options = _settled(options, model)
         providers = self.providers(device, options)  # a device this backend cannot address fails here
         try:
             return self._prepare(model, device, options, providers)
@@ -553,7 +570,7 @@ class OrtBackend(Backend):
         key = cache_key(
             model=model.digest, device=device.id, providers=providers,
             onnxruntime=self.version, threads=options.extra.get("intra_op_num_threads"),
-            optimization=options.extra.get("graph_optimization", "all"),
+            optimization=options.extra.get("graph_optimization"),
             reduced_precision=options.reduced_precision,  # the optimized model bakes precision in
         )
         return Artifact(Path(options.cache_dir) / f"{key}.ort.onnx", key)
