@@ -356,10 +356,11 @@ class CompiledModel:
                         seconded = True
                         break  # two runtimes against the evaluator: the first choice stands
                     raise CompileError(f"{target.id} is not verified either ({'off' if report is None else report.summary()})")
-                if not explicit and report is not None and report.disputed and reserve is None and candidates:
+                if not explicit and report is not None and report.disputed and reserve is None:
                     # The evaluator (which defines the operators) disputes this device's answer: a
-                    # device that agrees with the evaluator is used instead; with none, this one
-                    # stands (the evaluator has bugs of its own: LpNormalization p=1 in onnx 1.23).
+                    # device that agrees with the evaluator is used instead; one that agrees with
+                    # this device settles it for this one (the evaluator has bugs of its own:
+                    # LpNormalization p=1 in onnx 1.23); with neither, auto refuses.
                     reserve = (exe, len(failures))
                     raise CompileError(f"{target.id}'s answer is disputed: {report.detail}")
             except (CompileError, UnavailableDeviceError) as exc:
@@ -377,11 +378,23 @@ class CompiledModel:
                     candidates = self._fallbacks(fallback, tried)
                 continue
             return finish(self._with_fallbacks(exe, failures, notes))
-        if reserve is not None:  # seconded by another device, or nobody settles it: it stands
+        if reserve is not None:
             exe, before = reserve
-            if not seconded:
-                log.warning("%s: no other device settles the dispute; used, unverified", exe.device.id)
-            return finish(self._with_fallbacks(exe, failures[:before], notes))
+            if seconded:  # another runtime answers as it does: the evaluator is outvoted
+                return finish(self._with_fallbacks(exe, failures[:before], notes))
+            # Nobody settles it. The evaluator defines the operators, and where the two differ on
+            # the node test cases it is right about ten times in eleven: auto refuses, and says how
+            # to take the device anyway.
+            disputed, why = failures[before]
+            others = "; ".join(f"{d.id}: {e}" for d, e in failures[before + 1:]) or "no other device can run it"
+            msg = (
+                f"{why}; no other device settles it ({others}). The ONNX reference evaluator defines what "
+                f"each operator means, so auto does not use {disputed.id} here: to use it anyway, ask for it "
+                f"by name, to({disputed.id!r}), or pass example= with the inputs the model is meant for"
+            )
+            error = VerificationError(msg)
+            error.report = exe.verification
+            raise error
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
         raise CompileError(msg)

@@ -141,8 +141,8 @@ class EchoBackend(hal.Backend):
 class TestDisputedFirstChoice:
     """``auto``'s first device is ort:cpu and the ONNX reference evaluator disputes its answer
     (here the evaluator's Relu is broken on purpose, as onnx 1.23's LpNormalization p=1 is for
-    real): a device that agrees with the evaluator is used instead; ort:cpu stays when the only
-    other opinion is ort:cpu's own, when no other device gives one, or when asked for by name."""
+    real): a device that agrees with the evaluator is used instead; ort:cpu stays when another
+    device agrees with it, or when asked for by name; with no other opinion, auto refuses."""
 
     @pytest.fixture
     def broken_evaluator(self, monkeypatch):
@@ -179,13 +179,21 @@ class TestDisputedFirstChoice:
         assert exe.device.id == "ort:cpu" and exe.verification.disputed
         assert not any(step.kind == "fallback" for step in exe.lowering)
 
-    def test_ort_cpu_stands_when_nobody_settles_the_dispute(self, fresh_registry, broken_evaluator, caplog):
-        # echo answers another shape: it runs, but gives no opinion; the evaluator has bugs of its
-        # own, so its word alone does not refuse the only device that runs the model.
-        with caplog.at_level(logging.WARNING, logger="hal"):
-            exe = self._auto(fresh_registry, EchoBackend(lambda x: x[:1]))
-        assert exe.device.id == "ort:cpu" and exe.verification.disputed
-        assert "no other device settles the dispute" in caplog.text
+    def test_auto_refuses_a_disputed_ort_cpu_nobody_settles(self, fresh_registry, broken_evaluator):
+        reg = fresh_registry()
+        _register(reg, EchoBackend(lambda x: x[:1]))  # answers another shape: no opinion at all
+        try:
+            compiled = hal.compile(self.relu())
+            with pytest.raises(VerificationError, match=r"ort:cpu's answer is disputed.*no other device settles it.*echo:0.*to\('ort:cpu'\)") as info:
+                compiled.to("auto")
+            assert info.value.report.disputed
+            assert compiled.to("ort:cpu").verification.disputed  # by name: used, the dispute in its report
+        finally:
+            reg.remove_plugin("echo")
+
+    def test_alone_ort_cpu_is_refused_under_auto_too(self, broken_evaluator):
+        with pytest.raises(VerificationError, match="no other device can run it"):
+            hal.compile(self.relu()).to("auto")
 
     def test_without_a_dispute_auto_keeps_its_first_choice(self, fresh_registry):
         exe = self._auto(fresh_registry, EchoBackend())  # echo answers wrong, ort:cpu right
