@@ -191,7 +191,8 @@ class TestDisputedFirstChoice:
         finally:
             reg.remove_plugin("echo")
 
-    def test_alone_ort_cpu_is_refused_under_auto_too(self, broken_evaluator):
+    def test_alone_ort_cpu_is_refused_under_auto_too(self, fresh_registry, broken_evaluator):
+        fresh_registry()  # the embedded ort:cpu only, whatever plugins this environment loads
         with pytest.raises(VerificationError, match="no other device can run it"):
             hal.compile(self.relu()).to("auto")
 
