@@ -721,6 +721,8 @@ class _ShapeFailover:
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:  # close(), abandon(), ... of the device's own runner
+        if name == "checked":  # not set yet (a copy being built): no recursion through here
+            raise AttributeError(name)
         return getattr(self.checked, name)
 
     def run(self, feeds: dict[str, Any], output_names: Sequence[str]) -> list[Any]:
