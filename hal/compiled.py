@@ -333,8 +333,7 @@ class CompiledModel:
                     return self.to(other.id, fallback=None, strict=True, reduced_precision=reduced_precision,
                                    verify="each-shape", example=example, precision=precision, rtol=rtol, **extra)
 
-                exe.runner = _ShapeFailover(exe, others, place)
-                exe._run = exe.runner.run  # noqa: SLF001 - the executable's cached bound method
+                exe._use(_ShapeFailover(exe, others, place))  # noqa: SLF001 - the core's own wrapping
             return exe
 
         failures: list[tuple[Device, HalError]] = []
@@ -498,8 +497,7 @@ class CompiledModel:
                     # shape is checked too (one reference run); an example's shape is checked already.
                     reduced_precision=options.reduced_precision, seen={check.signature} if check.example else set(),
                 )
-                exe.runner = checked
-                exe._run = checked.run  # noqa: SLF001 - the executable's cached bound method
+                exe._use(checked)  # noqa: SLF001 - the core's own wrapping
         return exe
 
     def _steps_for(self, device: Device) -> tuple[LoweringStep, ...]:

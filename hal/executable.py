@@ -124,6 +124,11 @@ class Executable:
     def __repr__(self) -> str:
         return f"<hal.Executable on {self.device.id}: {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
 
+    def _use(self, runner: Runner) -> None:
+        """Run through ``runner`` from now on (the core wraps a device's runner after placement)."""
+        self.runner = runner
+        self._run = runner.run
+
     def estimate(self, shapes: Mapping[str, Any] | None = None) -> Estimate:
         """A roofline estimate (:mod:`hal.estimate`) of one run on this device, from the figures
         its capabilities declare (peak throughput, memory bandwidth, launch overhead): an

@@ -24,7 +24,6 @@ not cut.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import queue
@@ -248,23 +247,40 @@ class _Threads:
                 self._on_late()
 
 
-class _Member:
-    """One device of a pool: its executable, breaker, threads and counts."""
+class Counted:
+    """What failover keeps of one member (a pool's device, a fleet's actor): ``id``, its
+    :class:`Breaker`, its ``exe`` (the :class:`~hal.Executable` that checks its answers), counts
+    (``served``, ``failed``, ``retried``, ``timed_out``, ``late``, ``nonfinite`` and any ``extra``)
+    and the last failure."""
 
-    def __init__(self, exe: Executable, settings: BreakerSettings, threads: int) -> None:
+    def __init__(self, name: str, exe: Executable, settings: BreakerSettings, extra: Sequence[str] = ()) -> None:
+        self.id = name
         self.exe = exe
-        self.id = exe.device.id
-        self.breaker = Breaker(settings, name=self.id)
+        self.breaker = Breaker(settings, name=name)
         self._lock = threading.Lock()
-        self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite"), 0)
+        self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite", *extra), 0)
         self.last_error: str | None = None
-        self._threads = _Threads(self.id, threads, lambda: self.count("late"))
 
     def count(self, what: str, error: str | None = None) -> None:
         with self._lock:
             self.counts[what] += 1
             if error is not None:
                 self.last_error = error
+
+    def stats(self) -> DeviceStats:
+        with self._lock:
+            c = dict(self.counts)
+            last = self.last_error
+        return DeviceStats(self.id, c["served"], c["failed"], c["retried"], c["timed_out"], c["late"],
+                           c["nonfinite"], self.breaker.state, last)
+
+
+class _Member(Counted):
+    """One device of a pool: its executable, breaker, threads and counts."""
+
+    def __init__(self, exe: Executable, settings: BreakerSettings, threads: int) -> None:
+        super().__init__(exe.device.id, exe, settings)
+        self._threads = _Threads(self.id, threads, lambda: self.count("late"))
 
     def call(self, feeds: Any, names: Any, specs: Any, timeout: float | None) -> tuple[str, Any]:
         """``("ok", outputs)``, ``("error", reason)`` or ``("timeout", reason)``."""
@@ -288,13 +304,6 @@ class _Member:
         if call.error is not None:
             return "error", _reason(call.error)
         return "ok", call.value
-
-    def stats(self) -> DeviceStats:
-        with self._lock:
-            c = dict(self.counts)
-            last = self.last_error
-        return DeviceStats(self.id, c["served"], c["failed"], c["retried"], c["timed_out"], c["late"],
-                           c["nonfinite"], self.breaker.state, last)
 
     def close(self) -> None:
         self._threads.close()
@@ -325,7 +334,66 @@ def _finite(value: Any) -> bool:
     return True
 
 
-class Pool:
+class Dispatcher:
+    """What a :class:`Pool` and a Ray fleet's executable share: members (:class:`Counted`) of one
+    model, the :class:`hal.Executable` surface they show (``inputs``, ``outputs``, ``devices``, a
+    context manager that closes), per-member :meth:`stats`, request :meth:`totals`, and
+    :meth:`_dispatch`, one request through :func:`failover` with those counts kept."""
+
+    _members: tuple[Any, ...]
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"requests": 0, "answered": 0, "failed": 0}
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        return self._members[0].exe.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return self._members[0].exe.outputs
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        """Each member's device, in the members' order."""
+        return tuple(m.exe.device for m in self._members)
+
+    def stats(self) -> dict[str, DeviceStats]:
+        """Per member, in order: :class:`DeviceStats`."""
+        return {m.id: m.stats() for m in self._members}
+
+    def totals(self) -> dict[str, int]:
+        """Requests taken, answered and failed (with a FailoverError) so far."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _dispatch(self, members: Sequence[Any], attempt: Callable[[Any, float | None], tuple[str, Any]],
+                  count: Callable[..., None], **options: Any) -> Any:
+        """One request through :func:`failover` (``options`` are its keywords), counted."""
+        with self._lock:
+            self._counts["requests"] += 1
+        try:
+            value = failover(members, attempt, count, **options)
+        except FailoverError:
+            with self._lock:
+                self._counts["failed"] += 1
+            raise
+        with self._lock:
+            self._counts["answered"] += 1
+        return value
+
+
+class Pool(Dispatcher):
     """Executables of one model on several devices, used in order with failover.
 
     ``run(feeds, output_names=None)`` is :meth:`hal.Executable.run`'s, safe from many threads.
@@ -363,42 +431,21 @@ class Pool:
             if value is not None:
                 check_seconds(name, value)
         _check_count("threads", threads)
+        super().__init__()
         self.deadline_s = deadline_s
         self.attempt_s = attempt_s
         self.breaker_settings = breaker or BreakerSettings()
         self._members = tuple(_Member(e, self.breaker_settings, threads) for e in members)
         self.left_out = tuple((str(d), str(r)) for d, r in left_out)
-        self._lock = threading.Lock()
-        self._ids = itertools.count()
-        self._counts = {"requests": 0, "answered": 0, "failed": 0}
 
     def __repr__(self) -> str:
         return f"<hal.Pool of {', '.join(m.id for m in self._members)}: {len(self.inputs)} inputs, {len(self.outputs)} outputs>"
 
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- what an Executable has -------------------------------------------------------------------
-
-    @property
-    def inputs(self) -> tuple[TensorInfo, ...]:
-        return self._members[0].exe.inputs
-
-    @property
-    def outputs(self) -> tuple[TensorInfo, ...]:
-        return self._members[0].exe.outputs
+    # -- what an Executable has (inputs, outputs, devices: Dispatcher's) ---------------------------
 
     @property
     def executables(self) -> tuple[Executable, ...]:
         return tuple(m.exe for m in self._members)
-
-    @property
-    def devices(self) -> tuple[Device, ...]:
-        """The pool's devices, in the order requests try them."""
-        return tuple(m.exe.device for m in self._members)
 
     @property
     def device(self) -> Device:
@@ -423,15 +470,6 @@ class Pool:
         """The first device's estimate (see :meth:`hal.Executable.estimate`)."""
         return self._members[0].exe.estimate(shapes)
 
-    def stats(self) -> dict[str, DeviceStats]:
-        """Per device, in order: :class:`DeviceStats`."""
-        return {m.id: m.stats() for m in self._members}
-
-    def totals(self) -> dict[str, int]:
-        """Requests taken, answered and failed (with a FailoverError) so far."""
-        with self._lock:
-            return dict(self._counts)
-
     def close(self) -> None:
         """Stop the devices' threads and isolated workers (idle ones exit; stuck ones are left)."""
         for member in self._members:
@@ -444,28 +482,15 @@ class Pool:
         Raises :class:`~hal.errors.InputError` for bad feeds (no device is tried) and
         :class:`~hal.errors.FailoverError` when no device answered within the deadline."""
         feeds, names, specs = self._members[0].exe.check(feeds, output_names)
-        with self._lock:
-            self._counts["requests"] += 1
-        try:
-            value = failover(
-                self._members,
-                lambda member, timeout: member.call(feeds, names, specs, timeout),
-                lambda member, what, error=None: member.count(what, error),
-                deadline_s=self.deadline_s,
-                attempt_s=self.attempt_s,
-                nobody="no device of the pool answered",
-                hint="see pool.stats(), and hal devices for their health",
-            )
-        except FailoverError:
-            with self._lock:
-                self._counts["failed"] += 1
-            raise
-        self._answered()
-        return value
-
-    def _answered(self) -> None:
-        with self._lock:
-            self._counts["answered"] += 1
+        return self._dispatch(
+            self._members,
+            lambda member, timeout: member.call(feeds, names, specs, timeout),
+            lambda member, what, error=None: member.count(what, error),
+            deadline_s=self.deadline_s,
+            attempt_s=self.attempt_s,
+            nobody="no device of the pool answered",
+            hint="see pool.stats(), and hal devices for their health",
+        )
 
 
 def failover(

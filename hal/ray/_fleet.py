@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,14 +11,13 @@ from attrs import evolve, frozen
 
 from hal.backend import Device
 from hal.capabilities import DeviceKind
-from hal.errors import CompileError, FailoverError, HalError, InputError, SettingError
+from hal.errors import CompileError, HalError, InputError, SettingError
 from hal.executable import Executable
 from hal.lowering import LoweringStep, Placement
-from hal.pool import OPEN, Breaker, BreakerSettings, DeviceStats, check_seconds, failover
+from hal.pool import OPEN, BreakerSettings, Counted, Dispatcher, check_seconds
 
 if TYPE_CHECKING:
     from hal.compiled import CompiledModel
-    from hal.model import TensorInfo
 
 __all__ = ["Fleet", "FleetDevice", "FleetExecutable", "Shipment", "model_bytes", "resources_for", "ship"]
 
@@ -384,34 +382,26 @@ class _Fetched:
         return feeds
 
 
-class _Member:
+class _Member(Counted):
     """One actor of a fleet: its device, breaker, counts, and a local Executable for checking."""
 
     def __init__(self, name: str, target: FleetDevice, actor: Any, info: Mapping[str, Any],
                  compiled: CompiledModel, settings: BreakerSettings) -> None:
-        self.id = name
-        self.target = target
-        self.actor = actor
         device = evolve(Device.from_dict(info["device"]), id=name)
-        self.exe = Executable(
+        exe = Executable(
             _Fetched(), device, compiled.inputs, compiled.outputs,
             placement=tuple(Placement(name, tuple(p["nodes"])) for p in info["placement"]),
             lowering=tuple(LoweringStep(**s) for s in info["lowering"]),
         )
+        super().__init__(name, exe, settings, extra=("restarted",))
+        self.target = target
+        self.actor = actor
         self.verified = info["verified"]
-        self.breaker = Breaker(settings, name=name)
         self.inflight = 0
-        self.last_error: str | None = None
         self.restarting = False  # killed as hung, not answered since
-        self.counts = dict.fromkeys(("served", "failed", "retried", "timed_out", "late", "nonfinite", "restarted"), 0)
-
-    def stats(self) -> DeviceStats:
-        c = self.counts
-        return DeviceStats(self.id, c["served"], c["failed"], c["retried"], c["timed_out"], c["late"],
-                           c["nonfinite"], self.breaker.state, self.last_error)
 
 
-class FleetExecutable:
+class FleetExecutable(Dispatcher):
     """A model placed on actors across the fleet: ``run(feeds)``, ``inputs`` and ``outputs`` as a
     :class:`hal.Executable` has them, safe from many threads.
 
@@ -429,36 +419,16 @@ class FleetExecutable:
 
     def __init__(self, members: Sequence[_Member], model: Any, *, deadline_s: float | None,
                  left_out: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__()
         self._members = tuple(members)
         self._model = model  # the object-store copy: Ray's restarted actors read it again
         self.deadline_s = deadline_s
         self.left_out = tuple(left_out)
-        self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._turn = itertools.count()
-        self._counts = {"requests": 0, "answered": 0, "failed": 0}
 
     def __repr__(self) -> str:
         return f"<hal.ray.FleetExecutable on {', '.join(m.id for m in self._members)}>"
-
-    def __enter__(self) -> FleetExecutable:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def inputs(self) -> tuple[TensorInfo, ...]:
-        return self._members[0].exe.inputs
-
-    @property
-    def outputs(self) -> tuple[TensorInfo, ...]:
-        return self._members[0].exe.outputs
-
-    @property
-    def devices(self) -> tuple[Device, ...]:
-        """Each actor's device, its id the actor's fleet id."""
-        return tuple(m.exe.device for m in self._members)
 
     @property
     def lowering(self) -> tuple[LoweringStep, ...]:
@@ -478,20 +448,9 @@ class FleetExecutable:
             for m in self._members
         ]
 
-    def stats(self) -> dict[str, DeviceStats]:
-        """Per actor: :class:`hal.pool.DeviceStats` (served, failed, retried, timed out, breaker)."""
-        with self._lock:
-            return {m.id: m.stats() for m in self._members}
-
-    def totals(self) -> dict[str, int]:
-        """Requests taken, answered and failed (with a FailoverError) so far."""
-        with self._lock:
-            return dict(self._counts)
-
     def restarts(self) -> dict[str, int]:
         """Per actor: how many times the fleet killed it as hung (Ray restarts it)."""
-        with self._lock:
-            return {m.id: m.counts["restarted"] for m in self._members}
+        return {m.id: m.counts["restarted"] for m in self._members}
 
     def check_health(self, burn_in: int = 2) -> dict[str, dict[str, Any]]:
         """Each actor's canary check (:meth:`hal.ray._actors.DeviceWorker.check_health`), or the
@@ -524,10 +483,8 @@ class FleetExecutable:
             return sorted(rotated, key=lambda m: m.inflight)  # stable: ties keep their turn
 
     def _count(self, member: _Member, what: str, error: str | None = None) -> None:
+        member.count(what, error)
         with self._lock:
-            member.counts[what] += 1
-            if error is not None:
-                member.last_error = error
             if what == "served":
                 member.restarting = False
             # Timeouts opened its breaker: the actor is hung (its threads stuck in calls nothing
@@ -545,8 +502,7 @@ class FleetExecutable:
             "fleet: %s stopped answering within its share of the deadline (%s): its process is killed, Ray restarts it",
             member.id, member.last_error,
         )
-        with self._lock:
-            member.counts["restarted"] += 1
+        member.count("restarted")
         try:
             _ray().kill(member.actor, no_restart=False)
         except Exception as exc:  # noqa: BLE001 - already dead (Ray restarts it, or it is out of restarts)
@@ -562,21 +518,14 @@ class FleetExecutable:
         feeds = dict(feeds)
         with self._lock:
             request = next(self._ids)
-            self._counts["requests"] += 1
-        try:
-            value = failover(
-                self._order(),
-                lambda member, timeout: self._attempt(ray, member, request, feeds, names, specs, timeout),
-                self._count,
-                deadline_s=self.deadline_s,
-                nobody=f"no actor of the fleet answered request {request}",
-                hint="see .stats(), and ray status for the nodes",
-            )
-        except FailoverError:
-            with self._lock:
-                self._counts["failed"] += 1
-            raise
-        return self._deliver(request, value)
+        return self._dispatch(
+            self._order(),
+            lambda member, timeout: self._attempt(ray, member, request, feeds, names, specs, timeout),
+            self._count,
+            deadline_s=self.deadline_s,
+            nobody=f"no actor of the fleet answered request {request}",
+            hint="see .stats(), and ray status for the nodes",
+        )
 
     def _attempt(self, ray: Any, member: _Member, request: int, feeds: dict[str, Any], names: Sequence[str],
                  specs: Any, timeout: float | None) -> tuple[str, Any]:
@@ -607,8 +556,4 @@ class FleetExecutable:
             with self._lock:
                 member.inflight -= 1
 
-    def _deliver(self, request: int, value: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            self._counts["answered"] += 1
-        return value
 
