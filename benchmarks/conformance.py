@@ -67,11 +67,11 @@ def _quiet_runtimes() -> None:
 
 
 def _table(result: Any) -> str:
-    lines = ["| device | passed | failed | errors | crashed | seconds |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| device | passed | failed | a draw | errors | crashed | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
     for target in result.targets:
         c = result.counts(target)
         lines.append(
-            f"| {target} | {c['pass']} | {c['fail']} | {c['error']} | {c['crash']} | {result.seconds(target):.1f} |"
+            f"| {target} | {c['pass']} | {c['fail']} | {c['draw']} | {c['error']} | {c['crash']} | {result.seconds(target):.1f} |"
         )
     return "\n".join(lines)
 

@@ -834,8 +834,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         return 0
     sample = "every case" if args.every == 1 else f"every {args.every}th case by name"
     print(f"onnx node test cases, {sample}: {summaries[0].total if summaries else 0}")
-    _print_table([[s.device, str(s.total), str(s.passed), str(s.wrong), str(s.errors)] for s in summaries],
-                 ["DEVICE", "TOTAL", "PASSED", "WRONG", "ERRORS"])
+    _print_table([[s.device, str(s.total), str(s.passed), str(s.wrong), str(s.draws), str(s.errors)] for s in summaries],
+                 ["DEVICE", "TOTAL", "PASSED", "WRONG", "DRAWS", "ERRORS"])
     for s in summaries:
         print(f"\n{s.device}: most common reasons")
         for text, count in s.reasons:

@@ -27,7 +27,7 @@ from attrs import define
 from hal._paths import backend_cache_dir
 from hal._plugins import registry
 from hal.backend import Backend, CompileOptions, Device
-from hal.capabilities import Capabilities
+from hal.capabilities import Capabilities, Support
 from hal.cache import CompileCache, atomic_write, cache_key
 from hal.errors import (
     CompileError,
@@ -460,7 +460,7 @@ class CompiledModel:
             lossy = (proto, digest) if any(step.kind is StepKind.REQUANTIZE for step in steps) else None
             check = _Verification(self, backend, device, key, options.reduced_precision, example, lossy)
             if check.cached is not None and not check.cached.passed and check.cached.status == "failed":
-                raise check.cached.error()
+                raise check.refusal(check.cached)
             check.start()
         options = CompileOptions(
             reduced_precision=options.reduced_precision,
@@ -697,8 +697,37 @@ class _Verification:
             log.log(logging.WARNING if report.checks else logging.INFO, "%s: %s", self.device.id, report.summary())
         _verdicts().put(self.key, json.dumps(report.to_dict()).encode())
         if report.status == "failed":
-            raise report.error()
+            raise self.refusal(report)
         return report
+
+    def refusal(self, report: VerificationReport) -> VerificationError:
+        """The :class:`VerificationError` for a failed ``report``, with why where the device
+        declares an output's format storage-only (cold and warm alike)."""
+        error = report.error()
+        hint = self._narrower_hint(report)
+        if hint:
+            error.args = (f"{error} ({hint})",)
+        return error
+
+    def _narrower_hint(self, report: VerificationReport) -> str | None:
+        """Why a float output may be off: the device only stores its format (no wider one to
+        compute it in), so the runtime computes it narrower; ``reduced_precision=True`` accepts that."""
+        if self.reduced_precision:
+            return None
+        formats = {o.name: o.format for o in self.outputs}
+        caps = self.device.capabilities
+        narrow = sorted({
+            formats[c.name].value for c in report.checks
+            if not c.passed and c.name in formats and formats[c.name].is_float
+            and not caps.support(formats[c.name]).at_least(Support.EMULATED)
+        })
+        if not narrow:
+            return None
+        return (
+            f"{self.device.id} declares {', '.join(narrow)} storage-only: it computes in a narrower "
+            "format; pass reduced_precision=True to accept that precision, or place the model on a "
+            f"device that computes {', '.join(narrow)}"
+        )
 
 
 class _ShapeFailover:

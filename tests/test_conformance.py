@@ -13,11 +13,13 @@ device's own sample. ``HAL_CONFORMANCE_FULL=1`` runs every case on every device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 
 import numpy as np
+import onnx
 import pytest
 
 import hal
@@ -219,7 +221,7 @@ class TestReport:
         assert main(["conformance", "--device", "ort:cpu", "--every", "200", "--json"]) == 0
         (row,) = json.loads(capsys.readouterr().out)
         assert set(row) >= {"device", "total", "passed", "wrong", "errors", "reasons"}
-        assert row["device"] == "ort:cpu" and row["total"] == row["passed"] + row["wrong"] + row["errors"] > 0
+        assert row["device"] == "ort:cpu" and row["total"] == row["passed"] + row["wrong"] + row["draws"] + row["errors"] > 0
 
     def test_hal_conformance_table_and_mistakes(self, capsys):
         assert main(["conformance", "--device", "ort:cpu", "--device", "auto", "--every", "400"]) == 0
@@ -228,6 +230,42 @@ class TestReport:
         assert main(["conformance", "--device", "nosuch:0"]) == 1
         assert main(["conformance", "--every", "0"]) == 1
         assert capsys.readouterr().err.count("hal: error:") == 2
+
+
+class TestDraws:
+    """A model that draws random numbers cannot reproduce the case's draw: an answer of the right
+    shape, type and support is a ``draw``, not ``wrong``; anything else is still wrong."""
+
+    @staticmethod
+    def _bernoulli_case(expected):
+        base = next(c for c in _cases() if c.name == "test_add")
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Bernoulli", ["x"], ["y"], seed=1.0)], "draw",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(expected.shape))],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 15)])  # ORT has Bernoulli-15
+        x = np.full(64, 0.5, np.float32)
+        return dataclasses.replace(base, name="test_draw", model=model, data_sets=[([x], [expected])])
+
+    def test_a_draw_is_told_from_a_wrong_answer(self):
+        ones = np.ones(64, np.float32)  # ort:cpu's draw of 64 fair coins is not all ones
+        wide = np.ones(64, np.float64)  # the device's float32 answer is not of the case's type: wrong
+        with conformance.isolated_cache(), conformance.quiet_runtimes():
+            draw = conformance.run_case(self._bernoulli_case(ones), ["ort:cpu"])["ort:cpu"]
+            wrong = conformance.run_case(self._bernoulli_case(wide), ["ort:cpu"])["ort:cpu"]
+        assert draw.outcome == "draw" and "Bernoulli" in draw.message, draw
+        assert wrong.outcome == "fail", wrong
+        assert conformance.reason(draw).startswith("a draw: ")
+        result = conformance.ConformanceResult(("ort:cpu",), ("a", "b"), {"ort:cpu": {"a": draw, "b": wrong}})
+        (summary,) = conformance.summarize(result)
+        assert (summary.total, summary.wrong, summary.draws) == (2, 1, 1)
+
+    def test_a_bernoulli_answer_outside_zero_and_one_is_no_draw(self):
+        coins = np.array([0.0, 1.0, 1.0], np.float32)
+        assert conformance._a_draw(["Bernoulli"], [coins], [coins[::-1].copy()])
+        assert not conformance._a_draw(["Bernoulli"], [coins], [np.array([0.0, 2.0, 1.0], np.float32)])
+        assert not conformance._a_draw(["RandomUniform"], [coins], [np.array([0.0, np.nan, 1.0], np.float32)])
 
 
 class TestVerifyModes:

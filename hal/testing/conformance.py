@@ -12,6 +12,10 @@ target:
 
 - ``pass``: every output matches;
 - ``fail``: the model ran and an output differs (shape, element type or values);
+- ``draw``: the model draws random numbers (Bernoulli, RandomUniform, ...) and its outputs have
+  the expected shapes and element types, and values the draw can take (0 or 1 for Bernoulli),
+  but not the case's values: the case holds one draw of numpy's generator, which no runtime
+  reproduces (onnxruntime's own backend test list skips these cases for that reason);
 - ``error``: the HAL refused the case with a :class:`~hal.errors.HalError` before running it
   (``hal.compile`` or ``to()``: the device or the HAL does not support it; a device refuses a
   case whose inputs or outputs are sequences or optionals unless it declares them in
@@ -89,7 +93,7 @@ __all__ = [
 ]
 
 #: Every outcome a case can have on a target, in report order.
-OUTCOMES = ("pass", "fail", "error", "crash")
+OUTCOMES = ("pass", "fail", "draw", "error", "crash")
 
 AUTO = "auto"
 
@@ -354,11 +358,35 @@ def _run_target(
             return result("crash", f"in run(): {_first_line(exc)}", device)
         except Exception as exc:  # noqa: BLE001 - as above
             return result("crash", f"in run(): {_first_line(exc)}", device, hal_error=False)
+        actual = [outputs[n] for n in output_names]
         try:
-            compare_outputs(expected, [outputs[n] for n in output_names], rtol=case.rtol, atol=case.atol)
+            compare_outputs(expected, actual, rtol=case.rtol, atol=case.atol)
         except Exception as exc:  # noqa: BLE001 - the comparison's TypeErrors are mismatches too
+            from hal.verification import random_operators
+
+            random = random_operators(case.model)
+            if random and _a_draw(random, expected, actual):
+                return result("draw", f"{', '.join(random)}: one draw, not the case's ({_first_line(exc)})", device)
             return result("fail", _first_line(exc), device)
     return result("pass", device=device)
+
+
+def _a_draw(random: Sequence[str], expected: Sequence[Any], actual: Sequence[Any]) -> bool:
+    """Whether ``actual`` could be a draw of the model whose case expects ``expected``: the
+    same shapes and element types, finite, and 0 or 1 where Bernoulli is the only random
+    operator. Sequences and optionals are not drawn by any node case: never a draw."""
+    import numpy as np
+
+    for want, got in zip(expected, actual):
+        if not isinstance(want, np.ndarray) or not isinstance(got, np.ndarray):
+            return False
+        if want.shape != got.shape or want.dtype != got.dtype:
+            return False
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            return False
+        if list(random) == ["Bernoulli"] and not np.isin(got, (0, 1)).all():
+            return False
+    return True
 
 
 def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | str | None = None) -> dict[str, CaseResult]:
@@ -450,13 +478,15 @@ def reason(result: CaseResult) -> str:
     text = _NUMBER.sub("N", _QUOTED.sub("'…'", _DEVICE_ID.sub("<device>", text)))
     if len(text) > _REASON_LENGTH:
         text = text[: _REASON_LENGTH - 1] + "…"
-    return f"{'wrong' if result.outcome == 'fail' else 'error'}: {text}"
+    word = {"fail": "wrong", "draw": "a draw"}.get(result.outcome, "error")
+    return f"{word}: {text}"
 
 
 @frozen
 class TargetSummary:
     """One target's line of ``hal conformance``: ``errors`` counts refusals and failures to run
-    (outcomes ``error`` and ``crash``), ``wrong`` the cases that ran and answered wrong."""
+    (outcomes ``error`` and ``crash``), ``wrong`` the cases that ran and answered wrong, ``draws``
+    those whose answer is a random draw other than the case's (outcome ``draw``)."""
 
     device: str
     total: int
@@ -464,6 +494,7 @@ class TargetSummary:
     wrong: int
     errors: int
     reasons: tuple[tuple[str, int], ...]  # the most common reasons, most frequent first
+    draws: int = 0
     every: int = 1
     seconds: float = 0.0
 
@@ -474,6 +505,7 @@ class TargetSummary:
             "passed": self.passed,
             "wrong": self.wrong,
             "errors": self.errors,
+            "draws": self.draws,
             "reasons": [{"reason": r, "count": n} for r, n in self.reasons],
             "every": self.every,
             "seconds": round(self.seconds, 1),
@@ -494,6 +526,7 @@ def summarize(result: ConformanceResult, *, top: int = 5, every: int = 1) -> lis
                 wrong=counts["fail"],
                 errors=counts["error"] + counts["crash"],
                 reasons=tuple(reasons.most_common(top)),
+                draws=counts["draw"],
                 every=every,
                 seconds=result.seconds(target),
             )

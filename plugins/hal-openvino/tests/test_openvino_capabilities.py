@@ -223,3 +223,31 @@ def test_four_bit_io_round_trips(cpu, fmt):
     ident = make([helper.make_node("Identity", ["x"], ["y"])], [vi("x", fmt.onnx_type, [3, 5])], [vi("y", fmt.onnx_type, [3, 5])], opset=23)
     y = hal.compile(ident).to("openvino:CPU", strict=True).run({"x": x})["y"]
     assert y.dtype == fmt.dtype and y.tobytes() == x.tobytes()
+
+
+def test_float64_compute_is_refused_at_exact_precision_and_accepted_when_reduced(cpu):
+    """float64 is declared storage-only (the CPU plugin computes it in float32): at the default
+    precision verification refuses the answer and says how to accept it; with
+    reduced_precision=True it passes, held to the reduced-precision tolerance."""
+    from hal.errors import VerificationError
+    from hal.verification import tolerance_for
+
+    exp = make([helper.make_node("Exp", ["x"], ["y"])], [vi("x", TensorProto.DOUBLE, [64])], [vi("y", TensorProto.DOUBLE, [64])])
+    x = np.linspace(-3.0, 3.0, 64)
+    x.flags.writeable = False
+    compiled = hal.compile(exp)
+    level = cpu.capabilities.support("float64")
+    if level.at_least(hal.Support.EMULATED):  # a future plugin that computes float64 as float64
+        np.testing.assert_allclose(compiled.to("openvino:CPU", strict=True).run({"x": x})["y"], np.exp(x), rtol=1e-12)
+        return
+    with pytest.raises(VerificationError, match="reduced_precision=True") as refused:
+        compiled.to("openvino:CPU", strict=True)
+    assert "float64" in str(refused.value)
+    exe = compiled.to("openvino:CPU", strict=True, reduced_precision=True)
+    assert exe.verification.passed, exe.verification.summary()
+    tol = tolerance_for(NumberFormat.FLOAT64, reduced_precision=True)
+    got = exe.run({"x": x})["y"]
+    assert got.dtype == np.float64
+    want = np.exp(x)
+    assert np.abs(got - want).max() <= tol.atol + tol.rtol * np.abs(want).max()
+    assert np.abs(got - want).max() > 0  # computed narrower: the refusal above was about something real
