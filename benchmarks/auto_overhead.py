@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine_info
+from _machine import child_env, load_average, machine_info
 
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 
@@ -52,7 +51,7 @@ def _child(target: str, model_name: str, prime: bool, policy: str | None = None)
 
 
 def _run(target: str, model_name: str, cache: Path, prime: bool = False, policy: str | None = None) -> dict[str, Any]:
-    env = dict(os.environ, HAL_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(cache.parent / "pycache"))
+    env = child_env(HAL_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(cache.parent / "pycache"))
     code = (
         "import json, sys; sys.path.insert(0, %r); import auto_overhead; "
         "print(json.dumps(auto_overhead._child(%r, %r, %r, %r)))"

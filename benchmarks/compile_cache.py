@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine_info
+from _machine import child_env, load_average, machine_info
 
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 #: Backends the issue's target applies to: warm at most this fraction of cold.
@@ -153,8 +153,7 @@ def _child(device_id: str, model_name: str) -> dict[str, Any]:
 
 
 def _run_child(device: str, model: str, cache_dir: Path, pycache: str, timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, HAL_CACHE_DIR=str(cache_dir), PYTHONPYCACHEPREFIX=pycache)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = child_env(HAL_CACHE_DIR=str(cache_dir), PYTHONPYCACHEPREFIX=pycache)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--devices", device, "--models", model]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)

@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         "each-shape (also each new input shape at its first run; under auto a wrong shape moves on),\n"
         "or off (the HAL's plumbing against the runtime, without verification's refusals)",
     )
+    p.add_argument(
+        "--reduced-precision", action="store_true",
+        help="to(..., reduced_precision=True): devices may compute in a narrower format (float64 in float32,\n"
+        "float32 in bfloat16), verified with the reduced tolerances; a user's consent, not the default",
+    )
     p.add_argument("--no-verify", action="store_const", dest="verify", const="off", help="the same as --verify off")
     p.add_argument("--cache-dir", help="HAL_CACHE_DIR to use (default: a fresh temporary directory, removed after)")
     p.add_argument("--json", metavar="PATH", help="also write counts, settings and every case's outcome as JSON")
@@ -148,7 +153,7 @@ def _run(args: argparse.Namespace, conformance: Any) -> None:
             print(f"  {index + 1}/{len(cases)} cases, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
     print(f"{len(cases)} cases on {', '.join(targets)}", file=sys.stderr, flush=True)
-    result = conformance.run(cases, targets, progress=progress, verify=args.verify)
+    result = conformance.run(cases, targets, progress=progress, verify=args.verify, reduced_precision=args.reduced_precision)
     wall = time.perf_counter() - start
     lines, summary = _summary(result)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -161,7 +166,8 @@ def _run(args: argparse.Namespace, conformance: Any) -> None:
     if args.json:
         data = {
             "machine": {**machine_info(), "load_average_end": load},
-            "settings": {"sample": args.sample, "offset": args.offset, "targets": targets, "verify": args.verify},
+            "settings": {"sample": args.sample, "offset": args.offset, "targets": targets, "verify": args.verify,
+                         "reduced_precision": args.reduced_precision},
             "wall_s": round(wall, 1),
             **summary,
             **result.to_dict(),

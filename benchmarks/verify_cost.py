@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import load_average, machine_info
+from _machine import child_env, load_average, machine_info
 
 MODELS = ("mlp", "resnet18_like", "transformer_encoder")
 TARGET = 1.3
@@ -52,7 +51,7 @@ def _child(device_id: str, model_name: str, verify: bool) -> dict[str, Any]:
 
 
 def _measure(device_id: str, model_name: str, verify: bool, cache: Path) -> dict[str, Any]:
-    env = dict(os.environ, HAL_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(cache.parent / "pycache"))
+    env = child_env(HAL_CACHE_DIR=str(cache), PYTHONPYCACHEPREFIX=str(cache.parent / "pycache"))
     code = (
         "import json, sys; sys.path.insert(0, %r); import verify_cost; "
         "print(json.dumps(verify_cost._child(%r, %r, %r)))"

@@ -316,11 +316,17 @@ def verify_option(mode: str | bool | None) -> bool | str | None:
 
 
 def _prepare(
-    compiled: hal.CompiledModel, target: str, verify: bool | str | None, example: dict[str, Any] | None = None
+    compiled: hal.CompiledModel,
+    target: str,
+    verify: bool | str | None,
+    example: dict[str, Any] | None = None,
+    reduced_precision: bool = False,
 ) -> hal.Executable:
     options: dict[str, Any] = {} if verify is None else {"verify": verify}
     if verify == "case":
         options = {"verify": True, "example": example}
+    if reduced_precision:
+        options["reduced_precision"] = True
     if target == AUTO:
         return compiled.to(AUTO, **options)
     return compiled.to(target, strict=True, fallback=None, **options)
@@ -334,6 +340,7 @@ def _run_target(
     expected_list: list[list[Any]],
     output_names: list[str],
     verify: bool | str | None,
+    reduced_precision: bool = False,
 ) -> CaseResult:
     start = time.perf_counter()
 
@@ -341,7 +348,7 @@ def _run_target(
         return CaseResult(case.name, target, outcome, time.perf_counter() - start, device, message, hal_error)
 
     try:
-        exe = _prepare(compiled, target, verify, feeds_list[0] if feeds_list else None)
+        exe = _prepare(compiled, target, verify, feeds_list[0] if feeds_list else None, reduced_precision)
     except HalError as exc:
         return result("error", _first_line(exc))
     except Exception as exc:  # noqa: BLE001 - a HAL bug must show as a crash, not stop the run
@@ -389,11 +396,15 @@ def _a_draw(random: Sequence[str], expected: Sequence[Any], actual: Sequence[Any
     return True
 
 
-def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | str | None = None) -> dict[str, CaseResult]:
+def run_case(
+    case: TestCase, targets: Sequence[str], *, verify: bool | str | None = None, reduced_precision: bool = False
+) -> dict[str, CaseResult]:
     """Run one case on each target: compiled once with :func:`hal.compile`, then ``to(target)``.
 
     ``verify`` is passed to ``to()`` when given (None: the HAL's default); ``"case"`` verifies
-    with the case's own first inputs (``example=``)."""
+    with the case's own first inputs (``example=``). ``reduced_precision`` is passed to ``to()``:
+    the caller lets each device compute in a narrower format (verified with the reduced
+    tolerances), as a user who asks for it does."""
     verify = verify_option(verify)
     start = time.perf_counter()
 
@@ -414,7 +425,10 @@ def run_case(case: TestCase, targets: Sequence[str], *, verify: bool | str | Non
     output_names = [v.name for v in case.model.graph.output]
     feeds_list = [{n: as_read(v) for n, v in zip(input_names, inputs)} for inputs, _ in case.data_sets]
     expected_list = [[_normalize(v) for v in outputs] for _, outputs in case.data_sets]
-    return {t: _run_target(case, compiled, t, feeds_list, expected_list, output_names, verify) for t in targets}
+    return {
+        t: _run_target(case, compiled, t, feeds_list, expected_list, output_names, verify, reduced_precision)
+        for t in targets
+    }
 
 
 def run(
@@ -423,6 +437,7 @@ def run(
     *,
     progress: Callable[[int, TestCase, dict[str, CaseResult]], None] | None = None,
     verify: bool | str | None = None,
+    reduced_precision: bool = False,
 ) -> ConformanceResult:
     """Run ``cases`` on ``targets``.
 
@@ -431,6 +446,7 @@ def run(
     others run everything; a case is compiled once for all the targets that run it.
     ``progress(index, case, results)`` is called after each case. ``verify``: one of
     :data:`VERIFY_MODES` (None: the HAL's default, seeded inputs, which is what users get).
+    ``reduced_precision``: see :func:`run_case`.
     """
     verify = verify_option(verify)
     wanted: dict[str, frozenset[str] | None] = (
@@ -447,7 +463,7 @@ def run(
             these = [t for t, only in wanted.items() if only is None or case.name in only]
             if not these:
                 continue
-            outcome = run_case(case, these, verify=verify)
+            outcome = run_case(case, these, verify=verify, reduced_precision=reduced_precision)
             for target, res in outcome.items():
                 results[target][case.name] = res
             if progress is not None:
