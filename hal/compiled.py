@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import define
@@ -48,9 +48,11 @@ from hal.model import Model, load
 from hal.ranking import Verdict, assess, rank
 from hal.verification import (
     REFERENCE_EVALUATOR,
+    DisputedShape,
     Reference,
     ShapeCheckedRunner,
     VerificationReport,
+    compare,
     judge,
     seeded_feeds,
     shape_signature,
@@ -333,6 +335,8 @@ class CompiledModel:
                     return self.to(other.id, fallback=None, strict=True, reduced_precision=reduced_precision,
                                    verify="each-shape", example=example, precision=precision, rtol=rtol, **extra)
 
+                # Under auto, a dispute at a new shape is settled as at placement (below).
+                exe.runner.disputes_raise = not explicit
                 exe._use(_ShapeFailover(exe, others, place))  # noqa: SLF001 - the core's own wrapping
             return exe
 
@@ -759,6 +763,8 @@ class _ShapeFailover:
                 return routed.run(feeds, output_names)
         try:
             return self.checked.run(feeds, output_names)
+        except DisputedShape as exc:
+            return self._settle(feeds, output_names, exc)
         except VerificationError as exc:
             error: Exception = exc
         except Exception as exc:
@@ -767,41 +773,102 @@ class _ShapeFailover:
             error = exc
         return self._fail_over(feeds, output_names, error)
 
+    def _other_runners(self, tried: list[str]) -> Iterator[tuple[Device, Any]]:
+        """Each other device's runner, in order, placed on first use (under ``self._lock``);
+        a device that cannot be placed is noted in ``tried`` and skipped."""
+        first = self._exe.device.id
+        for device in self._others():
+            if device.id == first:
+                continue
+            placed = self._placed.get(device.id)
+            if placed is None:
+                try:
+                    placed = self._place(device)
+                except HalError as exc:
+                    placed = exc
+                self._placed[device.id] = placed
+            if isinstance(placed, HalError):
+                tried.append(f"{device.id}: {placed}")
+                continue
+            yield device, placed.runner
+
+    def _route(self, signature: Any, device: Device, runner: Any, why: str) -> None:
+        moved = f"inputs of shape {dict(signature)} moved from {self._exe.device.id} to {device.id}: {why}"
+        log.warning("fallback: %s", moved)
+        self._exe.lowering = (*self._exe.lowering, LoweringStep(StepKind.FALLBACK, moved))
+        self._routes[signature] = runner
+
     def _fail_over(self, feeds: dict[str, Any], output_names: Sequence[str], error: Exception) -> list[Any]:
         signature = shape_signature(feeds)
-        first = self._exe.device.id
         with self._lock:  # one failover at a time: placing a device is slow and done once
             routed = self._routes.get(signature)
             if routed is not None:
                 return routed.run(feeds, output_names)
             tried: list[str] = []
-            for device in self._others():
-                if device.id == first:
-                    continue
-                placed = self._placed.get(device.id)
-                if placed is None:
-                    try:
-                        placed = self._place(device)
-                    except HalError as exc:
-                        placed = exc
-                    self._placed[device.id] = placed
-                if isinstance(placed, HalError):
-                    tried.append(f"{device.id}: {placed}")
-                    continue
+            for device, runner in self._other_runners(tried):
                 try:
-                    results = placed.runner.run(feeds, output_names)
+                    results = runner.run(feeds, output_names)
                 except Exception as exc:  # noqa: BLE001 - wrong or failed there too: the next one
-                    tried.append(f"{device.id}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+                    tried.append(f"{device.id}: {_first_line(exc)}")
                     continue
-                why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                moved = f"inputs of shape {dict(signature)} moved from {first} to {device.id}: {why}"
-                log.warning("fallback: %s", moved)
-                self._exe.lowering = (*self._exe.lowering, LoweringStep(StepKind.FALLBACK, moved))
-                self._routes[signature] = placed.runner
+                self._route(signature, device, runner, _first_line(error))
                 return results
         if tried:
-            log.warning("%s: no other device answers inputs of shape %s: %s", first, dict(signature), "; ".join(tried))
+            log.warning("%s: no other device answers inputs of shape %s: %s", self._exe.device.id, dict(signature), "; ".join(tried))
         raise error
+
+    def _settle(self, feeds: dict[str, Any], output_names: Sequence[str], dispute: DisputedShape) -> list[Any]:
+        """A new shape's answer the evaluator disputes, settled as at placement: the first other
+        device that agrees with the evaluator takes the shape; one that agrees with the device
+        keeps it there; with neither, the run is refused (:class:`VerificationError`)."""
+        signature = shape_signature(feeds)
+        first = self._exe.device.id
+        checked = self.checked
+        infos = [checked.outputs[n] for n in output_names]
+        mine = dict(zip(output_names, dispute.results))
+        with self._lock:
+            routed = self._routes.get(signature)
+            if routed is not None:
+                return routed.run(feeds, output_names)
+            try:
+                want, _ = checked.reference.run(feeds)
+            except HalError:  # the evaluator answered a moment ago; without it there is no dispute
+                want = None
+            tried: list[str] = []
+            for device, runner in self._other_runners(tried):
+                try:
+                    results = runner.run(feeds, output_names)
+                except Exception as exc:  # noqa: BLE001 - no opinion from it: the next one
+                    tried.append(f"{device.id}: {_first_line(exc)}")
+                    continue
+                theirs = dict(zip(output_names, results))
+
+                def agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+                    return all(c.passed for c in compare(a, b, infos, reduced_precision=checked.reduced_precision))
+
+                if want is not None and agree(theirs, want):
+                    self._route(signature, device, runner, str(dispute))
+                    return results
+                if agree(theirs, mine):  # two runtimes against the evaluator: the device stands
+                    log.warning("%s; %s answers as %s does, so it stands", dispute, device.id, first)
+                    with checked._lock:  # noqa: SLF001 - the core's own runner
+                        checked._seen.add(signature)  # noqa: SLF001
+                    return dispute.results
+                tried.append(f"{device.id}: agrees with neither")
+        others = "; ".join(tried) or "no other device can run it"
+        msg = (
+            f"{dispute}; no other device settles it ({others}). The ONNX reference evaluator defines "
+            f"what each operator means, so auto does not answer it from {first}: to use {first} anyway, "
+            f"ask for it by name, to({first!r})"
+        )
+        error = VerificationError(msg)
+        error.report = dispute.report
+        raise error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _verdicts() -> CompileCache:

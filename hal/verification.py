@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TOLERANCES",
+    "DisputedShape",
     "OutputCheck",
     "Reference",
     "Tolerance",
@@ -835,6 +836,17 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+class DisputedShape(VerificationError):
+    """A new input shape's answer that the ONNX reference evaluator disputes, with no third
+    opinion yet (``ort:cpu`` is the device): raised for ``auto``'s shape failover to settle;
+    ``results`` is the device's answer, ``report`` the verdict."""
+
+    def __init__(self, message: str, results: list[Any], report: VerificationReport) -> None:
+        super().__init__(message)
+        self.results = results
+        self.report = report
+
+
 class ShapeCheckedRunner:
     """A runner that checks the first run of every new input-shape signature against the
     reference (``verify="each-shape"``), for models whose dynamic dimensions make one check at
@@ -858,6 +870,9 @@ class ShapeCheckedRunner:
         self.outputs = {o.name: o for o in outputs}
         self.device = device
         self.reduced_precision = reduced_precision
+        #: Set by ``auto``'s shape failover: a dispute (the evaluator against ort:cpu, no third
+        #: opinion) raises :class:`DisputedShape` for the failover to settle instead of being logged.
+        self.disputes_raise = False
         self._seen = set(seen or ())
         self._lock = threading.Lock()
 
@@ -875,6 +890,8 @@ class ShapeCheckedRunner:
             error = report.error()
             error.args = (f"for inputs of shape {dict(signature)}: {error}",)
             raise error
+        if report.disputed and self.disputes_raise:
+            raise DisputedShape(f"{self.device}'s answer for inputs of shape {dict(signature)} is {report.detail}", results, report)
         if report.status == "skipped":
             log.warning("%s: inputs of shape %s not verified: %s", self.device, dict(signature), report.detail)
         with self._lock:

@@ -241,3 +241,65 @@ class TestThePlacementShapeWithRealValues:
                 compiled.to("drift:0", strict=True, verify="each-shape", example={"x": real})
         finally:
             reg.remove_plugin("drift")
+
+
+class TestDisputedNewShape:
+    """``auto`` with ``verify="each-shape"``: the evaluator disputes ort:cpu only at a later input
+    shape (its Relu broken on purpose for 3 rows). The dispute is settled as at placement: a
+    device agreeing with the evaluator takes that shape, one agreeing with ort:cpu keeps it there,
+    and with neither the run is refused."""
+
+    @pytest.fixture
+    def broken_at_three_rows(self, monkeypatch):
+        from onnx.reference.ops import op_relu
+
+        right = op_relu.Relu._run
+        monkeypatch.setattr(op_relu.Relu, "_run", lambda self, x: (x,) if x.shape[0] == 3 else right(self, x))
+
+    @staticmethod
+    def relu():
+        from onnx import TensorProto, helper
+
+        from hal.testing.build import make_model
+
+        return make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", TensorProto.FLOAT, ["n", 8])], [("y", TensorProto.FLOAT, ["n", 8])])
+
+    @staticmethod
+    def as_the_evaluator(x):
+        """Relu, except x itself for 3 rows: what the broken evaluator answers."""
+        return np.array(x, copy=True) if x.shape[0] == 3 else np.maximum(x, np.float32(0))
+
+    def _run(self, fresh_registry, backend, rows):
+        reg = fresh_registry()
+        _register(reg, backend)
+        try:
+            exe = hal.compile(self.relu()).to("auto", verify="each-shape")
+            assert exe.device.id == "ort:cpu" and exe.verification.passed  # one row: no dispute
+            one = exe.run({"x": _x(1, 8)})["y"]  # the placement's shape, real values: agreed
+            np.testing.assert_array_equal(one, np.maximum(_x(1, 8), 0))
+            return exe, exe.run({"x": _x(rows, 8, seed=1)})["y"]
+        finally:
+            reg.remove_plugin("echo")
+
+    def test_a_device_agreeing_with_the_evaluator_takes_the_shape(self, fresh_registry, broken_at_three_rows, caplog):
+        with caplog.at_level(logging.WARNING, logger="hal"):
+            exe, got = self._run(fresh_registry, EchoBackend(self.as_the_evaluator), 3)
+        np.testing.assert_array_equal(got, _x(3, 8, seed=1))  # the evaluator's (broken) Relu: echo's answer
+        assert exe.lowering[-1].kind == "fallback" and "moved from ort:cpu to echo:0" in exe.lowering[-1].detail
+        assert "disputed" in exe.lowering[-1].detail and "(3, 8)" in exe.lowering[-1].detail
+
+    def test_ort_cpu_keeps_the_shape_when_another_device_agrees_with_it(self, fresh_registry, broken_at_three_rows, caplog):
+        with caplog.at_level(logging.WARNING, logger="hal"):
+            exe, got = self._run(fresh_registry, EchoBackend(lambda x: np.maximum(x, np.float32(0))), 3)
+        np.testing.assert_array_equal(got, np.maximum(_x(3, 8, seed=1), 0))
+        assert not any(step.kind == "fallback" for step in exe.lowering)
+        assert "echo:0 answers as ort:cpu does, so it stands" in caplog.text
+
+    def test_a_dispute_nobody_settles_is_refused(self, fresh_registry, broken_at_three_rows):
+        with pytest.raises(VerificationError, match=r"\(3, 8\).*disputed.*no other device settles it.*echo:0"):
+            self._run(fresh_registry, EchoBackend(lambda x: x[:1]), 3)
+
+    def test_shapes_without_a_dispute_stay_where_they_are(self, fresh_registry, broken_at_three_rows):
+        exe, got = self._run(fresh_registry, EchoBackend(self.as_the_evaluator), 2)
+        np.testing.assert_array_equal(got, np.maximum(_x(2, 8, seed=1), 0))
+        assert not any(step.kind == "fallback" for step in exe.lowering)
