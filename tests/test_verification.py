@@ -717,3 +717,17 @@ class TestMlDtypesOutputs:
         assert compare({"y": got}, {"y": want}, [TensorInfo("y", NumberFormat.FLOAT8_E4M3FN, (3,))])[0].passed
         ints = compare({"z": np.array([1, 2], np.int8)}, {"z": np.array([1, 3], np.int8)}, [TensorInfo("z", NumberFormat.INT8, (2,))])
         assert not ints[0].passed and "exact match required" in ints[0].reason
+
+    def test_e8m0_must_match_exactly(self):
+        """One rounding step off in an e8m0 scale is twice the scale, however small the element
+        (OpenVINO's Cast with round_mode="up" gives 1 for 1.1, where the answer is 2)."""
+        import ml_dtypes
+
+        from hal.capabilities import NumberFormat
+
+        want = np.array([0.125, 2.0, 8.0], np.float32).astype(ml_dtypes.float8_e8m0fnu)
+        info = [TensorInfo("s", NumberFormat.FLOAT8_E8M0, (3,))]
+        assert compare({"s": want.copy()}, {"s": want}, info)[0].passed
+        one_step = np.array([0.125, 1.0, 8.0], np.float32).astype(ml_dtypes.float8_e8m0fnu)
+        (check,) = compare({"s": one_step}, {"s": want}, info)
+        assert not check.passed and check.max_abs == 1.0
