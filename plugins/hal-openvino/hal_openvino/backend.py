@@ -17,12 +17,14 @@ checks it on every run); GPU and NPU tables come from ``OPTIMIZATION_CAPABILITIE
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from attrs import frozen
 
 from hal.plugin import (
@@ -82,6 +84,8 @@ _CPU_MOVABLE = ("float8_e4m3fn", "float8_e5m2", "float8_e8m0", "int4", "uint4")
 _CPU_INCOMPATIBILITIES = (
     "int64/uint64 tensors are narrowed to int32 inside the CPU plugin: values outside +-2^31 come back wrong",
     "float64 is computed in float32",
+    "Tile with repeats computed in the graph gives wrong values for some rank-4 inputs; "
+    "hal-openvino writes such a Tile as Unsqueeze/Expand/Reshape",
     "fp8 Cast ignores saturate: out-of-range values become NaN (e4m3fn) or inf (e5m2) even with saturate=1",
     "Cast to int4/uint4/float4_e2m1 corrupts memory in the CPU plugin; hal-openvino refuses such models",
     "no FNUZ fp8 types, int2/uint2, complex or string tensors",
@@ -400,6 +404,7 @@ class OpenVinoBackend(Backend):
                         "OpenVINO's CPU plugin; use DequantizeLinear/QuantizeLinear or another device"
                     )
                     raise CompileError(msg)
+            model = _rewritten(model)
         config = self.compile_config(device, options)
         core = self.core()
         compiled = None
@@ -434,6 +439,20 @@ class OpenVinoBackend(Backend):
             # Allowed, but never silent: say what OpenVINO chose.
             log.info("%s computes floating point in %s (reduced_precision=True)", device.id, runner.inference_precision)
         return runner
+
+
+def _rewritten(model: LoweredModel) -> LoweredModel:
+    """``model`` with what the CPU plugin computes wrong rewritten (:mod:`hal_openvino.rewrite`),
+    its digest that of the new graph (artifacts are named and checked by it)."""
+    from hal_openvino.rewrite import tile_by_expand
+
+    proto, tiles = tile_by_expand(model.proto)
+    if not tiles:
+        return model
+    log.debug("%d Tile node(s) with computed repeats written as Expand/Reshape for OpenVINO's CPU plugin", tiles)
+    data = proto.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(data if model.weights is None else model.digest.encode() + data).hexdigest()
+    return attrs.evolve(model, proto=proto, digest=digest)
 
 
 #: Element types whose numpy arrays OpenVINO's Tensor takes as they are.
