@@ -54,6 +54,7 @@ from hal.verification import (
     VerificationReport,
     compare,
     judge,
+    positive_inputs,
     seeded_feeds,
     shape_signature,
 )
@@ -216,7 +217,7 @@ class CompiledModel:
         """
         reg = registry()
         targets = list(devices) if devices else [d.id for d in reg.devices() if d.available]
-        feeds = seeded_feeds(self.model.inputs, example=example)
+        feeds = seeded_feeds(self.model.inputs, example=example, positive=positive_inputs(self.model.proto))
         key = _feeds_digest(feeds)
         reports = []
         for device_id in targets:
@@ -616,7 +617,7 @@ class _Lowering:
 
 
 #: Bump when what a cached verdict means changes (tolerances, seeded inputs, comparison).
-_VERIFY_FORMAT = 1
+_VERIFY_FORMAT = 2  # 2: inputs cast to e8m0 drawn positive, e8m0 compared exactly
 
 
 class _Verification:
@@ -640,6 +641,7 @@ class _Verification:
         self.reduced_precision = reduced_precision
         self.example = example is not None
         self._inputs = compiled.model.inputs
+        self._proto = compiled.model.proto
         self._example = example
         # Seeded inputs are only drawn when the verdict is not cached: a warm to() skips them.
         self._feeds: dict[str, Any] | None = None
@@ -663,7 +665,7 @@ class _Verification:
     @property
     def feeds(self) -> dict[str, Any]:
         if self._feeds is None:
-            self._feeds = seeded_feeds(self._inputs, example=self._example)
+            self._feeds = seeded_feeds(self._inputs, example=self._example, positive=positive_inputs(self._proto))
         return self._feeds
 
     @property

@@ -44,7 +44,7 @@ from hal.cache import CompileCache, cache_key
 from hal.errors import HalError, InputError
 from hal.health import without_health
 from hal.lowering import LoweringStep, StepKind
-from hal.verification import judge, seeded_feeds
+from hal.verification import judge, positive_inputs, seeded_feeds
 
 if TYPE_CHECKING:
     from hal.backend import Backend, CompileOptions, Device
@@ -337,7 +337,7 @@ def prepare(
     lowering_key = compiled._lowering(device, True).key  # noqa: SLF001
     feeds_key = "seeded" if example is None else _feeds_digest(seeded_feeds(compiled.model.inputs, example=example))
     key = cache_key(
-        relaxed=1, lowering=lowering_key, device=device.id, backend=backend.name,
+        relaxed=2, lowering=lowering_key, device=device.id, backend=backend.name,  # 2: as _VERIFY_FORMAT 2
         backend_version=_version_of(backend), rtol=rtol, feeds=feeds_key,
     )
     report = _cached_report(key)
@@ -346,7 +346,7 @@ def prepare(
         exe = compiled._prepare(backend, device, relaxed, False, example)  # noqa: SLF001
     if report is None:
         assert exe is not None
-        feeds = seeded_feeds(compiled.model.inputs, example=example)
+        feeds = seeded_feeds(compiled.model.inputs, example=example, positive=positive_inputs(compiled.model.proto))
         report = judge(
             device.id, exe.run, feeds, compiled._reference(device.id), compiled.model.outputs,  # noqa: SLF001
             key=feeds_key, real_inputs=example is not None, reduced_precision=True, rtol=rtol,

@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,6 +52,7 @@ __all__ = [
     "VerificationReport",
     "compare",
     "judge",
+    "positive_inputs",
     "random_operators",
     "seeded_feeds",
     "shape_signature",
@@ -224,11 +225,13 @@ def seeded_feeds(
     *,
     seed: int = 0,
     example: Mapping[str, Any] | None = None,
+    positive: Collection[str] = (),
 ) -> dict[str, Any]:
     """One value per input, drawn from ``seed``, or taken from ``example`` where given.
 
     Floats are uniform in [-1, 1) (rounded to the format), integers in [0, 2) so that they index
-    any non-empty axis, booleans fair coin flips, strings short words. A symbolic dimension gets
+    any non-empty axis, booleans fair coin flips, strings short words; the float inputs named in
+    ``positive`` (:func:`positive_inputs`) are in [0.5, 1.5). A symbolic dimension gets
     one size everywhere it appears (from ``example`` where an example input fixes it). A sequence
     gets :data:`SEQUENCE_LENGTH` arrays of its element's shape; an optional is present.
     """
@@ -269,7 +272,30 @@ def seeded_feeds(
             feeds[info.name] = [_random(info.format, shape, rng) for _ in range(SEQUENCE_LENGTH)]
         else:
             feeds[info.name] = _random(info.format, shape, rng)
+            if info.name in positive and info.format.is_float:
+                feeds[info.name] = (np.abs(feeds[info.name].astype(np.float32)) + 0.5).astype(info.format.dtype)
     return feeds
+
+
+def positive_inputs(proto: onnx.ModelProto) -> frozenset[str]:
+    """Graph inputs the model casts to float8 e8m0 (Cast or CastLike), whose negative values
+    ONNX leaves undefined: seeded inputs for them are drawn positive, so that verification
+    compares defined answers (onnxruntime and the evaluator differ on negative ones)."""
+    import onnx as _onnx
+
+    e8m0 = _onnx.TensorProto.FLOAT8E8M0
+    names = {i.name for i in proto.graph.input}
+    types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input if i.type.HasField("tensor_type")}
+    found: set[str] = set()
+    for node in proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] not in names:
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if node.op_type == "CastLike" and len(node.input) > 1:
+            to = types.get(node.input[1])
+        if to == e8m0:
+            found.add(node.input[0])
+    return frozenset(found)
 
 
 def shape_signature(feeds: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -731,3 +731,26 @@ class TestMlDtypesOutputs:
         one_step = np.array([0.125, 1.0, 8.0], np.float32).astype(ml_dtypes.float8_e8m0fnu)
         (check,) = compare({"s": one_step}, {"s": want}, info)
         assert not check.passed and check.max_abs == 1.0
+
+
+class TestUndefinedInputs:
+    def test_inputs_cast_to_e8m0_are_drawn_positive(self):
+        """ONNX leaves negative values cast to float8 e8m0 undefined (onnxruntime and the
+        evaluator differ there): seeded inputs feeding such a Cast are positive, the rest not."""
+        from onnx import TensorProto, helper
+
+        from hal.testing.build import make_model
+        from hal.verification import positive_inputs, seeded_feeds
+
+        model = make_model(
+            [helper.make_node("Cast", ["s"], ["e"], to=TensorProto.FLOAT8E8M0), helper.make_node("Cast", ["e"], ["y"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["x"], ["z"])],
+            [("s", TensorProto.FLOAT, [64]), ("x", TensorProto.FLOAT, [64])],
+            [("y", TensorProto.FLOAT, [64]), ("z", TensorProto.FLOAT, [64])],
+            opset=24, ir_version=11,
+        )
+        assert positive_inputs(model) == {"s"}
+        compiled = hal.compile(model)
+        feeds = seeded_feeds(compiled.model.inputs, positive=positive_inputs(model))
+        assert (feeds["s"] >= 0.5).all() and (feeds["x"] < 0).any()
+        assert compiled.to("ort:cpu", strict=True).verification.passed  # no dispute over undefined values
