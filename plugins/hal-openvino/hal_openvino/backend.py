@@ -28,7 +28,7 @@ import attrs
 from attrs import frozen
 
 from hal.plugin import (
-    Artifact, Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, E8M0Encoding, HalError,
+    Artifact, Backend, Capabilities, CompileError, CompileOptions, Device, DeviceKind, E8M0Encoding,
     LoweredModel, Maturity, Memory, NumberFormat, OpsetRange, ScaledFormat, Stability, Support, weightless,
 )
 
