@@ -39,6 +39,7 @@ from hal.errors import (
     InputError,
     UnavailableDeviceError,
     VerificationError,
+    first_line,
 )
 from hal import isolation
 from hal.executable import Executable
@@ -390,15 +391,11 @@ class CompiledModel:
             # the node test cases it is right about ten times in eleven: auto refuses, and says how
             # to take the device anyway.
             disputed, why = failures[before]
-            others = "; ".join(f"{d.id}: {e}" for d, e in failures[before + 1:]) or "no other device can run it"
-            msg = (
-                f"{why}; no other device settles it ({others}). The ONNX reference evaluator defines what "
-                f"each operator means, so auto does not use {disputed.id} here: to use it anyway, ask for it "
-                f"by name, to({disputed.id!r}), or pass example= with the inputs the model is meant for"
+            others = "; ".join(f"{d.id}: {e}" for d, e in failures[before + 1:])
+            raise _unsettled(
+                str(why), others, disputed.id, exe.verification,
+                or_else="or pass example= with the inputs the model is meant for",
             )
-            error = VerificationError(msg)
-            error.report = exe.verification
-            raise error
         reasons = "; ".join(f"{d.id}: {e}" for d, e in failures) or self._why_none_ranked()
         msg = f"no device could compile {self.model.name!r}: {reasons}"
         raise CompileError(msg)
@@ -770,7 +767,7 @@ class _ShapeFailover:
         except VerificationError as exc:
             error: Exception = exc
         except Exception as exc:
-            if shape_signature(feeds) in self.checked._seen:  # noqa: SLF001 - a shape it ran before: not a shape problem
+            if self.checked.checked(shape_signature(feeds)):  # a shape it ran before: not a shape problem
                 raise
             error = exc
         return self._fail_over(feeds, output_names, error)
@@ -811,9 +808,9 @@ class _ShapeFailover:
                 try:
                     results = runner.run(feeds, output_names)
                 except Exception as exc:  # noqa: BLE001 - wrong or failed there too: the next one
-                    tried.append(f"{device.id}: {_first_line(exc)}")
+                    tried.append(f"{device.id}: {first_line(exc)}")
                     continue
-                self._route(signature, device, runner, _first_line(error))
+                self._route(signature, device, runner, first_line(error))
                 return results
         if tried:
             log.warning("%s: no other device answers inputs of shape %s: %s", self._exe.device.id, dict(signature), "; ".join(tried))
@@ -828,6 +825,10 @@ class _ShapeFailover:
         checked = self.checked
         infos = [checked.outputs[n] for n in output_names]
         mine = dict(zip(output_names, dispute.results))
+
+        def agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+            return all(c.passed for c in compare(a, b, infos, reduced_precision=checked.reduced_precision))
+
         with self._lock:
             routed = self._routes.get(signature)
             if routed is not None:
@@ -841,36 +842,31 @@ class _ShapeFailover:
                 try:
                     results = runner.run(feeds, output_names)
                 except Exception as exc:  # noqa: BLE001 - no opinion from it: the next one
-                    tried.append(f"{device.id}: {_first_line(exc)}")
+                    tried.append(f"{device.id}: {first_line(exc)}")
                     continue
                 theirs = dict(zip(output_names, results))
-
-                def agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-                    return all(c.passed for c in compare(a, b, infos, reduced_precision=checked.reduced_precision))
-
                 if want is not None and agree(theirs, want):
                     self._route(signature, device, runner, str(dispute))
                     return results
                 if agree(theirs, mine):  # two runtimes against the evaluator: the device stands
                     log.warning("%s; %s answers as %s does, so it stands", dispute, device.id, first)
-                    with checked._lock:  # noqa: SLF001 - the core's own runner
-                        checked._seen.add(signature)  # noqa: SLF001
+                    checked.mark_checked(signature)
                     return dispute.results
                 tried.append(f"{device.id}: agrees with neither")
-        others = "; ".join(tried) or "no other device can run it"
-        msg = (
-            f"{dispute}; no other device settles it ({others}). The ONNX reference evaluator defines "
-            f"what each operator means, so auto does not answer it from {first}: to use {first} anyway, "
-            f"ask for it by name, to({first!r})"
-        )
-        error = VerificationError(msg)
-        error.report = dispute.report
-        raise error
+        raise _unsettled(str(dispute), "; ".join(tried), first, dispute.report)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _unsettled(dispute: str, others: str, device_id: str, report: Any, *, or_else: str = "") -> VerificationError:
+    """auto's refusal of a device's answer that the evaluator disputes and no other device
+    settles (at placement, or at a new shape's first run with ``verify="each-shape"``)."""
+    msg = (
+        f"{dispute}; no other device settles it ({others or 'no other device can run it'}). The ONNX "
+        f"reference evaluator defines what each operator means, so auto does not answer from {device_id} "
+        f"here: to use it anyway, ask for it by name, to({device_id!r}){', ' + or_else if or_else else ''}"
+    )
+    error = VerificationError(msg)
+    error.report = report
+    return error
 
 
 def _verdicts() -> CompileCache:

@@ -22,7 +22,15 @@ __all__ = [
     "UnavailableDeviceError",
     "UnknownDeviceError",
     "VerificationError",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (runtimes' errors run to pages), or its type's name
+    when the message is empty: what the HAL quotes of another library's error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class HalError(Exception):

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from hal.capabilities import NumberFormat, ValueKind
-from hal.errors import ModelError
+from hal.errors import ModelError, first_line
 from hal.weights import Weights, _walk_tensors, external_tensors, is_external, weightless
 
 __all__ = ["MAX_GRAPH_DEPTH", "Model", "Requirements", "TensorInfo", "load"]
@@ -345,8 +345,7 @@ def _check_onnx(proto: onnx.ModelProto, where: str) -> None:
     try:
         onnx.checker.check_model(_checkable(proto))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        msg = f"{where} is not a valid ONNX model: {first}"
+        msg = f"{where} is not a valid ONNX model: {first_line(exc)}"
         raise ModelError(msg) from None
     except Exception as exc:  # the checker has raised other types on malformed input
         msg = f"{where} could not be checked as an ONNX model: {type(exc).__name__}: {exc}"

@@ -35,7 +35,7 @@ import numpy as np
 from attrs import field, frozen
 
 from hal.capabilities import NumberFormat, ValueKind
-from hal.errors import HalError, InputError, RunError, VerificationError
+from hal.errors import HalError, InputError, RunError, VerificationError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -271,9 +271,7 @@ def seeded_feeds(
         if info.kind.is_sequence:
             feeds[info.name] = [_random(info.format, shape, rng) for _ in range(SEQUENCE_LENGTH)]
         else:
-            feeds[info.name] = _random(info.format, shape, rng)
-            if info.name in positive and info.format.is_float:
-                feeds[info.name] = (np.abs(feeds[info.name].astype(np.float32)) + 0.5).astype(info.format.dtype)
+            feeds[info.name] = _random(info.format, shape, rng, positive=info.name in positive)
     return feeds
 
 
@@ -313,7 +311,7 @@ def shape_signature(feeds: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((name, shape(value)) for name, value in feeds.items()))
 
 
-def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator, *, positive: bool = False) -> np.ndarray:
     dtype = fmt.dtype
     if fmt is NumberFormat.STRING:
         return rng.choice(np.array(["a", "bc", "def"], dtype=object), shape)
@@ -323,8 +321,8 @@ def _random(fmt: NumberFormat, shape: tuple[int, ...], rng: np.random.Generator)
         # Uniform in [-1, 1): inside every format's range, and casts to narrow integers stay in
         # range (out-of-range casts are undefined, and runtimes differ there on purpose).
         values = rng.uniform(-1.0, 1.0, shape)
-        if fmt is NumberFormat.FLOAT8_E8M0:
-            values = np.abs(values) + 0.5  # e8m0 holds positive powers of two only
+        if positive or fmt is NumberFormat.FLOAT8_E8M0:
+            values = np.abs(values) + 0.5  # e8m0 holds positive powers of two only, and casts to it of others are undefined
         return values.astype(np.float32).astype(dtype)
     return rng.integers(0, 2, shape).astype(dtype)
 
@@ -860,8 +858,7 @@ def _bounded(run: Any, deadline: threading.local) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return first_line(exc)[:300]  # quoted inside a verdict, which is cached and shown in a step
 
 
 class DisputedShape(VerificationError):
@@ -907,7 +904,7 @@ class ShapeCheckedRunner:
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         results = self.runner.run(feeds, output_names)
         signature = shape_signature(feeds)
-        if signature in self._seen:
+        if self.checked(signature):
             return results
         infos = [self.outputs[n] for n in output_names]
         report = judge(
@@ -922,6 +919,14 @@ class ShapeCheckedRunner:
             raise DisputedShape(f"{self.device}'s answer for inputs of shape {dict(signature)} is {report.detail}", results, report)
         if report.status == "skipped":
             log.warning("%s: inputs of shape %s not verified: %s", self.device, dict(signature), report.detail)
+        self.mark_checked(signature)
+        return results
+
+    def checked(self, signature: Any) -> bool:
+        """Whether inputs of this shape signature were checked (their later runs are not)."""
+        return signature in self._seen
+
+    def mark_checked(self, signature: Any) -> None:
+        """Check inputs of this shape signature no more (checked, or settled elsewhere)."""
         with self._lock:
             self._seen.add(signature)
-        return results

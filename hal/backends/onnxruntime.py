@@ -40,7 +40,7 @@ from hal.capabilities import (
     Support,
     ValueKind,
 )
-from hal.errors import CompileError, UnavailableDeviceError
+from hal.errors import CompileError, UnavailableDeviceError, first_line
 from hal.tensors import bits_view, from_bits, pack
 
 if TYPE_CHECKING:
@@ -81,11 +81,6 @@ def _missing_kernels(exc: BaseException) -> tuple[str, ...]:
     found = [f"{op}-{v}" for op, v in _MISSING_KERNEL.findall(text)]
     found += [f"{domain}.{op}" if domain else op for domain, op in _UNKNOWN_OP.findall(text)]
     return tuple(dict.fromkeys(found))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 #: External tensors smaller than this go into the graph given to onnxruntime: its shape inference
@@ -590,7 +585,7 @@ class OrtBackend(Backend):
         try:
             session = self._create(data, so, providers)
         except Exception as exc:  # intact but from an incompatible build: rebuild it
-            log.warning("cached onnxruntime model %s unusable (%s); rebuilding", artifact.path, _first_line(exc))
+            log.warning("cached onnxruntime model %s unusable (%s); rebuilding", artifact.path, first_line(exc))
             artifact.discard()
             return None
         self.cache_hits += 1
@@ -628,12 +623,12 @@ class OrtBackend(Backend):
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
             if tmp is None or _missing_kernels(exc):  # the model is at fault, not the cache
-                msg = f"onnxruntime cannot compile the model for {device.id}: {_first_line(exc)}"
+                msg = f"onnxruntime cannot compile the model for {device.id}: {first_line(exc)}"
                 raise CompileError(msg, operators=_missing_kernels(exc)) from exc
             # Saving the optimized model may be what failed (a full disk: "Protobuf serialization
             # failed"): compile again without the cache, which also says whether the model is at fault.
             session = self._new_session(data, None, device, options, providers)
-            cache_skipped(tmp.parent, OSError(f"onnxruntime could not save its optimized model: {_first_line(exc)}"))
+            cache_skipped(tmp.parent, OSError(f"onnxruntime could not save its optimized model: {first_line(exc)}"))
             return session
         if tmp is not None and artifact is not None:
             artifact.adopt(tmp)

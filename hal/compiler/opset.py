@@ -14,7 +14,7 @@ import onnx
 
 from hal.capabilities import OpsetRange
 from hal.compiler._graph import all_nodes, subgraphs
-from hal.errors import LoweringError
+from hal.errors import LoweringError, first_line
 from hal.lowering import LoweringStep
 
 __all__ = ["check_domains", "convert_opset", "default_opset", "fit_ir_version", "min_ir_version"]
@@ -211,7 +211,7 @@ def _convert_default_opset(
     try:
         out = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
-        why = f"onnx.version_converter failed with {type(exc).__name__}: {_first_line(exc)}"
+        why = f"onnx.version_converter failed with {type(exc).__name__}: {first_line(exc)}"
         kept = _kept_as_is(proto, source, target, opsets, why)
         if kept is not None:
             return kept
@@ -263,8 +263,3 @@ def _raise_ir_version(proto: onnx.ModelProto) -> None:
     ):  # an opset newer than this onnx knows: leave the IR version alone
         return
     proto.ir_version = max(proto.ir_version, needed)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,6 +18,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
 from hal.compiler._graph import subgraphs
+from hal.errors import first_line
 from hal.lowering import LoweringStep
 
 __all__ = ["MAX_FOLD_BYTES", "optimize"]
@@ -104,7 +105,7 @@ def _infer_shapes(proto: onnx.ModelProto, steps: list[LoweringStep]) -> onnx.Mod
         steps.append(
             LoweringStep(
                 "infer-shapes",
-                f"shape inference skipped: {type(exc).__name__}: {_first_line(exc)}",
+                f"shape inference skipped: {type(exc).__name__}: {first_line(exc)}",
             )
         )
         out = onnx.ModelProto()
@@ -149,11 +150,6 @@ def _consumed_names(graph: onnx.GraphProto) -> set[str]:
             names |= _outer_names(sub)
     names.discard("")
     return names
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _counts_text(counter: Counter[str]) -> str:

@@ -16,7 +16,7 @@ from attrs import frozen
 from onnx import TensorProto, helper, numpy_helper
 
 from hal import fp8 as numerics
-from hal.errors import InputError, ModelError, OutputPathError, SettingError
+from hal.errors import InputError, ModelError, OutputPathError, SettingError, first_line
 from hal.model import Model, load
 from hal.weights import is_external
 
@@ -170,7 +170,7 @@ def _at_least_opset(proto: onnx.ModelProto, need: int, why: str) -> onnx.ModelPr
     try:
         converted = version_converter.convert_version(proto, need)
     except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError and C++ errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         msg = (
             f"{why} needs opset {need}, and onnx's version converter could not raise this model's "
             f"opset {current} to it ({first}); convert the model to opset {need} yourself and quantize that"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,33 +218,35 @@ def _vendor(kind: DeviceKind, full_name: str) -> str:
     return "Intel" if kind is not DeviceKind.CPU else "unknown"
 
 
-def _cast_targets(graph: onnx.GraphProto) -> Iterable[tuple[str, int]]:
-    """(node name, ``to``) of every Cast in ``graph`` and its subgraphs."""
-    for index, node in enumerate(graph.node):
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and node.domain in ("", "ai.onnx"):
-                yield node.name or f"Cast#{index}", attr.i
-            if attr.g.node:
-                yield from _cast_targets(attr.g)
-            for sub in attr.graphs:
-                yield from _cast_targets(sub)
+def _cpu_refusal(proto: onnx.ModelProto) -> str | None:
+    """Why OpenVINO's CPU plugin must not get ``proto``, naming the node, or None. One walk over
+    every graph (subgraphs included) for what it is known to get wrong:
 
+    - Cast to int4/uint4/float4_e2m1 corrupts memory;
+    - Attention with a sliding window (``left_window_size`` >= 0) answers wrong (ONNX's
+      test_attention_local_window_* cases: 0.16 off for ``attn_mask=[1, 1, 1, 1, 0, 0]``, right
+      only when the first key is masked out; 0.3 off with no mask on seeded inputs).
+    """
+    from hal_openvino.rewrite import graphs
 
-def _windowed_attention(graph: onnx.GraphProto) -> Iterable[str]:
-    """Names of the Attention nodes in ``graph`` (and its subgraphs) with a sliding window
-    (``left_window_size`` >= 0): OpenVINO 2026.4's CPU plugin answers them wrong (ONNX's
-    test_attention_local_window_* cases: 0.16 off for ``attn_mask=[1, 1, 1, 1, 0, 0]``, right
-    only when the first key is masked out; 0.3 off with no mask on seeded inputs)."""
-    for index, node in enumerate(graph.node):
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            window = next((a.i for a in node.attribute if a.name == "left_window_size"), -1)
-            if window >= 0:
-                yield node.name or f"Attention#{index}"
-        for attr in node.attribute:
-            if attr.g.node:
-                yield from _windowed_attention(attr.g)
-            for sub in attr.graphs:
-                yield from _windowed_attention(sub)
+    for graph in graphs(proto.graph):
+        for index, node in enumerate(graph.node):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "Cast":
+                to = next((a.i for a in node.attribute if a.name == "to"), None)
+                if to in _CPU_BAD_CAST_TARGETS:
+                    return (
+                        f"cannot compile node {node.name or f'Cast#{index}'!r}: Cast to {NumberFormat.from_onnx(to).value} "
+                        "corrupts memory in OpenVINO's CPU plugin; use DequantizeLinear/QuantizeLinear or another device"
+                    )
+            elif node.op_type == "Attention":
+                if next((a.i for a in node.attribute if a.name == "left_window_size"), -1) >= 0:
+                    return (
+                        f"cannot compile node {node.name or f'Attention#{index}'!r}: OpenVINO's CPU plugin answers "
+                        "Attention with left_window_size (sliding-window attention) wrong; place the model on another device"
+                    )
+    return None
 
 
 class OpenVinoBackend(Backend):
@@ -414,19 +416,9 @@ class OpenVinoBackend(Backend):
 
         ov_name = self.handle_of(device, OpenVinoDevice).name
         if device.kind is DeviceKind.CPU:
-            for node, to in _cast_targets(model.proto.graph):
-                if to in _CPU_BAD_CAST_TARGETS:
-                    target = NumberFormat.from_onnx(to).value
-                    msg = (
-                        f"{device.id} cannot compile node {node!r}: Cast to {target} corrupts memory in "
-                        "OpenVINO's CPU plugin; use DequantizeLinear/QuantizeLinear or another device"
-                    )
-                    raise CompileError(msg)
-            for node in _windowed_attention(model.proto.graph):
-                msg = (
-                    f"{device.id} cannot compile node {node!r}: OpenVINO's CPU plugin answers Attention with "
-                    "left_window_size (sliding-window attention) wrong; place the model on another device"
-                )
+            refusal = _cpu_refusal(model.proto)
+            if refusal:
+                msg = f"{device.id} {refusal}"
                 raise CompileError(msg)
             model = _rewritten(model)
         config = self.compile_config(device, options)

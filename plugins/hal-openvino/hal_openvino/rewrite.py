@@ -18,19 +18,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["tile_by_expand"]
+__all__ = ["graphs", "tile_by_expand"]
 
 _DEFAULT = ("", "ai.onnx")
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph inside it (If, Loop, Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _graphs(attr.g)
+                yield from graphs(attr.g)
             for sub in attr.graphs:
-                yield from _graphs(sub)
+                yield from graphs(sub)
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -45,36 +46,35 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         for t in graph.initializer:
             ranks[t.name] = len(t.dims)
 
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         collect(graph)
     return ranks
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    names = {t.name for t in graph.initializer}
-    names.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.domain in _DEFAULT and n.output)
-    return names
+def _computed_tiles(graph: onnx.GraphProto) -> list[int]:
+    """Where in ``graph.node`` (not its subgraphs) the Tile nodes are whose ``repeats`` is not a
+    constant (an initializer or a Constant's output)."""
+    constants = {t.name for t in graph.initializer}
+    constants.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.domain in _DEFAULT and n.output)
+    return [
+        index for index, node in enumerate(graph.node)
+        if node.op_type == "Tile" and node.domain in _DEFAULT and len(node.input) == 2 and node.input[1] not in constants
+    ]
 
 
 def tile_by_expand(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """``model`` with every Tile whose ``repeats`` is not a constant written as
     Unsqueeze/Expand/Reshape, and how many were rewritten (``model`` itself when none)."""
-    targets = [
-        (graph, node)
-        for graph in _graphs(model.graph)
-        for node in graph.node
-        if node.op_type == "Tile" and node.domain in _DEFAULT and len(node.input) == 2
-        and node.input[1] not in _constant_names(graph)
-    ]
+    targets = [graph.node[i] for graph in graphs(model.graph) for i in _computed_tiles(graph)]
     opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT), 0)
     if not targets or opset < 8:  # Expand is opset 8's
         return model, 0
     ranks = _ranks(model)
-    if any(n.input[0] not in ranks and n.input[1] not in ranks for _, n in targets):
+    if any(node.input[0] not in ranks for node in targets):
         ranks = _ranks(onnx.shape_inference.infer_shapes(model))
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    taken = {name for g in _graphs(out.graph) for n in g.node for name in (*n.input, *n.output, n.name)}
+    taken = {name for g in graphs(out.graph) for n in g.node for name in (*n.input, *n.output, n.name)}
     count = 0
 
     def fresh(base: str) -> str:
@@ -85,11 +85,13 @@ def tile_by_expand(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         taken.add(name)
         return name
 
-    for graph in _graphs(out.graph):
-        constants = _constant_names(graph)
+    for graph in graphs(out.graph):
+        tiles = set(_computed_tiles(graph))
+        if not tiles:
+            continue
         nodes: list[onnx.NodeProto] = []
-        for node in graph.node:
-            if not (node.op_type == "Tile" and node.domain in _DEFAULT and len(node.input) == 2 and node.input[1] not in constants):
+        for index, node in enumerate(graph.node):
+            if index not in tiles:
                 nodes.append(node)
                 continue
             x, repeats = node.input
